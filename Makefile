@@ -1,0 +1,39 @@
+# Two entry points: `make demo` and `make test`. Both create (once) and reuse a
+# virtual environment in the checkout. TORCH_VERSION pins torch so that the
+# local CPU wheel is used instead of a newer CUDA build.
+TORCH_VERSION ?= 2.13.0
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(TORCH_VERSION)
+
+.PHONY: demo test test-slow lint bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -e ".[train,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/nonlocalnet demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
+
+bench: $(STAMP)
+	$(VENV)/bin/nonlocalnet bench
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

@@ -1,0 +1,68 @@
+"""The ``nonlocalnet`` command line.
+
+Each subcommand lives in its own module, imported only when it is used, which defines
+``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+#: subcommand -> module implementing it.
+COMMANDS: dict[str, str] = {
+    "bench": "nonlocalnet.bench",
+    "flops": "nonlocalnet.models.flops",
+    "train": "nonlocalnet.engine.train",
+    "eval": "nonlocalnet.engine.evaluate",
+    "demo": "nonlocalnet.engine.demo",
+    "visualize": "nonlocalnet.viz.visualize",
+    "analyze": "nonlocalnet.viz.analyze",
+    "models": "nonlocalnet.models.listing",
+}
+
+
+def _build_parser(command: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nonlocalnet",
+        description="Non-local neural networks: blocks, networks, training and analysis.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        if name != command:
+            sub.add_parser(name, help=f"(see `nonlocalnet {name} --help`)")
+            continue
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nonlocalnet`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = _build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._module.run(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
+        # Bad input from the user: one clear line, no traceback.
+        print(f"nonlocalnet {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Functional core of the non-local operation: tokens in, aggregated values out.
+
+Every function works on token tensors: queries ``(B, N, C_q)``, keys ``(B, M, C_q)`` and
+values ``(B, M, C_v)``, where N is the number of query positions and M the number of key
+positions (after any sub-sampling). They compute, for each query i,
+
+    y_i = 1/C(x) · Σ_j f(q_i, k_j) · v_j
+
+for the pairwise functions of Wang et al. (2018):
+
+=====================  ===========================  ==========
+pairwise               f(q_i, k_j)                  C(x)
+=====================  ===========================  ==========
+``gaussian``           exp(s · q_iᵀ k_j)            Σ_j f
+``embedded_gaussian``  exp(s · q_iᵀ k_j)            Σ_j f
+``dot_product``        q_iᵀ k_j                     M
+``concatenation``      ReLU(a_i + b_j)              M
+=====================  ===========================  ==========
+
+The two Gaussian forms differ only in what the caller passes as queries and keys (the input
+itself, or its θ/φ embeddings); both are softmax attention with scale ``s``. For
+``concatenation`` the queries and keys are the scalars ``a_i = w_θᵀ θ(x_i)`` and
+``b_j = w_φᵀ φ(x_j)``, given as ``(B, N, 1)`` and ``(B, M, 1)`` tensors.
+
+Two implementations of each:
+
+* ``impl="reference"`` materialises the ``(B, N, M)`` matrix of normalised weights f/C(x) and
+  multiplies it with the values: the paper's formula, taken literally. It is the oracle of the
+  tests and the path that can return the map.
+* ``impl="fast"`` never materialises that matrix:
+
+  - softmax forms: :func:`torch.nn.functional.scaled_dot_product_attention` (fused, O(N) extra
+    memory on CPU and CUDA);
+  - dot product: linear attention computed right to left, ``q (kᵀ v) / M``: O((N + M)·C_q·C_v);
+  - concatenation: Σ_j ReLU(a_i + b_j) v_j = a_i · Σ_{j∈J_i} v_j + Σ_{j∈J_i} b_j v_j with
+    J_i = {j : b_j > −a_i}. Sorting b makes every J_i a suffix of the sorted keys, so suffix sums
+    of v and of b·v, indexed by a binary search (:func:`torch.searchsorted`), give every y_i in
+    O((N + M)·log M·C_v). Exact, and differentiable by autograd through sort and gather
+    (at a_i + b_j = 0 the key is left out, matching ReLU'(0) = 0).
+
+This module depends on torch alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nonlocalnet._checks import check_choice, check_tokens
+
+__all__ = [
+    "IMPLS",
+    "PAIRWISE",
+    "aggregate",
+    "concatenation_aggregate",
+    "default_scale",
+    "dot_product_aggregate",
+    "pairwise_weights",
+    "softmax_aggregate",
+]
+
+PAIRWISE = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
+IMPLS = ("fast", "reference")
+SOFTMAX_PAIRWISE = ("gaussian", "embedded_gaussian")
+
+
+def default_scale(pairwise: str, dim: int, use_scale: bool | None) -> float:
+    """Scale applied to the logits q_iᵀk_j of the softmax forms.
+
+    Args:
+        pairwise: the pairwise function.
+        dim: length of the vectors dotted (C' for embedded_gaussian, C for gaussian).
+        use_scale: ``None`` for the default (dim^-1/2 for embedded_gaussian as in the official
+            code, 1 for gaussian as in the paper), True/False to force it.
+
+    Returns:
+        The scale; 1.0 for the forms without a softmax.
+
+    Raises:
+        ValueError: ``use_scale=True`` for a pairwise function without a softmax.
+    """
+    check_choice("pairwise", pairwise, PAIRWISE)
+    if pairwise not in SOFTMAX_PAIRWISE:
+        if use_scale:
+            raise ValueError(
+                f"use_scale applies to the softmax forms (gaussian, embedded_gaussian), "
+                f"got use_scale=True with pairwise={pairwise!r}"
+            )
+        return 1.0
+    if use_scale is None:
+        use_scale = pairwise == "embedded_gaussian"
+    return dim**-0.5 if use_scale else 1.0
+
+
+def _check_qkv(query: Tensor, key: Tensor, value: Tensor, same_dim: bool) -> None:
+    check_tokens(query, "query")
+    check_tokens(key, "key")
+    check_tokens(value, "value")
+    if not (query.shape[0] == key.shape[0] == value.shape[0]):
+        raise ValueError(
+            f"query, key and value must have the same batch size, got "
+            f"{query.shape[0]}, {key.shape[0]}, {value.shape[0]}"
+        )
+    if key.shape[1] != value.shape[1]:
+        raise ValueError(
+            f"key and value must have the same number of positions M, got "
+            f"key {tuple(key.shape)} and value {tuple(value.shape)}"
+        )
+    if same_dim and query.shape[2] != key.shape[2]:
+        raise ValueError(
+            f"query and key must have the same channel count, got query {tuple(query.shape)} "
+            f"and key {tuple(key.shape)}"
+        )
+
+
+def pairwise_weights(
+    pairwise: str, query: Tensor, key: Tensor, *, scale: float = 1.0
+) -> Tensor:
+    """The normalised pairwise weights f(q_i, k_j) / C(x), materialised.
+
+    Args:
+        pairwise: one of :data:`PAIRWISE`.
+        query: ``(B, N, C_q)`` (``(B, N, 1)`` holding a_i for concatenation).
+        key: ``(B, M, C_q)`` (``(B, M, 1)`` holding b_j for concatenation).
+        scale: logit scale of the softmax forms.
+
+    Returns:
+        ``(B, N, M)`` weights; rows sum to 1 for the softmax forms.
+    """
+    check_choice("pairwise", pairwise, PAIRWISE)
+    m = key.shape[1]
+    if pairwise in SOFTMAX_PAIRWISE:
+        logits = torch.bmm(query, key.transpose(1, 2)) * scale  # (B, N, M)
+        return torch.softmax(logits, dim=-1)
+    if pairwise == "dot_product":
+        return torch.bmm(query, key.transpose(1, 2)) / m  # (B, N, M)
+    # concatenation: f = ReLU(a_i + b_j), a: (B, N, 1), b: (B, M, 1)
+    return F.relu(query + key.transpose(1, 2)) / m  # (B, N, M)
+
+
+def softmax_aggregate(
+    query: Tensor, key: Tensor, value: Tensor, *, scale: float, impl: str = "fast"
+) -> Tensor:
+    """Σ_j softmax_j(s · q_iᵀ k_j) v_j.
+
+    Args:
+        query: ``(B, N, C_q)``.
+        key: ``(B, M, C_q)``.
+        value: ``(B, M, C_v)``.
+        scale: logit scale s (pass 1.0 for unscaled).
+        impl: ``"fast"`` (fused attention) or ``"reference"`` (materialised map).
+
+    Returns:
+        ``(B, N, C_v)``.
+    """
+    check_choice("impl", impl, IMPLS)
+    if impl == "reference":
+        return torch.bmm(pairwise_weights("gaussian", query, key, scale=scale), value)
+    c_q, c_v = query.shape[-1], value.shape[-1]
+    if c_v != c_q:
+        # The fused CPU kernel needs equal head dims for q/k and v; otherwise it silently falls
+        # back to the materialising math kernel. Zero-padding the narrower side is exact.
+        if c_v < c_q:
+            out = _sdpa(query, key, F.pad(value, (0, c_q - c_v)), scale)
+            return out[..., :c_v]
+        pad = c_v - c_q
+        return _sdpa(F.pad(query, (0, pad)), F.pad(key, (0, pad)), value, scale)
+    return _sdpa(query, key, value, scale)
+
+
+def _sdpa(query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+    # Non-contiguous inputs (e.g. a transposed (B, C, N) view) also make the CPU kernel fall back
+    # to the materialising math path, so lay them out densely first: O(N·C) copies.
+    out = F.scaled_dot_product_attention(
+        query.contiguous().unsqueeze(1),
+        key.contiguous().unsqueeze(1),
+        value.contiguous().unsqueeze(1),
+        scale=scale,
+    )  # (B, 1, N, C_v): one head
+    return out.squeeze(1)  # (B, N, C_v)
+
+
+def dot_product_aggregate(query: Tensor, key: Tensor, value: Tensor, *, impl: str = "fast") -> Tensor:
+    """Σ_j (q_iᵀ k_j) v_j / M.
+
+    Args:
+        query: ``(B, N, C_q)``.
+        key: ``(B, M, C_q)``.
+        value: ``(B, M, C_v)``.
+        impl: ``"fast"`` (right-to-left product, q (kᵀv) / M) or ``"reference"``.
+
+    Returns:
+        ``(B, N, C_v)``.
+    """
+    check_choice("impl", impl, IMPLS)
+    if impl == "reference":
+        return torch.bmm(pairwise_weights("dot_product", query, key), value)
+    kv = torch.bmm(key.transpose(1, 2), value)  # (B, C_q, C_v)
+    return torch.bmm(query, kv) / key.shape[1]  # (B, N, C_v)
+
+
+def concatenation_aggregate(a: Tensor, b: Tensor, value: Tensor, *, impl: str = "fast") -> Tensor:
+    """Σ_j ReLU(a_i + b_j) v_j / M.
+
+    Args:
+        a: ``(B, N, 1)`` query terms w_θᵀθ(x_i).
+        b: ``(B, M, 1)`` key terms w_φᵀφ(x_j).
+        value: ``(B, M, C_v)``.
+        impl: ``"fast"`` (sort + suffix sums + binary search) or ``"reference"``.
+
+    Returns:
+        ``(B, N, C_v)``.
+    """
+    check_choice("impl", impl, IMPLS)
+    if a.shape[-1] != 1 or b.shape[-1] != 1:
+        raise ValueError(
+            f"concatenation takes scalar query/key terms of shape (B, N, 1) and (B, M, 1), "
+            f"got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if impl == "reference":
+        return torch.bmm(pairwise_weights("concatenation", a, b), value)
+    m = b.shape[1]
+    b_sorted, order = torch.sort(b.squeeze(-1), dim=1)  # (B, M), ascending
+    v_sorted = torch.gather(value, 1, order.unsqueeze(-1).expand_as(value))  # (B, M, C_v)
+    bv_sorted = b_sorted.unsqueeze(-1) * v_sorted  # (B, M, C_v)
+    # Suffix sums with a trailing zero row: suffix[:, k] = Σ_{j >= k} (sorted), k = 0..M.
+    both = torch.cat([v_sorted, bv_sorted], dim=-1)  # (B, M, 2·C_v)
+    both = F.pad(both, (0, 0, 0, 1))  # (B, M + 1, 2·C_v)
+    suffix = torch.flip(torch.cumsum(torch.flip(both, dims=[1]), dim=1), dims=[1])  # (B, M+1, 2C_v)
+    # First sorted key with b_j > -a_i; keys with b_j == -a_i contribute ReLU(0) = 0.
+    cut = torch.searchsorted(b_sorted.contiguous(), (-a.squeeze(-1)).contiguous(), right=True)
+    picked = torch.gather(suffix, 1, cut.unsqueeze(-1).expand(-1, -1, suffix.shape[-1]))
+    sum_v, sum_bv = picked.chunk(2, dim=-1)  # (B, N, C_v) each
+    return (a * sum_v + sum_bv) / m  # (B, N, C_v)
+
+
+def aggregate(
+    pairwise: str,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    scale: float = 1.0,
+    impl: str = "fast",
+) -> Tensor:
+    """y_i = 1/C(x) Σ_j f(q_i, k_j) v_j for any pairwise function of the NL paper.
+
+    Args:
+        pairwise: one of :data:`PAIRWISE`.
+        query: ``(B, N, C_q)``; for concatenation ``(B, N, 1)`` holding a_i.
+        key: ``(B, M, C_q)``; for concatenation ``(B, M, 1)`` holding b_j.
+        value: ``(B, M, C_v)``.
+        scale: logit scale of the softmax forms (see :func:`default_scale`).
+        impl: ``"fast"`` or ``"reference"``.
+
+    Returns:
+        ``(B, N, C_v)``.
+
+    Raises:
+        ValueError: unknown ``pairwise``/``impl``, mismatched shapes, empty dimensions.
+        TypeError: non-tensor or non-floating inputs.
+    """
+    check_choice("pairwise", pairwise, PAIRWISE)
+    check_choice("impl", impl, IMPLS)
+    _check_qkv(query, key, value, same_dim=True)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if pairwise in SOFTMAX_PAIRWISE:
+        return softmax_aggregate(query, key, value, scale=scale, impl=impl)
+    if pairwise == "dot_product":
+        return dot_product_aggregate(query, key, value, impl=impl)
+    return concatenation_aggregate(query, key, value, impl=impl)

@@ -1,0 +1,308 @@
+"""The non-local block of Wang, Girshick, Gupta and He, *Non-local Neural Networks* (CVPR 2018).
+
+    y_i = 1/C(x) · Σ_j f(x_i, x_j) · g(x_j)
+    z_i = BN(W_z y_i) + x_i
+
+One implementation serves 1d ``(B, C, L)``, 2d ``(B, C, H, W)`` and 3d ``(B, C, T, H, W)``
+inputs: the convolutions are 1×1(×1), and the positions are flattened into tokens before the
+functional core (:mod:`nonlocalnet.functional`) aggregates them.
+
+Sub-sampling (``sub_sample=True``) max-pools the key/value side only (φ and g; θ keeps all N
+queries) with a window and stride of 2 (1d), 2×2 (2d) or 1×2×2 (3d, never in time). Odd sizes
+round *up*: the last window is partial (``ceil_mode``), so every position feeds some key, a
+size-1 dimension stays 1, and M = ⌈H/2⌉·⌈W/2⌉ (times T in 3d).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nonlocalnet._checks import check_choice, check_feature_map
+from nonlocalnet.functional import IMPLS, PAIRWISE, aggregate, default_scale, pairwise_weights
+
+__all__ = ["EXTENTS", "NonLocal1d", "NonLocal2d", "NonLocal3d", "NonLocalNd"]
+
+EXTENTS = ("spacetime", "space", "time")
+SUB_SAMPLE_POSITIONS = ("after", "before")
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_POOL_WINDOW = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}
+
+
+class NonLocalNd(nn.Module):
+    """Non-local block for inputs with ``spatial_dims`` dimensions after (B, C).
+
+    Use :class:`NonLocal1d`, :class:`NonLocal2d` or :class:`NonLocal3d`.
+
+    Args:
+        channels: input and output channels C.
+        inner_channels: width C' of θ, φ and g; defaults to ``channels // 2``.
+        pairwise: ``"gaussian"``, ``"embedded_gaussian"``, ``"dot_product"`` or
+            ``"concatenation"``.
+        use_scale: scale the softmax logits by d^-1/2 (d = C' for embedded_gaussian, C for
+            gaussian). ``None``: on for embedded_gaussian (official code), off for gaussian
+            (paper). Must not be True for dot_product/concatenation.
+        sub_sample: max-pool the key/value side (see the module docstring).
+        sub_sample_position: ``"after"`` pools the outputs of φ and g (paper); ``"before"`` pools
+            x before the φ and g convolutions (official code; cheaper).
+        norm: ``True`` for a BatchNorm after W_z, ``False`` for none, or a callable
+            ``norm(channels) -> nn.Module``.
+        zero_init: start the block as the identity: the norm's weight is zeroed, or, without a
+            norm, W_z's weight and bias.
+        impl: ``"fast"`` (never materialises the N×M map) or ``"reference"`` (the formula
+            taken literally).
+        extent: which positions attend to which, for 3d inputs: ``"spacetime"`` (all T·H·W),
+            ``"space"`` (within each frame) or ``"time"`` (across frames at each pixel).
+        device: device of the parameters.
+        dtype: dtype of the parameters.
+    """
+
+    spatial_dims: int = 0
+
+    def __init__(
+        self,
+        channels: int,
+        inner_channels: int | None = None,
+        pairwise: str = "embedded_gaussian",
+        use_scale: bool | None = None,
+        sub_sample: bool = False,
+        sub_sample_position: str = "after",
+        norm: bool | Callable[[int], nn.Module] = True,
+        zero_init: bool = True,
+        impl: str = "fast",
+        *,
+        extent: str = "spacetime",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if self.spatial_dims not in _CONV:
+            raise TypeError(f"{name}: use NonLocal1d, NonLocal2d or NonLocal3d")
+        if not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"{name}: channels must be a positive int, got {channels!r}")
+        if inner_channels is None:
+            inner_channels = max(channels // 2, 1)
+        if not isinstance(inner_channels, int) or inner_channels < 1:
+            raise ValueError(f"{name}: inner_channels must be a positive int, got {inner_channels!r}")
+        check_choice("pairwise", pairwise, PAIRWISE)
+        check_choice("sub_sample_position", sub_sample_position, SUB_SAMPLE_POSITIONS)
+        check_choice("impl", impl, IMPLS)
+        check_choice("extent", extent, EXTENTS)
+        if extent != "spacetime" and self.spatial_dims != 3:
+            raise ValueError(f"{name}: extent {extent!r} needs 3d (B, C, T, H, W) inputs")
+        dot_dim = channels if pairwise == "gaussian" else inner_channels
+        self.scale = default_scale(pairwise, dot_dim, use_scale)  # validates use_scale
+
+        self.channels = channels
+        self.inner_channels = inner_channels
+        self.pairwise = pairwise
+        self.use_scale = use_scale
+        self.sub_sample = sub_sample
+        self.sub_sample_position = sub_sample_position
+        self.zero_init = zero_init
+        self.impl = impl
+        self.extent = extent
+
+        conv = _CONV[self.spatial_dims]
+        kw = {"kernel_size": 1, "device": device, "dtype": dtype}
+        self.g = conv(channels, inner_channels, **kw)
+        if pairwise != "gaussian":
+            self.theta = conv(channels, inner_channels, **kw)
+            self.phi = conv(channels, inner_channels, **kw)
+        if pairwise == "concatenation":
+            # w_f of f = ReLU(w_fᵀ[θ(x_i); φ(x_j)]): the first C' inputs weigh θ, the rest φ.
+            self.concat_project = conv(2 * inner_channels, 1, bias=False, **kw)
+        self.conv_out = conv(inner_channels, channels, **kw)  # W_z
+        if norm is True:
+            self.norm: nn.Module | None = _BN[self.spatial_dims](channels, device=device, dtype=dtype)
+        elif norm is False or norm is None:
+            self.norm = None
+        elif callable(norm):
+            self.norm = norm(channels)
+        else:
+            raise TypeError(f"{name}: norm must be a bool or a callable, got {type(norm).__name__}")
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise as the official code does; zero-init last, so the block is the identity."""
+        for m in (getattr(self, n, None) for n in ("theta", "phi", "g", "concat_project", "conv_out")):
+            if m is None:
+                continue
+            nn.init.normal_(m.weight, std=0.01)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        if self.norm is not None and hasattr(self.norm, "reset_parameters"):
+            self.norm.reset_parameters()
+        if not self.zero_init:
+            return
+        target = self.norm if self.norm is not None and getattr(self.norm, "weight", None) is not None else None
+        with torch.no_grad():
+            if target is not None:
+                target.weight.zero_()
+            else:
+                self.conv_out.weight.zero_()
+                if self.conv_out.bias is not None:
+                    self.conv_out.bias.zero_()
+
+    # -- layout -------------------------------------------------------------------------------
+
+    def _pool(self, t: Tensor) -> Tensor:
+        window = _POOL_WINDOW[self.spatial_dims]
+        return _POOL[self.spatial_dims](t, window, window, ceil_mode=True)
+
+    def _to_tokens(self, t: Tensor, size: Sequence[int] | None = None) -> Tensor:
+        """(B, C, *S) -> (B', N, C), B' and N as the extent folds them.
+
+        ``size`` is the query map's spatial size; for ``extent="time"`` a spatially pooled key
+        map is first expanded back to it (each pixel's keys are its pooled cell over time).
+        """
+        if self.extent == "spacetime":
+            return t.flatten(2).transpose(1, 2)  # (B, N, C)
+        if self.extent == "time" and size is not None and tuple(t.shape[3:]) != tuple(size[1:]):
+            h, w = size[1], size[2]
+            t = t.repeat_interleave(2, dim=3)[:, :, :, :h].repeat_interleave(2, dim=4)[..., :w]
+        b, c, T, h, w = t.shape
+        if self.extent == "space":
+            return t.permute(0, 2, 3, 4, 1).reshape(b * T, h * w, c)  # (B·T, H·W, C)
+        return t.permute(0, 3, 4, 2, 1).reshape(b * h * w, T, c)  # (B·H·W, T, C)
+
+    def _from_tokens(self, y: Tensor, batch: int, size: Sequence[int]) -> Tensor:
+        """(B', N, C') -> (B, C', *S), undoing :meth:`_to_tokens`."""
+        c = y.shape[-1]
+        if self.extent == "spacetime":
+            return y.transpose(1, 2).reshape(batch, c, *size)  # (B, C', *S)
+        T, h, w = size
+        if self.extent == "space":
+            return y.reshape(batch, T, h, w, c).permute(0, 4, 1, 2, 3)  # (B, C', T, H, W)
+        return y.reshape(batch, h, w, T, c).permute(0, 4, 3, 1, 2)  # (B, C', T, H, W)
+
+    def _check(self, x: Tensor) -> None:
+        check_feature_map(
+            x, spatial_dims=self.spatial_dims, channels=self.channels, owner=type(self).__name__
+        )
+
+    def embed(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values of the functional core, as tokens.
+
+        Args:
+            x: ``(B, C, *S)`` input.
+
+        Returns:
+            ``(query, key, value)``: ``(B', N, d)``, ``(B', M, d)``, ``(B', M, C')`` where d is C
+            (gaussian), C' (embedded_gaussian, dot_product) or 1 (concatenation: a_i and b_j).
+        """
+        self._check(x)
+        size = x.shape[2:]
+        sub = self.sub_sample
+        xk = self._pool(x) if sub and self.sub_sample_position == "before" else x
+        value = self.g(xk)
+        if sub and self.sub_sample_position == "after":
+            value = self._pool(value)
+        if self.pairwise == "gaussian":
+            query, key = x, (self._pool(x) if sub else x)
+        else:
+            query, key = self.theta(x), self.phi(xk)
+            if sub and self.sub_sample_position == "after":
+                key = self._pool(key)
+        q = self._to_tokens(query)  # (B', N, d)
+        k = self._to_tokens(key, size)  # (B', M, d)
+        v = self._to_tokens(value, size)  # (B', M, C')
+        if self.pairwise == "concatenation":
+            w = self.concat_project.weight.reshape(2 * self.inner_channels, 1)  # (2C', 1)
+            q = q @ w[: self.inner_channels]  # (B', N, 1): a_i = w_θᵀ θ(x_i)
+            k = k @ w[self.inner_channels :]  # (B', M, 1): b_j = w_φᵀ φ(x_j)
+        return q, k, v
+
+    def nonlocal_op(self, x: Tensor) -> Tensor:
+        """y = 1/C(x) Σ_j f(x_i, x_j) g(x_j), before W_z: ``(B, C', *S)``."""
+        q, k, v = self.embed(x)
+        y = aggregate(self.pairwise, q, k, v, scale=self.scale, impl=self.impl)  # (B', N, C')
+        return self._from_tokens(y, x.shape[0], x.shape[2:])
+
+    def residual(self, x: Tensor) -> Tensor:
+        """The residual branch BN(W_z y), before adding x."""
+        z = self.conv_out(self.nonlocal_op(x))
+        return self.norm(z) if self.norm is not None else z
+
+    def forward(self, x: Tensor) -> Tensor:
+        """z = BN(W_z y) + x, same shape as ``x``."""
+        return x + self.residual(x)
+
+    @torch.no_grad()
+    def attention_map(
+        self,
+        x: Tensor,
+        queries: Sequence[int] | Tensor | None = None,
+        chunk_size: int = 1024,
+    ) -> Tensor:
+        """The normalised pairwise weights f(x_i, x_j)/C(x).
+
+        Computed in chunks of ``chunk_size`` queries, so asking for a few rows of a large input
+        allocates only those rows.
+
+        Args:
+            x: ``(B, C, *S)`` input.
+            queries: flattened query positions (indices into N, the positions of one fold, row
+                major over the folded dims); all N when omitted.
+            chunk_size: queries per chunk.
+
+        Returns:
+            ``(B', len(queries), M)``. B' = B for spacetime (N = T·H·W or H·W or L), B·T for
+            ``extent="space"`` (N = H·W per frame), B·H·W for ``extent="time"`` (N = T).
+            Rows sum to 1 for the softmax forms.
+        """
+        q, k, _ = self.embed(x)
+        n = q.shape[1]
+        if queries is None:
+            idx = torch.arange(n, device=q.device)
+        else:
+            idx = torch.as_tensor(queries, dtype=torch.long, device=q.device).reshape(-1)
+            if idx.numel() == 0:
+                raise ValueError("attention_map: queries is empty")
+            if int(idx.min()) < 0 or int(idx.max()) >= n:
+                raise ValueError(
+                    f"attention_map: query indices must lie in [0, {n}), got range "
+                    f"[{int(idx.min())}, {int(idx.max())}]"
+                )
+        if chunk_size < 1:
+            raise ValueError(f"attention_map: chunk_size must be >= 1, got {chunk_size}")
+        rows = [
+            pairwise_weights(self.pairwise, q[:, chunk], k, scale=self.scale)  # (B', n_c, M)
+            for chunk in idx.split(chunk_size)
+        ]
+        return torch.cat(rows, dim=1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"pairwise={self.pairwise!r}, scale={self.scale:.4g}, sub_sample={self.sub_sample}, "
+            f"sub_sample_position={self.sub_sample_position!r}, extent={self.extent!r}, "
+            f"impl={self.impl!r}"
+        )
+
+
+class NonLocal1d(NonLocalNd):
+    """Non-local block for ``(B, C, L)`` sequences. Arguments as :class:`NonLocalNd`."""
+
+    spatial_dims = 1
+
+
+class NonLocal2d(NonLocalNd):
+    """Non-local block for ``(B, C, H, W)`` images. Arguments as :class:`NonLocalNd`."""
+
+    spatial_dims = 2
+
+
+class NonLocal3d(NonLocalNd):
+    """Non-local block for ``(B, C, T, H, W)`` videos, with ``extent`` spacetime/space/time.
+
+    Arguments as :class:`NonLocalNd`.
+    """
+
+    spatial_dims = 3
