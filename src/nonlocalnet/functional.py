@@ -116,9 +116,7 @@ def _check_qkv(query: Tensor, key: Tensor, value: Tensor, same_dim: bool) -> Non
         )
 
 
-def pairwise_weights(
-    pairwise: str, query: Tensor, key: Tensor, *, scale: float = 1.0
-) -> Tensor:
+def pairwise_weights(pairwise: str, query: Tensor, key: Tensor, *, scale: float = 1.0) -> Tensor:
     """The normalised pairwise weights f(q_i, k_j) / C(x), materialised.
 
     Args:
@@ -183,7 +181,9 @@ def _sdpa(query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
     return out.squeeze(1)  # (B, N, C_v)
 
 
-def dot_product_aggregate(query: Tensor, key: Tensor, value: Tensor, *, impl: str = "fast") -> Tensor:
+def dot_product_aggregate(
+    query: Tensor, key: Tensor, value: Tensor, *, impl: str = "fast"
+) -> Tensor:
     """Σ_j (q_iᵀ k_j) v_j / M.
 
     Args:

@@ -90,7 +90,9 @@ class NonLocalNd(nn.Module):
         if inner_channels is None:
             inner_channels = max(channels // 2, 1)
         if not isinstance(inner_channels, int) or inner_channels < 1:
-            raise ValueError(f"{name}: inner_channels must be a positive int, got {inner_channels!r}")
+            raise ValueError(
+                f"{name}: inner_channels must be a positive int, got {inner_channels!r}"
+            )
         check_choice("pairwise", pairwise, PAIRWISE)
         check_choice("sub_sample_position", sub_sample_position, SUB_SAMPLE_POSITIONS)
         check_choice("impl", impl, IMPLS)
@@ -121,7 +123,9 @@ class NonLocalNd(nn.Module):
             self.concat_project = conv(2 * inner_channels, 1, bias=False, **kw)
         self.conv_out = conv(inner_channels, channels, **kw)  # W_z
         if norm is True:
-            self.norm: nn.Module | None = _BN[self.spatial_dims](channels, device=device, dtype=dtype)
+            self.norm: nn.Module | None = _BN[self.spatial_dims](
+                channels, device=device, dtype=dtype
+            )
         elif norm is False or norm is None:
             self.norm = None
         elif callable(norm):
@@ -132,7 +136,9 @@ class NonLocalNd(nn.Module):
 
     def reset_parameters(self) -> None:
         """Initialise as the official code does; zero-init last, so the block is the identity."""
-        for m in (getattr(self, n, None) for n in ("theta", "phi", "g", "concat_project", "conv_out")):
+        for m in (
+            getattr(self, n, None) for n in ("theta", "phi", "g", "concat_project", "conv_out")
+        ):
             if m is None:
                 continue
             nn.init.normal_(m.weight, std=0.01)
@@ -142,7 +148,11 @@ class NonLocalNd(nn.Module):
             self.norm.reset_parameters()
         if not self.zero_init:
             return
-        target = self.norm if self.norm is not None and getattr(self.norm, "weight", None) is not None else None
+        target = (
+            self.norm
+            if self.norm is not None and getattr(self.norm, "weight", None) is not None
+            else None
+        )
         with torch.no_grad():
             if target is not None:
                 target.weight.zero_()
