@@ -1,0 +1,460 @@
+"""Global context blocks of Cao et al., *GCNet: Non-local Networks Meet Squeeze-Excitation
+Networks and Beyond* (ICCVW 2019), and the squeeze-excitation block they compare with.
+
+GCNet observes that the attention maps of a trained non-local block are nearly the same for every
+query, so it computes one query-independent map:
+
+* :class:`SimplifiedNonLocal` (SNL): z_i = x_i + W_v Σ_j softmax_j(W_k x_j) x_j.
+* :class:`GlobalContext` (GC): context c = Σ_j softmax_j(W_k x_j) x_j (``pooling="att"``) or the
+  mean of x (``pooling="avg"``); transform t = conv(C → C·r) → LayerNorm → ReLU → conv(C·r → C);
+  fusion z = x + t_add (``"add"``), z = x ⊙ sigmoid(t_mul) (``"mul"``), or both, multiply first.
+* :class:`SqueezeExcite` (SE): z = x ⊙ sigmoid(fc2(ReLU(fc1(mean(x))))).
+
+Every block takes ``dims`` in {1, 2, 3} and uses 1×1(×1) convolutions of that dimension, so the
+parameters have the layout of the official GCNet / mmcv ``ContextBlock`` checkpoints
+(``conv_mask``, ``transform_add`` ↔ ``channel_add_conv``, ``transform_mul`` ↔ ``channel_mul_conv``).
+
+The attention pooling Σ_j softmax_j(ℓ_j) x_j is softmax attention with one constant query, and its
+reference path is exactly that, through :func:`nonlocalnet.functional.softmax_aggregate`. The fast
+path computes the 1×N softmax once and contracts it with x in its native ``(B, C, N)`` layout (one
+bmm), never broadcasting the weights over the channels. Softmax and LayerNorm run in (at least)
+float32, also under bfloat16/float16 autocast.
+
+This module depends on torch alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nonlocalnet._checks import check_choice, check_feature_map
+from nonlocalnet.functional import IMPLS, softmax_aggregate
+
+__all__ = [
+    "FUSIONS",
+    "POOLINGS",
+    "GlobalContext",
+    "SimplifiedNonLocal",
+    "SqueezeExcite",
+    "attention_pool",
+]
+
+DIMS = (1, 2, 3)
+POOLINGS = ("att", "avg")
+FUSIONS = ("add", "mul")
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def _check_positive_int(owner: str, name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+
+
+def _reduced_channels(owner: str, channels: int, ratio: float) -> int:
+    """C·r as mmcv computes it (``int(C * r)``), which must be at least 1."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(f"{owner}: ratio must be a number in (0, 1], got {ratio!r}")
+    planes = int(channels * ratio)
+    if planes < 1:
+        raise ValueError(
+            f"{owner}: channels * ratio must be >= 1, got {channels} * {ratio} = {channels * ratio}"
+        )
+    return planes
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types, the dtype itself for float32/float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def attention_pool(x: Tensor, logits: Tensor, *, impl: str = "fast") -> Tensor:
+    """Attention pooling c = Σ_j softmax_j(ℓ_j) x_j over the N positions.
+
+    Args:
+        x: ``(B, C, N)`` features.
+        logits: ``(B, N)`` logits ℓ_j = W_k x_j.
+        impl: ``"fast"`` (softmax once, one bmm with x as it lies) or ``"reference"`` (softmax
+            attention with a constant query through the functional core, weights materialised).
+
+    Returns:
+        ``(B, C)`` context.
+    """
+    check_choice("impl", impl, IMPLS)
+    if impl == "reference":
+        query = logits.new_ones(logits.shape[0], 1, 1)  # (B, 1, 1): q · k_j = ℓ_j
+        key = logits.unsqueeze(-1)  # (B, N, 1)
+        value = x.transpose(1, 2)  # (B, N, C)
+        c = softmax_aggregate(query, key, value, scale=1.0, impl="reference")  # (B, 1, C)
+        return c.squeeze(1)  # (B, C)
+    w = torch.softmax(logits, dim=-1, dtype=_compute_dtype(logits.dtype))  # (B, N)
+    return torch.bmm(x, w.to(x.dtype).unsqueeze(-1)).squeeze(-1)  # (B, C, 1) -> (B, C)
+
+
+def _attention_weights(logits: Tensor) -> Tensor:
+    """softmax over the N positions of ``(B, N)`` logits, in (at least) float32."""
+    return torch.softmax(logits, dim=-1, dtype=_compute_dtype(logits.dtype))
+
+
+def _map_rows(w: Tensor, queries: Sequence[int] | Tensor | None) -> Tensor:
+    """The single query-independent row ``(B, 1, N)``, expanded to the asked queries."""
+    n = w.shape[-1]
+    if queries is None:
+        return w
+    idx = torch.as_tensor(queries, dtype=torch.long).reshape(-1)
+    if idx.numel() == 0:
+        raise ValueError("attention_map: queries is empty")
+    if int(idx.min()) < 0 or int(idx.max()) >= n:
+        raise ValueError(
+            f"attention_map: query indices must lie in [0, {n}), got range "
+            f"[{int(idx.min())}, {int(idx.max())}]"
+        )
+    return w.expand(-1, idx.numel(), -1)  # (B, Nq, N), a view
+
+
+class _LayerNormFp32(nn.LayerNorm):
+    """LayerNorm computed in (at least) float32, also under half-precision autocast.
+
+    Same parameters and state-dict keys as :class:`torch.nn.LayerNorm`.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        dt = _compute_dtype(x.dtype)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            w = self.weight.to(dt) if self.weight is not None else None
+            b = self.bias.to(dt) if self.bias is not None else None
+            out = F.layer_norm(x.to(dt), self.normalized_shape, w, b, self.eps)
+        return out.to(x.dtype)
+
+
+class SimplifiedNonLocal(nn.Module):
+    """Simplified non-local block (GCNet §3.2): z_i = x_i + W_v Σ_j softmax_j(W_k x_j) x_j.
+
+    The attention map is one softmax over the N positions, shared by every query.
+
+    Args:
+        channels: input and output channels C.
+        zero_init: zero W_v's weight and bias, so a fresh block is the identity.
+        impl: ``"fast"`` or ``"reference"`` (see :func:`attention_pool`).
+        dims: number of dimensions after (B, C): 1, 2 or 3.
+        device: device of the parameters.
+        dtype: dtype of the parameters.
+
+    Submodules: ``conv_mask`` (W_k, C → 1) and ``conv_value`` (W_v, C → C).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        zero_init: bool = True,
+        impl: str = "fast",
+        *,
+        dims: int = 2,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        _check_positive_int(name, "channels", channels)
+        check_choice("dims", dims, DIMS)
+        check_choice("impl", impl, IMPLS)
+        self.channels = channels
+        self.dims = dims
+        self.zero_init = zero_init
+        self.impl = impl
+        conv = _CONV[dims]
+        kw = {"kernel_size": 1, "device": device, "dtype": dtype}
+        self.conv_mask = conv(channels, 1, **kw)
+        self.conv_value = conv(channels, channels, **kw)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """W_k as mmcv's ``kaiming_init(mode="fan_in")``; W_v default, then zeroed."""
+        nn.init.kaiming_normal_(self.conv_mask.weight, mode="fan_in", nonlinearity="relu")
+        nn.init.zeros_(self.conv_mask.bias)
+        self.conv_value.reset_parameters()
+        if self.zero_init:
+            nn.init.zeros_(self.conv_value.weight)
+            nn.init.zeros_(self.conv_value.bias)
+
+    def _check(self, x: Tensor) -> None:
+        check_feature_map(
+            x, spatial_dims=self.dims, channels=self.channels, owner="SimplifiedNonLocal"
+        )
+
+    def context(self, x: Tensor) -> Tensor:
+        """c = Σ_j softmax_j(W_k x_j) x_j: ``(B, C, 1, ...)`` (one 1 per spatial dim)."""
+        self._check(x)
+        logits = self.conv_mask(x).flatten(1)  # (B, N)
+        c = attention_pool(x.flatten(2), logits, impl=self.impl)  # (B, C)
+        return c.reshape(*c.shape, *([1] * self.dims))  # (B, C, 1, ...)
+
+    def residual(self, x: Tensor) -> Tensor:
+        """The branch added to x: W_v c, ``(B, C, 1, ...)`` (the same for every position)."""
+        return self.conv_value(self.context(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """z = x + W_v c, same shape as ``x``."""
+        return x + self.residual(x)
+
+    @torch.no_grad()
+    def attention_map(self, x: Tensor, queries: Sequence[int] | Tensor | None = None) -> Tensor:
+        """softmax_j(W_k x_j), the same for every query.
+
+        Args:
+            x: ``(B, C, *S)`` input.
+            queries: query positions; the one row is expanded (a view) to ``len(queries)`` rows.
+
+        Returns:
+            ``(B, 1, N)``, or ``(B, len(queries), N)``; rows sum to 1.
+        """
+        self._check(x)
+        w = _attention_weights(self.conv_mask(x).flatten(1)).unsqueeze(1)  # (B, 1, N)
+        return _map_rows(w, queries)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, dims={self.dims}, impl={self.impl!r}"
+
+
+def _transform(
+    dims: int,
+    channels: int,
+    planes: int,
+    layer_norm: bool,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+) -> nn.Sequential:
+    """conv(C → C·r) → LayerNorm([C·r, 1, ...]) → ReLU → conv(C·r → C), mmcv's layout.
+
+    Without layer_norm an ``nn.Identity`` keeps the convs at indices 0 and 3.
+    """
+    conv = _CONV[dims]
+    kw = {"kernel_size": 1, "device": device, "dtype": dtype}
+    norm: nn.Module = (
+        _LayerNormFp32([planes] + [1] * dims, device=device, dtype=dtype)
+        if layer_norm
+        else nn.Identity()
+    )
+    return nn.Sequential(
+        conv(channels, planes, **kw), norm, nn.ReLU(inplace=True), conv(planes, channels, **kw)
+    )
+
+
+def _avg_pool(x: Tensor, dims: int) -> Tensor:
+    """Mean over all positions: ``(B, C, *S)`` -> ``(B, C, 1, ...)``."""
+    c = x.flatten(2).mean(-1)  # (B, C)
+    return c.reshape(*c.shape, *([1] * dims))  # (B, C, 1, ...)
+
+
+class GlobalContext(nn.Module):
+    """Global context block (GCNet §4).
+
+    Context modelling (attention pooling ``conv_mask`` + softmax over all positions, or average
+    pooling), a bottleneck transform per fusion, and fusion by addition and/or multiplication:
+
+        z = x ⊙ sigmoid(transform_mul(c)) + transform_add(c)     (the terms that are enabled)
+
+    The last conv of each transform is zero-initialised (weight and bias). A fresh block with
+    ``fusion=("add",)`` is therefore the identity; with a multiplication it scales x by
+    sigmoid(0) = 1/2, as the official code does.
+
+    Args:
+        channels: input and output channels C.
+        ratio: bottleneck ratio r of the transforms (1/16 in the paper, 1/4 the larger variant);
+            the bottleneck has ``int(C * r)`` channels.
+        pooling: ``"att"`` (attention pooling) or ``"avg"`` (global average pooling).
+        fusion: a non-empty collection of ``"add"`` and/or ``"mul"``; the multiplication is
+            applied first whatever the order given.
+        layer_norm: put a LayerNorm([C·r, 1, ...]) after the first conv of each transform
+            (computed in float32 under autocast); ``False`` replaces it by ``nn.Identity``.
+        zero_init: zero the last conv of each transform.
+        impl: ``"fast"`` or ``"reference"`` (see :func:`attention_pool`).
+        dims: number of dimensions after (B, C): 1, 2 or 3.
+        device: device of the parameters.
+        dtype: dtype of the parameters.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        ratio: float = 1 / 16,
+        pooling: str = "att",
+        fusion: Sequence[str] | str = ("add",),
+        layer_norm: bool = True,
+        zero_init: bool = True,
+        impl: str = "fast",
+        *,
+        dims: int = 2,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        _check_positive_int(name, "channels", channels)
+        planes = _reduced_channels(name, channels, ratio)
+        check_choice("pooling", pooling, POOLINGS)
+        check_choice("dims", dims, DIMS)
+        check_choice("impl", impl, IMPLS)
+        if isinstance(fusion, str):
+            fusion = (fusion,)
+        fusion = tuple(fusion)
+        for f in fusion:
+            check_choice("fusion", f, FUSIONS)
+        if not fusion or len(set(fusion)) != len(fusion):
+            raise ValueError(
+                f"{name}: fusion must be a non-empty collection of distinct 'add'/'mul', "
+                f"got {fusion!r}"
+            )
+        self.channels = channels
+        self.ratio = ratio
+        self.planes = planes
+        self.pooling = pooling
+        self.fusion = tuple(f for f in ("mul", "add") if f in fusion)  # application order
+        self.layer_norm = layer_norm
+        self.zero_init = zero_init
+        self.impl = impl
+        self.dims = dims
+        conv = _CONV[dims]
+        if pooling == "att":
+            self.conv_mask = conv(channels, 1, kernel_size=1, device=device, dtype=dtype)
+        self.transform_add = (
+            _transform(dims, channels, planes, layer_norm, device, dtype)
+            if "add" in self.fusion
+            else None
+        )
+        self.transform_mul = (
+            _transform(dims, channels, planes, layer_norm, device, dtype)
+            if "mul" in self.fusion
+            else None
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """As mmcv's ContextBlock: kaiming (fan_in) conv_mask, default transforms, last conv 0."""
+        if self.pooling == "att":
+            nn.init.kaiming_normal_(self.conv_mask.weight, mode="fan_in", nonlinearity="relu")
+            nn.init.zeros_(self.conv_mask.bias)
+        for t in (self.transform_add, self.transform_mul):
+            if t is None:
+                continue
+            for m in t:
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+            if self.zero_init:
+                nn.init.zeros_(t[-1].weight)
+                nn.init.zeros_(t[-1].bias)
+
+    def _check(self, x: Tensor) -> None:
+        check_feature_map(x, spatial_dims=self.dims, channels=self.channels, owner="GlobalContext")
+
+    def context(self, x: Tensor) -> Tensor:
+        """The pooled context c: ``(B, C, 1, ...)`` (one 1 per spatial dim)."""
+        self._check(x)
+        if self.pooling == "avg":
+            return _avg_pool(x, self.dims)
+        logits = self.conv_mask(x).flatten(1)  # (B, N)
+        c = attention_pool(x.flatten(2), logits, impl=self.impl)  # (B, C)
+        return c.reshape(*c.shape, *([1] * self.dims))  # (B, C, 1, ...)
+
+    def residual(self, x: Tensor) -> Tensor:
+        """The transform output before fusion, ``(B, C, 1, ...)``, the same for every position.
+
+        ``transform_add(c)`` when the block adds, otherwise ``transform_mul(c)`` (before the
+        sigmoid).
+        """
+        c = self.context(x)
+        t = self.transform_add if self.transform_add is not None else self.transform_mul
+        return t(c)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """z = x ⊙ sigmoid(transform_mul(c)) + transform_add(c), same shape as ``x``."""
+        c = self.context(x)
+        out = x
+        if self.transform_mul is not None:
+            out = out * torch.sigmoid(self.transform_mul(c))
+        if self.transform_add is not None:
+            out = out + self.transform_add(c)
+        return out
+
+    @torch.no_grad()
+    def attention_map(self, x: Tensor, queries: Sequence[int] | Tensor | None = None) -> Tensor:
+        """The pooling weights, the same for every query: softmax_j(W_k x_j), or 1/N for avg.
+
+        Args:
+            x: ``(B, C, *S)`` input.
+            queries: query positions; the one row is expanded (a view) to ``len(queries)`` rows.
+
+        Returns:
+            ``(B, 1, N)``, or ``(B, len(queries), N)``; rows sum to 1.
+        """
+        self._check(x)
+        if self.pooling == "avg":
+            n = x[0, 0].numel()
+            w = x.new_full((x.shape[0], 1, n), 1.0 / n)  # (B, 1, N)
+        else:
+            w = _attention_weights(self.conv_mask(x).flatten(1)).unsqueeze(1)  # (B, 1, N)
+        return _map_rows(w, queries)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.channels}, ratio={self.ratio:.4g}, pooling={self.pooling!r}, "
+            f"fusion={self.fusion!r}, layer_norm={self.layer_norm}, dims={self.dims}, "
+            f"impl={self.impl!r}"
+        )
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-excitation block (Hu et al., 2018), as GCNet compares with it.
+
+        z = x ⊙ sigmoid(fc2(ReLU(fc1(mean_j x_j))))
+
+    ``fc1`` and ``fc2`` are 1×1(×1) convolutions with bias (C → int(C·r) → C), default init.
+
+    Args:
+        channels: input and output channels C.
+        ratio: bottleneck ratio r.
+        dims: number of dimensions after (B, C): 1, 2 or 3.
+        device: device of the parameters.
+        dtype: dtype of the parameters.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        ratio: float = 1 / 16,
+        *,
+        dims: int = 2,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        _check_positive_int(name, "channels", channels)
+        planes = _reduced_channels(name, channels, ratio)
+        check_choice("dims", dims, DIMS)
+        self.channels = channels
+        self.ratio = ratio
+        self.planes = planes
+        self.dims = dims
+        conv = _CONV[dims]
+        kw = {"kernel_size": 1, "device": device, "dtype": dtype}
+        self.fc1 = conv(channels, planes, **kw)
+        self.fc2 = conv(planes, channels, **kw)
+
+    def reset_parameters(self) -> None:
+        """Default (PyTorch) init of both convolutions."""
+        self.fc1.reset_parameters()
+        self.fc2.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """z = x ⊙ sigmoid(fc2(ReLU(fc1(mean x)))), same shape as ``x``."""
+        check_feature_map(x, spatial_dims=self.dims, channels=self.channels, owner="SqueezeExcite")
+        s = self.fc2(F.relu(self.fc1(_avg_pool(x, self.dims))))  # (B, C, 1, ...)
+        return x * torch.sigmoid(s)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, ratio={self.ratio:.4g}, dims={self.dims}"
