@@ -1,0 +1,47 @@
+"""Networks of the three papers: 2D ResNets, C2D/I3D video ResNets, segmentation, a model zoo.
+
+Placement of attention blocks is data (per-stage block indices), validated against the stage
+depths; :func:`insert_blocks` puts any block after any named submodule of any model, and
+:func:`check_identity` verifies that freshly inserted blocks leave the output unchanged.
+"""
+
+from nonlocalnet.models.placement import (
+    check_identity,
+    check_placement,
+    gc_placement,
+    insert_blocks,
+    insert_context_blocks,
+    inserted_blocks,
+    nl_preset,
+    place_blocks,
+)
+from nonlocalnet.models.resnet import ResNet, create_resnet
+from nonlocalnet.models.segmentation import SegmentationModel, create_segmentation_model
+from nonlocalnet.models.video_resnet import (
+    create_video_resnet,
+    inflate_state_dict,
+    load_2d_checkpoint,
+)
+from nonlocalnet.models.zoo import ModelInfo, create_model, list_models, model_info
+
+__all__ = [
+    "ModelInfo",
+    "ResNet",
+    "SegmentationModel",
+    "check_identity",
+    "check_placement",
+    "create_model",
+    "create_resnet",
+    "create_segmentation_model",
+    "create_video_resnet",
+    "gc_placement",
+    "inflate_state_dict",
+    "insert_blocks",
+    "insert_context_blocks",
+    "inserted_blocks",
+    "list_models",
+    "load_2d_checkpoint",
+    "model_info",
+    "nl_preset",
+    "place_blocks",
+]
