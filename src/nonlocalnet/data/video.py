@@ -1,0 +1,839 @@
+"""Video classification data: list files, the Kinetics CSV, class folders, and PyAV decoding.
+
+Three ways to describe a data set, each parsed and checked when the dataset is built, before any
+training starts (a bad line stops with an error naming the file and the line number):
+
+- a list file of ``<path> <label>`` lines (:func:`parse_list_file`; pytorchvideo / mmaction2
+  style). Blank lines and lines starting with ``#`` are ignored; the label is the last
+  whitespace-separated token, so paths may contain spaces; relative paths are relative to ``root``
+  (default: the list file's folder);
+- the Kinetics CSV ``label,youtube_id,time_start,time_end,split`` with a video root
+  (:func:`parse_kinetics_csv`), files named as by the official downloader:
+  ``<root>/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4`` or ``<root>/<youtube_id>_<start>_<end>.mp4``;
+- one folder per class (:func:`scan_class_folders`).
+
+Decoding (:class:`VideoReader`) uses PyAV and decodes only what a clip needs: the frame count comes
+from the stream metadata (``stream.frames``, else ``duration × time_base × rate``), the reader seeks
+to the key frame before the clip's first frame and stops after its last one; frame indices come from
+presentation timestamps. When the metadata is missing it decodes every frame once. Frames are
+returned as ``uint8`` ``(T, H, W, 3)`` RGB.
+
+:class:`VideoDataset` yields dicts::
+
+    {"video": float (C, T, H, W)          # train mode, normalised
+              or (K * num_crops, C, T, S, S)  # test mode: views in clip-major, crop-minor order
+     "label": int, "index": int, "path": str,
+     "skipped": int,                      # unreadable videos replaced to produce this sample
+     "unreadable": list[str]}             # their paths
+
+A video that cannot be opened or decoded is logged (warning, with its path). In train mode it is
+replaced by the next index (``(index + 1) % len``, then the next...), so the batch stays full; in
+test mode it is *not* replaced (that would change the metric): the sample comes back without a
+``"video"`` key and :func:`collate_videos` drops it from the batch and lists its path in
+``batch["unreadable"]``. :class:`SkipTracker` accumulates those counts over batches and raises when
+more than ``max_skip_fraction`` of the reads failed.
+
+Randomness: with ``seed`` set, each sample's clip and crop come from a generator seeded by
+``(seed, epoch, index)``: independent of the number of workers (call :meth:`VideoDataset.set_epoch`
+every epoch). With ``seed=None`` each process uses its own generator seeded from
+``torch.initial_seed()``, which the DataLoader sets differently in every worker and every epoch, so
+the clips are reproducible given ``torch.manual_seed`` and differ across workers.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from .._checks import check_choice
+from .samplers import RandomClipSampler, UniformClipSampler
+from .transforms import KINETICS_MEAN, KINETICS_STD, video_test_transform, video_train_transform
+
+logger = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
+MODES = ("train", "test")
+
+
+class VideoDecodeError(RuntimeError):
+    """A video file that cannot be opened or decoded."""
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    """One video of a data set.
+
+    Attributes:
+        path: absolute or root-joined path of the video file.
+        label: class index.
+        source: where the record was read, ``"file:line"``, for error messages.
+    """
+
+    path: str
+    label: int
+    source: str = ""
+
+
+# --- parsing ----------------------------------------------------------------------------------------
+
+
+def _require_file(path: str | os.PathLike[str], what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {p}")
+    return p
+
+
+def _require_dir(path: str | os.PathLike[str], what: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{what} not found (or not a directory): {p}")
+    return p
+
+
+def _check_labels(records: Sequence[VideoRecord], num_classes: int | None, where: str) -> int:
+    """Check every label is in [0, num_classes); return num_classes (inferred as max + 1)."""
+    if num_classes is None:
+        return max(r.label for r in records) + 1
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    for r in records:
+        if not 0 <= r.label < num_classes:
+            raise ValueError(
+                f"{r.source}: label {r.label} out of range [0, {num_classes}) in {where}"
+            )
+    return num_classes
+
+
+def parse_list_file(
+    list_file: str | os.PathLike[str],
+    *,
+    root: str | os.PathLike[str] | None = None,
+    num_classes: int | None = None,
+    check_files: bool = False,
+) -> list[VideoRecord]:
+    """Read a ``<path> <label>`` list file.
+
+    Args:
+        list_file: the list file.
+        root: folder that relative paths are joined to (default: the list file's folder).
+        num_classes: if given, every label must lie in ``[0, num_classes)``.
+        check_files: also check that every video file exists.
+
+    Returns:
+        The records, in file order.
+
+    Raises:
+        FileNotFoundError: the list file, the root, or (with ``check_files``) a video is missing.
+        ValueError: a line that does not parse, a label out of range, or no entries at all; the
+            message names the file and the line number.
+    """
+    list_path = _require_file(list_file, "video list file")
+    root_path = _require_dir(root, "video data root") if root is not None else list_path.parent
+    records: list[VideoRecord] = []
+    with list_path.open(encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            where = f"{list_path}:{lineno}"
+            parts = line.rsplit(None, 1)
+            if len(parts) != 2:
+                raise ValueError(f"{where}: expected '<path> <label>', got {line!r}")
+            rel, label_text = parts
+            try:
+                label = int(label_text)
+            except ValueError:
+                raise ValueError(
+                    f"{where}: label must be an integer, got {label_text!r} in line {line!r} "
+                    "(expected '<path> <label>')"
+                ) from None
+            if label < 0:
+                raise ValueError(f"{where}: label must be >= 0, got {label}")
+            path = Path(rel) if os.path.isabs(rel) else root_path / rel
+            if check_files and not path.is_file():
+                raise FileNotFoundError(f"{where}: video file not found: {path}")
+            records.append(VideoRecord(str(path), label, where))
+    if not records:
+        raise ValueError(f"video list file {list_path} has no entries")
+    _check_labels(records, num_classes, str(list_path))
+    return records
+
+
+def read_class_list(path: str | os.PathLike[str]) -> list[str]:
+    """Class names, one per line (blank lines and ``#`` comments ignored); index = line order."""
+    p = _require_file(path, "class list file")
+    names = [
+        s.strip() for s in p.read_text(encoding="utf-8").splitlines()
+        if s.strip() and not s.strip().startswith("#")
+    ]  # fmt: skip
+    if not names:
+        raise ValueError(f"class list file {p} has no entries")
+    if len(set(names)) != len(names):
+        raise ValueError(f"class list file {p} has duplicate names")
+    return names
+
+
+def _kinetics_candidates(root: Path, label: str, yid: str, start: int, end: int) -> list[Path]:
+    names = [f"{yid}_{start:06d}_{end:06d}", f"{yid}_{start}_{end}"]
+    dirs = [root / label, root / label.replace(" ", "_"), root]
+    return [d / f"{n}{ext}" for d in dirs for n in names for ext in (".mp4", ".webm", ".mkv")]
+
+
+def parse_kinetics_csv(
+    csv_file: str | os.PathLike[str],
+    root: str | os.PathLike[str],
+    *,
+    classes: Sequence[str] | str | os.PathLike[str] | None = None,
+    split: str | None = None,
+    on_missing: str = "error",
+) -> tuple[list[VideoRecord], list[str]]:
+    """Read a Kinetics annotation CSV (``label,youtube_id,time_start,time_end,split``).
+
+    Args:
+        csv_file: the CSV, with that header.
+        root: the video root (per-label folders or flat, see the module docstring).
+        classes: class names in index order, or a file of them; default: the sorted labels of the
+            CSV (after the ``split`` filter).
+        split: keep only rows of this split (e.g. ``"train"``); default: all rows.
+        on_missing: ``"error"`` stops at the first row whose video is absent; ``"skip"`` drops such
+            rows and logs how many were dropped (Kinetics downloads usually miss a few percent).
+
+    Returns:
+        ``(records, classes)``.
+
+    Raises:
+        FileNotFoundError: the CSV, the root or (with ``on_missing="error"``) a video is missing.
+        ValueError: a bad header or row, a label not in ``classes``, or no usable rows; the
+            message names the file and the line.
+    """
+    check_choice("on_missing", on_missing, ("error", "skip"))
+    csv_path = _require_file(csv_file, "Kinetics CSV file")
+    root_path = _require_dir(root, "video data root")
+    required = ("label", "youtube_id", "time_start", "time_end")
+    rows: list[tuple[str, str, int, int, str]] = []
+    with csv_path.open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"Kinetics CSV file {csv_path} is empty")
+        header = [h.strip() for h in header]
+        missing_cols = [c for c in required if c not in header]
+        if missing_cols:
+            raise ValueError(
+                f"{csv_path}:1: header must contain {','.join(required)}[,split], got {','.join(header)}"
+            )
+        col = {name: header.index(name) for name in header}
+        for row in reader:
+            lineno = reader.line_num
+            where = f"{csv_path}:{lineno}"
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != len(header):
+                raise ValueError(f"{where}: expected {len(header)} fields, got {len(row)}: {row!r}")
+            try:
+                start = int(float(row[col["time_start"]]))
+                end = int(float(row[col["time_end"]]))
+            except ValueError:
+                raise ValueError(
+                    f"{where}: time_start/time_end must be numbers, got "
+                    f"{row[col['time_start']]!r}, {row[col['time_end']]!r}"
+                ) from None
+            label = row[col["label"]].strip()
+            yid = row[col["youtube_id"]].strip()
+            if not label or not yid:
+                raise ValueError(f"{where}: empty label or youtube_id in {row!r}")
+            row_split = row[col["split"]].strip() if "split" in col else ""
+            if split is not None and row_split != split:
+                continue
+            rows.append((label, yid, start, end, where))
+    if not rows:
+        extra = f" with split {split!r}" if split is not None else ""
+        raise ValueError(f"Kinetics CSV file {csv_path} has no rows{extra}")
+    if classes is None:
+        class_names = sorted({r[0] for r in rows})
+    elif isinstance(classes, (str, os.PathLike)):
+        class_names = read_class_list(classes)
+    else:
+        class_names = list(classes)
+    index = {name: i for i, name in enumerate(class_names)}
+    records: list[VideoRecord] = []
+    num_missing = 0
+    for label, yid, start, end, where in rows:
+        if label not in index:
+            raise ValueError(
+                f"{where}: label {label!r} is not one of the {len(class_names)} classes"
+            )
+        found = next(
+            (p for p in _kinetics_candidates(root_path, label, yid, start, end) if p.is_file()),
+            None,
+        )
+        if found is None:
+            if on_missing == "error":
+                raise FileNotFoundError(
+                    f"{where}: video not found for {yid} [{start}, {end}] under {root_path} (tried "
+                    f"{root_path / label / f'{yid}_{start:06d}_{end:06d}.mp4'} and flat names)"
+                )
+            num_missing += 1
+            continue
+        records.append(VideoRecord(str(found), index[label], where))
+    if num_missing:
+        logger.warning(
+            "%s: %d of %d videos not found under %s; dropped",
+            csv_path,
+            num_missing,
+            len(rows),
+            root_path,
+        )
+    if not records:
+        raise ValueError(
+            f"Kinetics CSV file {csv_path}: none of the {len(rows)} videos found under {root_path}"
+        )
+    return records, class_names
+
+
+def scan_class_folders(
+    root: str | os.PathLike[str],
+    *,
+    extensions: Sequence[str] = VIDEO_EXTENSIONS,
+    classes: Sequence[str] | None = None,
+) -> tuple[list[VideoRecord], list[str]]:
+    """One sub-folder per class; class index from the sorted folder names (or ``classes``).
+
+    Returns:
+        ``(records, classes)``, files sorted by path within each class.
+
+    Raises:
+        FileNotFoundError: ``root`` or a named class folder is missing.
+        ValueError: no class folders, or no files with one of ``extensions``.
+    """
+    root_path = _require_dir(root, "data root")
+    exts = tuple(e.lower() for e in extensions)
+    names = (
+        sorted(d.name for d in root_path.iterdir() if d.is_dir())
+        if classes is None
+        else list(classes)
+    )
+    if not names:
+        raise ValueError(f"data root {root_path} has no class sub-folders")
+    records: list[VideoRecord] = []
+    for label, name in enumerate(names):
+        folder = _require_dir(root_path / name, f"class folder {name!r}")
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+        records += [VideoRecord(str(p), label, str(folder)) for p in files]
+    if not records:
+        raise ValueError(f"data root {root_path} has no files with extensions {', '.join(exts)}")
+    return records, names
+
+
+# --- decoding -------------------------------------------------------------------------------------
+
+
+class VideoReader:
+    """Open a video with PyAV and decode selected frames (use as a context manager).
+
+    Args:
+        path: the video file.
+
+    Raises:
+        VideoDecodeError: the file cannot be opened or has no video stream.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        import av
+
+        self.path = str(path)
+        self._av = av
+        try:
+            self.container = av.open(self.path)
+        except (av.FFmpegError, OSError, ValueError) as e:
+            raise VideoDecodeError(f"cannot open video {self.path}: {e}") from e
+        if not self.container.streams.video:
+            self.container.close()
+            raise VideoDecodeError(f"no video stream in {self.path}")
+        self.stream = self.container.streams.video[0]
+        self._all: list[Any] | None = None  # every frame, when the metadata is unusable
+
+    def __enter__(self) -> VideoReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.container.close()
+
+    @property
+    def _rate(self) -> Fraction | None:
+        rate = self.stream.average_rate or self.stream.guessed_rate
+        return Fraction(rate) if rate else None
+
+    def _metadata_frames(self) -> int | None:
+        s = self.stream
+        if s.frames and s.frames > 0:
+            return int(s.frames)
+        rate = self._rate
+        if rate is None:
+            return None
+        if s.duration and s.time_base:
+            return max(1, round(s.duration * s.time_base * rate))
+        if self.container.duration:
+            return max(1, round(Fraction(self.container.duration, 1_000_000) * rate))
+        return None
+
+    @property
+    def num_frames(self) -> int:
+        """Frame count from the metadata, or from decoding every frame when it is missing."""
+        n = self._metadata_frames()
+        if n is None:
+            n = len(self._decode_all())
+            if n == 0:
+                raise VideoDecodeError(f"no decodable frames in {self.path}")
+        return n
+
+    def _decode_all(self) -> list[Any]:
+        if self._all is None:
+            # Re-open rather than seek: a fresh demuxer and decoder start at the first frame.
+            self.container.close()
+            try:
+                self.container = self._av.open(self.path)
+            except (self._av.FFmpegError, OSError, ValueError) as e:
+                raise VideoDecodeError(f"cannot open video {self.path}: {e}") from e
+            self.stream = self.container.streams.video[0]
+            try:
+                self._all = [
+                    f.to_ndarray(format="rgb24") for f in self.container.decode(self.stream)
+                ]
+            except (self._av.FFmpegError, OSError, ValueError, EOFError) as e:
+                raise VideoDecodeError(f"cannot decode {self.path}: {e}") from e
+        return self._all
+
+    def _index(self, pts: int, start_pts: int) -> int:
+        return round((pts - start_pts) * self.stream.time_base * self._rate)
+
+    def _decode_range(self, needed: set[int]) -> dict[int, Any] | None:
+        """Seek near min(needed) and decode up to max(needed); None if timestamps are unusable."""
+        s = self.stream
+        if self._rate is None or s.time_base is None:
+            return None
+        lo, hi = min(needed), max(needed)
+        start_pts = s.start_time if s.start_time is not None else 0
+        if lo > 0:
+            target = start_pts + int(Fraction(lo) / self._rate / s.time_base)
+            self.container.seek(target, stream=s, backward=True, any_frame=False)
+        got: dict[int, Any] = {}
+        first = True
+        for frame in self.container.decode(s):
+            if frame.pts is None:
+                return None
+            idx = self._index(frame.pts, start_pts)
+            if first and idx > lo:
+                return None  # the seek overshot the clip start
+            first = False
+            if idx in needed:
+                got[idx] = frame.to_ndarray(format="rgb24")
+            if idx >= hi:
+                break
+        return got
+
+    def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
+        """Decode frames by index.
+
+        Indices past the last decodable frame (metadata that over-counts) get the last decoded
+        frame.
+
+        Returns:
+            ``uint8`` tensor ``(len(indices), H, W, 3)``.
+
+        Raises:
+            VideoDecodeError: the file cannot be decoded.
+        """
+        if not indices:
+            raise ValueError("get_frames needs at least one index")
+        needed = set(indices)
+        got: dict[int, Any] | None = None
+        if self._all is None:
+            try:
+                got = self._decode_range(needed)
+            except (self._av.FFmpegError, OSError, ValueError, EOFError) as e:
+                raise VideoDecodeError(f"cannot decode {self.path}: {e}") from e
+        if got is None or not got:
+            frames = self._decode_all()
+            got = dict(enumerate(frames))
+        if not got:
+            raise VideoDecodeError(f"no decodable frames in {self.path}")
+        known = sorted(got)
+        out = []
+        for i in indices:
+            if i not in got:  # past the end, or a gap in the timestamps: nearest earlier frame
+                earlier = [k for k in known if k <= i]
+                i = earlier[-1] if earlier else known[0]
+            out.append(torch.from_numpy(got[i]))
+        return torch.stack(out)  # (T, H, W, 3)
+
+
+def read_clips(
+    path: str | os.PathLike[str],
+    sampler: Callable[..., list[list[int]]],
+    generator: torch.Generator | None = None,
+) -> list[torch.Tensor]:
+    """Open ``path``, pick clips with ``sampler`` and decode them (one pass for all clips).
+
+    Returns:
+        One ``uint8`` ``(T, H, W, 3)`` tensor per clip.
+
+    Raises:
+        VideoDecodeError: the file cannot be opened or decoded.
+    """
+    with VideoReader(path) as reader:
+        clips = sampler(reader.num_frames, generator)
+        flat = sorted({i for clip in clips for i in clip})
+        frames = reader.get_frames(flat)  # (N, H, W, 3)
+    pos = {i: k for k, i in enumerate(flat)}
+    return [frames[[pos[i] for i in clip]] for clip in clips]
+
+
+# --- dataset --------------------------------------------------------------------------------------
+
+
+def _mix_seed(*parts: int) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class VideoDataset(Dataset):
+    """Video classification dataset over :class:`VideoRecord` s (see the module docstring).
+
+    Build it with :meth:`from_list_file`, :meth:`from_kinetics_csv` or :meth:`from_folder`.
+
+    Args:
+        records: the videos.
+        mode: ``"train"`` (one random clip, random crop and flip) or ``"test"`` (``num_clips``
+            uniform clips × ``num_crops`` crops).
+        num_frames: frames per clip (T).
+        stride: sampling stride (s); the paper's 32×2 is ``num_frames=32, stride=2``.
+        num_clips: clips per video in test mode (the paper: 10).
+        num_crops: crops per clip in test mode, 3 (start/centre/end) or 1 (centre).
+        short_side_range: training short-side jitter ``(low, high)``.
+        crop_size: training crop.
+        test_short_side: test short side.
+        test_crop_size: test crop.
+        mean: normalisation mean per channel (on [0, 1] values).
+        std: normalisation std per channel.
+        flip_p: training flip probability.
+        pad: clip padding for short videos, ``"loop"`` or ``"repeat_last"``.
+        transform: replaces the default transform: called as ``transform(clip, generator=g)`` on
+            a ``uint8`` ``(C, T, H, W)`` clip; in test mode it must return ``(V, C, T, H, W)``.
+        classes: class names in index order, if known.
+        num_classes: number of classes (default: ``len(classes)`` or max label + 1).
+        seed: see "Randomness" in the module docstring.
+        max_attempts: how many consecutive unreadable videos a train sample may replace before
+            giving up (default: ``min(len(records), 100)``).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[VideoRecord],
+        *,
+        mode: str = "train",
+        num_frames: int = 8,
+        stride: int = 8,
+        num_clips: int = 10,
+        num_crops: int = 3,
+        short_side_range: tuple[int, int] = (256, 320),
+        crop_size: int = 224,
+        test_short_side: int = 256,
+        test_crop_size: int = 256,
+        mean: Sequence[float] = KINETICS_MEAN,
+        std: Sequence[float] = KINETICS_STD,
+        flip_p: float = 0.5,
+        pad: str = "loop",
+        transform: Callable[..., torch.Tensor] | None = None,
+        classes: Sequence[str] | None = None,
+        num_classes: int | None = None,
+        seed: int | None = None,
+        max_attempts: int | None = None,
+    ) -> None:
+        check_choice("mode", mode, MODES)
+        if not records:
+            raise ValueError("VideoDataset needs at least one record, got none")
+        self.records = list(records)
+        self.mode = mode
+        self.classes = list(classes) if classes is not None else None
+        if num_classes is None and self.classes is not None:
+            num_classes = len(self.classes)
+        self.num_classes = _check_labels(self.records, num_classes, "VideoDataset")
+        if mode == "train":
+            self.sampler: RandomClipSampler | UniformClipSampler = RandomClipSampler(
+                num_frames, stride, pad=pad
+            )
+            default = video_train_transform(
+                short_side=short_side_range, crop_size=crop_size, flip_p=flip_p, mean=mean, std=std
+            )
+            self.num_views = 1
+        else:
+            self.sampler = UniformClipSampler(num_frames, stride, num_clips, pad=pad)
+            default = video_test_transform(
+                short_side=test_short_side, crop_size=test_crop_size, num_crops=num_crops,
+                mean=mean, std=std,
+            )  # fmt: skip
+            self.num_views = num_clips * num_crops
+        self.transform = transform if transform is not None else default
+        self.seed = seed
+        self.epoch = 0
+        self.max_attempts = max_attempts or min(len(self.records), 100)
+        self.num_loaded = 0
+        self.num_skipped = 0
+        self.unreadable_paths: list[str] = []
+        self._rng: torch.Generator | None = None
+        self._rng_key: tuple[int, int] | None = None
+
+    # constructors ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_list_file(
+        cls,
+        list_file: str | os.PathLike[str],
+        *,
+        root: str | os.PathLike[str] | None = None,
+        num_classes: int | None = None,
+        check_files: bool = False,
+        **kwargs: Any,
+    ) -> VideoDataset:
+        """Dataset from a ``<path> <label>`` list file (see :func:`parse_list_file`)."""
+        records = parse_list_file(
+            list_file, root=root, num_classes=num_classes, check_files=check_files
+        )
+        return cls(records, num_classes=num_classes, **kwargs)
+
+    @classmethod
+    def from_kinetics_csv(
+        cls,
+        csv_file: str | os.PathLike[str],
+        root: str | os.PathLike[str],
+        *,
+        classes: Sequence[str] | str | os.PathLike[str] | None = None,
+        split: str | None = None,
+        on_missing: str = "error",
+        **kwargs: Any,
+    ) -> VideoDataset:
+        """Dataset from a Kinetics CSV and a video root (see :func:`parse_kinetics_csv`)."""
+        records, names = parse_kinetics_csv(
+            csv_file, root, classes=classes, split=split, on_missing=on_missing
+        )
+        return cls(records, classes=names, **kwargs)
+
+    @classmethod
+    def from_folder(
+        cls,
+        root: str | os.PathLike[str],
+        *,
+        extensions: Sequence[str] = VIDEO_EXTENSIONS,
+        **kwargs: Any,
+    ) -> VideoDataset:
+        """Dataset from one sub-folder per class (see :func:`scan_class_folders`)."""
+        records, names = scan_class_folders(root, extensions=extensions)
+        return cls(records, classes=names, **kwargs)
+
+    # sampling ----------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the random clips and crops of the next epoch (with ``seed`` set)."""
+        self.epoch = int(epoch)
+
+    def _generator(self, index: int) -> torch.Generator:
+        if self.seed is not None:
+            return torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, index))
+        key = (os.getpid(), torch.initial_seed())
+        if self._rng is None or self._rng_key != key:
+            self._rng = torch.Generator().manual_seed(_mix_seed(*key))
+            self._rng_key = key
+        return self._rng
+
+    def load(self, index: int) -> torch.Tensor:
+        """Decode and transform video ``index`` (no skipping): ``(C, T, H, W)`` or ``(V, C, T, H, W)``.
+
+        Raises:
+            VideoDecodeError: the video cannot be read.
+        """
+        g = self._generator(index) if self.mode == "train" else None
+        clips = read_clips(self.records[index].path, self.sampler, g)
+        views = []
+        for clip in clips:
+            x = clip.permute(3, 0, 1, 2)  # (C, T, H, W)
+            views.append(self.transform(x, generator=g))
+        if self.mode == "train":
+            return views[0]
+        stacked = torch.stack(
+            [v if v.dim() == 5 else v.unsqueeze(0) for v in views]
+        )  # (K, N, C, T, S, S)
+        return stacked.flatten(0, 1)  # (K * N, C, T, S, S): clip-major, crop-minor
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self.records):
+            raise IndexError(
+                f"index {index} out of range for a dataset of {len(self.records)} videos"
+            )
+        unreadable: list[str] = []
+        for attempt in range(self.max_attempts):
+            j = (index + attempt) % len(self.records)
+            record = self.records[j]
+            try:
+                video = self.load(j)
+            except VideoDecodeError as e:
+                logger.warning("unreadable video skipped: %s (%s)", record.path, e)
+                unreadable.append(record.path)
+                self.num_skipped += 1
+                self.unreadable_paths.append(record.path)
+                if self.mode == "test":
+                    return {"index": index, "label": record.label, "path": record.path,
+                            "skipped": 1, "unreadable": unreadable}  # fmt: skip
+                continue
+            self.num_loaded += 1
+            return {"video": video, "label": record.label, "index": j, "path": record.path,
+                    "skipped": attempt, "unreadable": unreadable}  # fmt: skip
+        raise VideoDecodeError(
+            f"{len(unreadable)} consecutive unreadable videos starting at index {index} "
+            f"({unreadable[0]} ... {unreadable[-1]}); check the data"
+        )
+
+
+# --- batching and skip accounting -----------------------------------------------------------------
+
+
+def collate_videos(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Collate dataset dicts: tensors and ints stacked, strings kept as lists.
+
+    Samples without ``"video"`` (unreadable videos in test mode) are dropped; every sample's
+    ``"unreadable"`` paths are concatenated into ``batch["unreadable"]``. When no sample is readable
+    the batch has ``"video"`` of batch size 0 (shape of the other dims unknown: ``(0,)``) and empty
+    ``label``/``index``; callers skip such batches.
+    """
+    unreadable = [p for s in samples for p in s.get("unreadable", [])]
+    readable = [{k: v for k, v in s.items() if k != "unreadable"} for s in samples if "video" in s]
+    if readable:
+        batch = default_collate(readable)
+    else:
+        empty = torch.zeros(0, dtype=torch.long)
+        batch = {
+            "video": torch.zeros(0),
+            "label": empty,
+            "index": empty,
+            "path": [],
+            "skipped": empty,
+        }
+    batch["unreadable"] = unreadable
+    return batch
+
+
+def check_skip_fraction(num_skipped: int, num_total: int, max_skip_fraction: float) -> None:
+    """Raise when more than ``max_skip_fraction`` of ``num_total`` reads were unreadable.
+
+    Raises:
+        RuntimeError: naming the counts and the threshold.
+    """
+    if num_total > 0 and num_skipped / num_total > max_skip_fraction:
+        raise RuntimeError(
+            f"{num_skipped} of {num_total} videos ({100 * num_skipped / num_total:.1f}%) could not "
+            f"be read, more than max_skip_fraction={max_skip_fraction}; check the data "
+            "(unreadable paths are logged as warnings)"
+        )
+
+
+class SkipTracker:
+    """Count unreadable videos over batches and fail past a fraction.
+
+    Feed it every collated batch (from any number of workers): ``tracker.update(batch)``. The
+    fraction is ``unreadable reads / (unreadable reads + loaded samples)``.
+
+    Args:
+        max_skip_fraction: the largest tolerated fraction of unreadable reads.
+        min_reads: do not fail before this many reads (a few bad files early on are not a trend).
+    """
+
+    def __init__(self, max_skip_fraction: float = 0.05, *, min_reads: int = 0) -> None:
+        if not 0.0 <= max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+        self.max_skip_fraction = max_skip_fraction
+        self.min_reads = min_reads
+        self.num_loaded = 0
+        self.unreadable: list[str] = []
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.unreadable)
+
+    @property
+    def num_reads(self) -> int:
+        return self.num_loaded + self.num_skipped
+
+    def update(self, batch: dict[str, Any], *, check: bool = True) -> None:
+        """Add one collated batch's counts; then :meth:`check` unless ``check=False``."""
+        self.num_loaded += len(batch["label"])
+        self.unreadable += list(batch.get("unreadable", []))
+        if check and self.num_reads >= self.min_reads:
+            self.check()
+
+    def check(self) -> None:
+        """Raise ``RuntimeError`` if the unreadable fraction is above the limit."""
+        check_skip_fraction(self.num_skipped, self.num_reads, self.max_skip_fraction)
+
+    def summary(self) -> str:
+        """One line for the end-of-run report."""
+        if not self.unreadable:
+            return f"all {self.num_loaded} videos read"
+        unique = sorted(set(self.unreadable))
+        shown = ", ".join(unique[:5]) + (" ..." if len(unique) > 5 else "")
+        return (
+            f"{self.num_skipped} unreadable video reads skipped ({len(unique)} files: {shown}) "
+            f"out of {self.num_reads}"
+        )
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Seed Python's and NumPy's RNGs from ``torch.initial_seed()`` in a DataLoader worker.
+
+    The datasets here draw only from torch generators, so this matters only for user transforms
+    that use ``random`` or NumPy.
+    """
+    import random
+
+    seed = torch.initial_seed() % (2**32)
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+__all__ = [
+    "VIDEO_EXTENSIONS",
+    "SkipTracker",
+    "VideoDataset",
+    "VideoDecodeError",
+    "VideoReader",
+    "VideoRecord",
+    "check_skip_fraction",
+    "collate_videos",
+    "parse_kinetics_csv",
+    "parse_list_file",
+    "read_class_list",
+    "read_clips",
+    "scan_class_folders",
+    "worker_init_fn",
+]
