@@ -1,0 +1,201 @@
+"""Checkpoints: atomic writes, plain-type contents, ``weights_only`` loading, safetensors export.
+
+A checkpoint is a ``torch.save`` dict of plain types (tensors, numbers, strings, lists, dicts)::
+
+    {"model": state_dict, "optimizer": ..., "scheduler": ..., "scaler": ... | None,
+     "step": int, "rng": {...}, "sampler": {...}, "config": dict}
+
+so ``torch.load(path, weights_only=True)`` reads it without unpickling arbitrary objects; every
+load in this module uses ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "capture_rng_state",
+    "export_safetensors",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_model",
+    "restore_rng_state",
+    "save_checkpoint",
+    "unwrap_model",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d+)\.pt$")
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Any) -> None:
+    """Call ``write(file_object)`` on a temp file in ``path``'s folder, fsync, rename over ``path``.
+
+    A reader (or a run killed mid-write) sees either the old file or the complete new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` (plain types and tensors only) to ``path`` atomically."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True`` (no arbitrary unpickling).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a checkpoint dict written by :func:`save_checkpoint`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError/RuntimeError on foreign files
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read safely: {err}") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(
+            f"checkpoint {str(path)!r}: expected a dict with a 'model' entry, got "
+            f"{type(state).__name__}{' with keys ' + str(list(state)) if isinstance(state, dict) else ''}"
+        )
+    return state
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the ``checkpoint_<step>.pt`` files in ``run_dir``, by step."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for p in run_dir.iterdir():
+        m = CHECKPOINT_PATTERN.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint of the highest step in ``run_dir`` (temp files are ignored), or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states as plain types."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached]
+    except ImportError:  # pragma: no cover - numpy is optional
+        state["numpy"] = None
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("numpy") is not None:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def export_safetensors(model: nn.Module | dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write a model's weights (or a state dict) as a safetensors file, atomically."""
+    from safetensors.torch import save
+
+    state = model if isinstance(model, dict) else unwrap_model(model).state_dict()
+    # safetensors refuses shared storage and non-contiguous tensors: store independent copies.
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    data = save(tensors)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def load_model(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model of a checkpoint from its stored config and load its weights.
+
+    Args:
+        path: a ``checkpoint_<step>.pt`` / ``final.pt`` written by training.
+        map_location: where to put the weights.
+
+    Returns:
+        ``(model, config)``: the model in eval mode, and the run's resolved config as plain dicts
+        (``config["model"]["name"]``, ``config["model"]["kwargs"]``, ``config["data"]``...).
+    """
+    from nonlocalnet.engine.build import build_model_from_dict
+
+    state = load_checkpoint(path, map_location)
+    config = state.get("config")
+    if not isinstance(config, dict) or "model" not in config:
+        raise ValueError(f"checkpoint {str(path)!r} has no stored config with a 'model' section")
+    model = build_model_from_dict(config)
+    model.load_state_dict(state["model"])
+    model.to(map_location).eval()
+    return model, config

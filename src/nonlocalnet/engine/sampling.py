@@ -1,0 +1,180 @@
+"""Step-indexed sampling: the data order is a pure function of (seed, step), so runs resume exactly.
+
+The global sample stream is the concatenation of per-epoch permutations, epoch ``e`` being
+``torch.randperm(N)`` drawn from a generator seeded with ``seed + e``. Step ``s`` of a run whose
+global batch is ``B x world_size`` takes stream positions ``[s*B*W, (s+1)*B*W)``; process ``r`` takes
+the ``r``-th contiguous slice of ``B`` of them. So a 1-process run with batch ``2B`` sees, at each
+step, exactly the samples of a 2-process run with batch ``B`` (a DistributedSampler-equivalent
+sharding), and restarting at step ``s`` needs no iterator state.
+
+Random augmentation is made a function of the stream position too: the sampler yields
+``(index, sample_seed)`` pairs and :class:`SeededDataset` seeds Python's, NumPy's and torch's
+generators with ``sample_seed`` around each ``__getitem__`` (restoring them afterwards), whatever
+worker process loads the sample.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+__all__ = ["EvalBatchSampler", "SeededDataset", "StepBatchSampler", "sample_seed"]
+
+_MASK = (1 << 63) - 1
+
+
+def sample_seed(seed: int, position: int) -> int:
+    """A 63-bit seed for the sample at ``position`` of the stream (splitmix64 of the pair)."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & _MASK
+
+
+class StepBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Yields, for steps ``start_step .. total_steps - 1``, this process's batch of
+    ``(index, sample_seed)`` pairs.
+
+    Args:
+        num_samples: dataset length N.
+        batch_size: per-process batch B.
+        seed: run seed; epoch ``e`` uses the permutation seeded with ``seed + e``.
+        total_steps: the run's length.
+        start_step: first step to yield (the resumed step).
+        rank: this process's rank.
+        world_size: number of processes.
+        shuffle: False keeps the dataset order in every epoch.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        seed: int,
+        total_steps: int,
+        start_step: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ) -> None:
+        if num_samples <= 0:
+            raise ValueError(f"sampler: expected a non-empty dataset, got {num_samples} samples")
+        if batch_size <= 0:
+            raise ValueError(f"sampler: expected a positive batch size, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"sampler: expected 0 <= rank < world_size, got {rank}, {world_size}")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The order of epoch ``epoch``."""
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed + epoch)
+                self._perms[epoch] = torch.randperm(self.num_samples, generator=g)
+            else:
+                self._perms[epoch] = torch.arange(self.num_samples)
+        return self._perms[epoch]
+
+    def batch(self, step: int) -> list[tuple[int, int]]:
+        """This process's ``(index, sample_seed)`` pairs of step ``step``."""
+        start = (step * self.world_size + self.rank) * self.batch_size
+        out = []
+        for position in range(start, start + self.batch_size):
+            epoch, offset = divmod(position, self.num_samples)
+            index = int(self.permutation(epoch)[offset])
+            out.append((index, sample_seed(self.seed, position)))
+        return out
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        """Where the stream stands before ``step`` (stored in checkpoints, for inspection)."""
+        position = step * self.world_size * self.batch_size
+        epoch, offset = divmod(position, self.num_samples)
+        return {
+            "seed": self.seed,
+            "step": step,
+            "epoch": epoch,
+            "offset": offset,
+            "num_samples": self.num_samples,
+            "global_batch": self.batch_size * self.world_size,
+        }
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start_step, self.total_steps):
+            yield self.batch(step)
+
+    def __len__(self) -> int:
+        return max(self.total_steps - self.start_step, 0)
+
+
+class SeededDataset(Dataset):
+    """Wraps a map-style dataset so that ``ds[(index, seed)]`` loads ``index`` under ``seed``.
+
+    Python's ``random``, NumPy's global generator and torch's CPU generator are seeded with
+    ``seed`` for the call and restored afterwards, so augmentation is reproducible per sample and
+    the caller's random streams are untouched.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        index, seed = item
+        py_state = random.getstate()
+        try:
+            import numpy as np
+
+            np_state = np.random.get_state()
+        except ImportError:  # pragma: no cover
+            np = None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            if np is not None:
+                np.random.seed(seed % (1 << 32))
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                if np is not None:
+                    np.random.set_state(np_state)
+
+
+class EvalBatchSampler(Sampler[list[int]]):
+    """Shards ``range(N)`` over processes for evaluation, in order.
+
+    The index list is padded (repeating its start) to a multiple of ``world_size`` as
+    DistributedSampler does; process ``r`` takes every ``world_size``-th index from ``r``. Results
+    are gathered by sample index and the padded duplicates dropped.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, *, rank: int = 0, world_size: int = 1):
+        indices = list(range(num_samples))
+        padded = -len(indices) % world_size
+        indices += indices[:padded] if indices else []
+        self.indices = indices[rank::world_size]
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for i in range(0, len(self.indices), self.batch_size):
+            yield self.indices[i : i + self.batch_size]
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
