@@ -58,6 +58,8 @@ PANEL_INCHES = 3.2
 DPI = 100
 MAX_COLS = 4
 _TITLE_INCHES = 0.8
+#: Wide enough for a two-line title at the default font size.
+MIN_WIDTH_INCHES = 7.5
 _COLORBAR_INCHES = 1.2
 
 _BLOCK_KINDS = ("NonLocal", "SimplifiedNonLocal", "GlobalContext", "APNB", "AFNB")
@@ -222,17 +224,23 @@ def _nonlocal_rows(
     return torch.stack(rows), cells
 
 
-def _pyramid_bins(block: nn.Module) -> tuple[int, ...]:
-    for m in block.modules():
-        for attr in ("bins", "pool_sizes", "sizes", "output_sizes"):
-            v = getattr(m, attr, None)
-            if isinstance(v, (tuple, list)) and v and all(isinstance(b, int) for b in v):
-                return tuple(v)
-    raise ValueError(f"{type(block).__name__}: cannot find the pyramid bins (attribute 'bins')")
+def _pyramid_bins(block: nn.Module, size: Sequence[int]) -> list[tuple[int, ...]]:
+    """Output size of each adaptive pooling of the block's pyramid, per axis, in order."""
+    pyramid = getattr(block, "pyramid", None)
+    bins = getattr(pyramid, "bins", None)
+    if not bins:
+        raise ValueError(
+            f"{type(block).__name__}: expected a 'pyramid' submodule with 'bins' "
+            "(nonlocalnet.asymmetric.PyramidPooling)"
+        )
+    if len(size) == 3:  # bins in space; time kept (T cells of one frame) or pooled to 1
+        t = 1 if getattr(pyramid, "pool_time", False) else size[0]
+        return [(t, b, b) for b in bins]
+    return [(b,) * len(size) for b in bins]
 
 
-def _pyramid_cells(geo: FeatureGeometry, bins: Sequence[int]) -> KeyCells:
-    """Cells of adaptive average pooling at each bin count, concatenated in bin order.
+def _pyramid_cells(geo: FeatureGeometry, bins: Sequence[Sequence[int]]) -> KeyCells:
+    """Cells of adaptive average pooling to each output size, concatenated in order.
 
     Cell i of b along an axis of n positions covers [⌊i·n/b⌋, ⌈(i+1)·n/b⌉), as
     ``adaptive_avg_pool`` does; cells of the same bin may overlap when n is not a multiple of b.
@@ -240,11 +248,12 @@ def _pyramid_cells(geo: FeatureGeometry, bins: Sequence[int]) -> KeyCells:
     size = geo.size
     keys, feats, shares = [], [], []
     offset = 0
-    for b in bins:
+    for out_size in bins:
         ranges = [
-            [(math.floor(i * n / b), math.ceil((i + 1) * n / b)) for i in range(b)] for n in size
+            [(math.floor(i * n / b), math.ceil((i + 1) * n / b)) for i in range(b)]
+            for n, b in zip(size, out_size, strict=True)
         ]
-        for cell_id, cell in enumerate(_grid_coords([b] * len(size)).tolist()):
+        for cell_id, cell in enumerate(_grid_coords(out_size).tolist()):
             spans = [ranges[d][c] for d, c in enumerate(cell)]
             members = _grid_coords([hi - lo for lo, hi in spans]) + torch.tensor(
                 [lo for lo, _ in spans]
@@ -253,7 +262,7 @@ def _pyramid_cells(geo: FeatureGeometry, bins: Sequence[int]) -> KeyCells:
             keys.append(torch.full_like(flat, offset + cell_id))
             feats.append(flat)
             shares.append(torch.full((flat.numel(),), 1.0 / flat.numel(), dtype=torch.float64))
-        offset += b ** len(size)
+        offset += math.prod(out_size)
     return KeyCells(geo, torch.cat(keys), torch.cat(feats), torch.cat(shares), offset)
 
 
@@ -311,22 +320,19 @@ def query_attention(
     if hasattr(block, "extent") and hasattr(block, "sub_sample"):
         rows, cells = _nonlocal_rows(block, xs[0], qgeo, positions)
         kind = "nonlocal"
-    elif len(xs) == 2:  # AFNB: queries from high, pyramid cells over low
-        amap = block.attention_map(xs[0], xs[1])[0]  # (N_high, S)
-        rows = amap[flat]
-        cells = [_pyramid_cells(geometries[0], _pyramid_bins(block))] * len(positions)
+    elif len(xs) == 2:  # AFNB: queries on high, pyramid cells over low
+        rows = block.attention_map(xs[0], xs[1], queries=flat)[0]  # (Nq, S)
+        lgeo = geometries[0]
+        cells = [_pyramid_cells(lgeo, _pyramid_bins(block, lgeo.size))] * len(positions)
         kind = "pyramid"
     else:
-        amap = block.attention_map(xs[0])  # (B, 1, N) or (B, N, S)
-        n = math.prod(qgeo.size)
-        if amap.shape[1] == 1 and amap.shape[2] == n:
-            rows = amap[0, [0] * len(positions)]
+        rows = block.attention_map(xs[0], queries=flat)[0]  # (Nq, M)
+        if hasattr(block, "pyramid"):  # APNB
+            cells = [_pyramid_cells(qgeo, _pyramid_bins(block, qgeo.size))] * len(positions)
+            kind = "pyramid"
+        else:  # SNL, GC: one row over all N positions
             cells = [_identity_cells(qgeo)] * len(positions)
             kind = "query-independent"
-        else:
-            rows = amap[0][flat]  # (Nq, S)
-            cells = [_pyramid_cells(qgeo, _pyramid_bins(block))] * len(positions)
-            kind = "pyramid"
     pixels = [qgeo.to_pixel(p) for p in positions]
     return QueryAttention(kind, positions, pixels, rows.detach().float(), cells, qgeo)
 
@@ -359,7 +365,8 @@ def grid_figsize(num_panels: int) -> tuple[float, float]:
     """Figure size (inches) of a grid of ``num_panels`` frames with a title and a colour bar."""
     cols = min(num_panels, MAX_COLS)
     rows = math.ceil(num_panels / MAX_COLS)
-    return (cols * PANEL_INCHES + _COLORBAR_INCHES, rows * PANEL_INCHES + _TITLE_INCHES)
+    width = max(cols * PANEL_INCHES + _COLORBAR_INCHES, MIN_WIDTH_INCHES)
+    return (width, rows * PANEL_INCHES + _TITLE_INCHES)
 
 
 def _as_frames(frames: np.ndarray | Tensor) -> np.ndarray:
@@ -386,7 +393,9 @@ def _frame_of(t: float, num_frames: int) -> int:
     return int(min(max(math.floor(t + 0.5), 0), num_frames - 1))
 
 
-def _choose_frames(query_t: int, mass: dict[int, float], num_frames: int, max_frames: int):
+def _choose_frames(
+    query_t: int, mass: dict[int, float], num_frames: int, max_frames: int
+) -> list[int]:
     ranked = sorted((f for f in mass if f != query_t), key=lambda f: -mass[f])
     chosen = [query_t, *ranked[: max_frames - 1]]
     if len(chosen) < min(max_frames, num_frames):  # fill with evenly spaced frames
@@ -396,9 +405,11 @@ def _choose_frames(query_t: int, mass: dict[int, float], num_frames: int, max_fr
     return sorted(chosen)
 
 
-def _setup_grid(n: int, title: str):
+def _setup_grid(n: int, title: str) -> tuple[plt.Figure, list[plt.Axes], plt.Axes]:
+    """A figure of n frame panels (rows of MAX_COLS), a title band and a colour bar axis."""
     fig = plt.figure(figsize=grid_figsize(n), dpi=DPI)
     w, h = grid_figsize(n)
+    cols = min(n, MAX_COLS)
     axes = []
     for i in range(n):
         r, c = divmod(i, MAX_COLS)
@@ -409,12 +420,12 @@ def _setup_grid(n: int, title: str):
         )
     fig.suptitle(title, fontsize=10, y=1 - 0.12 / h, va="top")
     cax = fig.add_axes(
-        ((w - _COLORBAR_INCHES + 0.25) / w, 0.5 / h, 0.15 / w, (h - _TITLE_INCHES - 0.8) / h)
+        ((cols * PANEL_INCHES + 0.25) / w, 0.5 / h, 0.15 / w, (h - _TITLE_INCHES - 0.8) / h)
     )
     return fig, axes, cax
 
 
-def _label_frame(ax, frame: int, is_query: bool) -> None:
+def _label_frame(ax: plt.Axes, frame: int, is_query: bool) -> None:
     ax.set_title(f"frame {frame}" + (" (query)" if is_query else ""), fontsize=9)
     ax.set_xlabel("x (pixels)", fontsize=8)
     ax.set_ylabel("y (pixels)", fontsize=8)
