@@ -432,18 +432,20 @@ class VideoReader:
             target = start_pts + int(Fraction(lo) / self._rate / s.time_base)
             self.container.seek(target, stream=s, backward=True, any_frame=False)
         got: dict[int, Any] = {}
-        first = True
+        last: tuple[int, Any] | None = None
         for frame in self.container.decode(s):
             if frame.pts is None:
                 return None
             idx = self._index(frame.pts, start_pts)
-            if first and idx > lo:
+            if last is None and idx > lo:
                 return None  # the seek overshot the clip start
-            first = False
+            last = (idx, frame)
             if idx in needed:
                 got[idx] = frame.to_ndarray(format="rgb24")
             if idx >= hi:
                 break
+        if last is not None and last[0] < hi and last[0] not in got:
+            got[last[0]] = last[1].to_ndarray(format="rgb24")  # the last frame, for indices past it
         return got
 
     def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
@@ -659,7 +661,8 @@ class VideoDataset(Dataset):
             return torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, index))
         key = (os.getpid(), torch.initial_seed())
         if self._rng is None or self._rng_key != key:
-            self._rng = torch.Generator().manual_seed(_mix_seed(*key))
+            # the pid only detects a new worker process; the seed depends on torch's seed alone
+            self._rng = torch.Generator().manual_seed(_mix_seed(key[1]))
             self._rng_key = key
         return self._rng
 
