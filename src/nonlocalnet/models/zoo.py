@@ -230,6 +230,11 @@ for _name, _d, _r, _pub in (
 
 # -- video networks ------------------------------------------------------------------------------
 
+#: NL options of the video models: sub-sampled (1x2x2 max pooling of the key/value side),
+#: pooling x before the φ/g convolutions as the official code does. This is what the paper's
+#: cost figures (Table 2e: NL C2D 5-block 1.2x FLOPs of C2D R101) correspond to; pooling after
+#: φ/g (the paper's text, ``sub_sample_position="after"``) costs 1.32x at 32x224x224.
+_OFFICIAL_NL = {"sub_sample": True, "sub_sample_position": "before"}
 _KINETICS = "Kinetics-400 val top-1/top-5 (R50, 32x2, paper Table 2)"
 for _d in (50, 101):
     _pub = (lambda s: f"{_KINETICS}: {s}.") if _d == 50 else (lambda s: "")
@@ -276,11 +281,12 @@ for _d in (50, 101):
             f"nl_c2d_r{_d}{_suffix}",
             "video",
             create_video_resnet,
-            f"""NL C2D ResNet-{_d}, {_preset[:-5]} embedded-Gaussian NonLocal3d blocks (spacetime,
-            key/value sub-sampled 1x2x2) after {_where} ({NL_PAPER}). {_pub(_res)}""",
+            f"""NL C2D ResNet-{_d}, {_preset[:-5]} embedded-Gaussian NonLocal3d block{"" if _preset == "1block" else "s"} (spacetime,
+            key/value sub-sampled 1x2x2 before φ/g as the official code) after {_where} ({NL_PAPER}). {_pub(_res)}""",
             block_key="nonlocal_kwargs",
             depth=_d,
             nonlocal_placement=nl_preset(_preset, _d),
+            nonlocal_kwargs=_OFFICIAL_NL,
         )
     _register(
         f"nl_i3d_r{_d}",
@@ -293,6 +299,7 @@ for _d in (50, 101):
         depth=_d,
         inflation="3x1x1",
         nonlocal_placement=nl_preset("5block", _d),
+        nonlocal_kwargs=_OFFICIAL_NL,
     )
 
 _TINY_VIDEO = {
@@ -325,6 +332,7 @@ _register(
     (spacetime, sub-sampled) after res3 and res4 (layer2.0, layer3.0).""",
     block_key="nonlocal_kwargs",
     nonlocal_placement=[[], [0], [0], []],
+    nonlocal_kwargs=_OFFICIAL_NL,
     **_TINY_VIDEO,
 )
 
