@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
 from torch.utils.data import Dataset
 
-from nonlocalnet.engine.config import Config, DataConfig
+from nonlocalnet.engine.config import Config
 
-__all__ = ["build_datasets", "build_model", "build_model_from_dict"]
+__all__ = ["build_datasets", "build_model", "build_model_from_dict", "collate_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +52,6 @@ def build_model(config: Config) -> nn.Module:
     )
 
 
-def _split_path(data: DataConfig, split: str) -> Path:
-    path = Path(split)
-    if not path.is_absolute() and data.root:
-        path = Path(data.root) / path
-    return path
-
-
 def build_datasets(
     config: Config, *, train: bool = True, val: bool = True
 ) -> tuple[Dataset | None, Dataset | None]:
@@ -95,3 +87,10 @@ def build_datasets(
         _datasets.make_dataset(config, "train") if train else None,
         _datasets.make_dataset(config, "val") if val else None,
     )
+
+
+def collate_for(config: Config) -> Callable[[list[dict[str, Any]]], Any]:
+    """The batch collation of ``config``'s task (videos: unreadable test samples dropped)."""
+    from nonlocalnet.engine._datasets import collate_fn
+
+    return collate_fn(config)

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from nonlocalnet.engine import checkpoint as ckpt
-from nonlocalnet.engine.build import build_datasets, build_model
+from nonlocalnet.engine.build import build_datasets, build_model, collate_for
 from nonlocalnet.engine.config import Config, load_config
 from nonlocalnet.engine.distributed import DistInfo, init_distributed
 from nonlocalnet.engine.metrics import ConfusionMatrix, ScoreAccumulator, multiview_scores
@@ -60,7 +60,7 @@ def run_evaluation(
         ``num_samples``; segmentation: ``mean_iou``, ``per_class_iou``, ``pixel_accuracy``
         (percent), ``num_pixels``. Skipped (unreadable) samples are counted in ``skipped``.
     """
-    from nonlocalnet.engine.train import autocast_context, split_batch
+    from nonlocalnet.engine.train import autocast_context, count_skipped, split_batch
 
     dist_info = dist_info or DistInfo()
     device = torch.device(device)
@@ -77,17 +77,22 @@ def run_evaluation(
         batch_sampler=sampler,
         num_workers=config.data.num_workers,
         generator=torch.Generator().manual_seed(0),
+        collate_fn=collate_for(config),
     )
     autocast = autocast_context(config.train.amp, device)
     scores = ScoreAccumulator()
     confusion = ConfusionMatrix(config.data.num_classes, config.data.ignore_index)
     skipped = 0
     for batch_indices, batch in zip(sampler, loader, strict=True):
+        skipped += count_skipped(batch)
         inputs, target = split_batch(batch, task)
+        if len(target) == 0:  # every video of the batch was unreadable
+            continue
         inputs, target = inputs.to(device), target.to(device)
-        skipped += int(torch.as_tensor(batch.get("skipped", 0)).sum())
-        # The sampler's indices identify samples (batch["index"] may be a dataset-internal id).
-        indices = torch.as_tensor(batch_indices)
+        # Samples are identified by their dataset index (unreadable ones are dropped from a batch).
+        indices = batch.get("index")
+        if not isinstance(indices, torch.Tensor) or len(indices) != len(target):
+            indices = torch.as_tensor(batch_indices)
         if task == "segmentation":
             with autocast:
                 logits = _logits(model(inputs))

@@ -8,9 +8,10 @@ step, exactly the samples of a 2-process run with batch ``B`` (a DistributedSamp
 sharding), and restarting at step ``s`` needs no iterator state.
 
 Random augmentation is made a function of the stream position too: the sampler yields
-``(index, sample_seed)`` pairs and :class:`SeededDataset` seeds Python's, NumPy's and torch's
-generators with ``sample_seed`` around each ``__getitem__`` (restoring them afterwards), whatever
-worker process loads the sample.
+``(index, sample_seed, epoch)`` triples and :class:`SeededDataset` seeds Python's, NumPy's and
+torch's generators with ``sample_seed`` around each ``__getitem__`` (restoring them afterwards),
+whatever worker process loads the sample, and calls ``set_epoch(epoch)`` first on datasets that
+have it (``nonlocalnet.data.VideoDataset`` with ``seed`` draws clips from (seed, epoch, index)).
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ def sample_seed(seed: int, position: int) -> int:
     return (z ^ (z >> 31)) & _MASK
 
 
-class StepBatchSampler(Sampler[list[tuple[int, int]]]):
+class StepBatchSampler(Sampler[list[tuple[int, int, int]]]):
     """Yields, for steps ``start_step .. total_steps - 1``, this process's batch of
-    ``(index, sample_seed)`` pairs.
+    ``(index, sample_seed, epoch)`` triples.
 
     Args:
         num_samples: dataset length N.
@@ -90,14 +91,14 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
                 self._perms[epoch] = torch.arange(self.num_samples)
         return self._perms[epoch]
 
-    def batch(self, step: int) -> list[tuple[int, int]]:
-        """This process's ``(index, sample_seed)`` pairs of step ``step``."""
+    def batch(self, step: int) -> list[tuple[int, int, int]]:
+        """This process's ``(index, sample_seed, epoch)`` triples of step ``step``."""
         start = (step * self.world_size + self.rank) * self.batch_size
         out = []
         for position in range(start, start + self.batch_size):
             epoch, offset = divmod(position, self.num_samples)
             index = int(self.permutation(epoch)[offset])
-            out.append((index, sample_seed(self.seed, position)))
+            out.append((index, sample_seed(self.seed, position), epoch))
         return out
 
     def state_dict(self, step: int) -> dict[str, Any]:
@@ -113,7 +114,7 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
             "global_batch": self.batch_size * self.world_size,
         }
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         for step in range(self.start_step, self.total_steps):
             yield self.batch(step)
 
@@ -122,7 +123,8 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 class SeededDataset(Dataset):
-    """Wraps a map-style dataset so that ``ds[(index, seed)]`` loads ``index`` under ``seed``.
+    """Wraps a map-style dataset so that ``ds[(index, seed, epoch)]`` loads ``index`` under
+    ``seed`` (after ``set_epoch(epoch)`` when the dataset has that method).
 
     Python's ``random``, NumPy's global generator and torch's CPU generator are seeded with
     ``seed`` for the call and restored afterwards, so augmentation is reproducible per sample and
@@ -135,8 +137,11 @@ class SeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, item: tuple[int, int]) -> Any:
-        index, seed = item
+    def __getitem__(self, item: tuple[int, int, int]) -> Any:
+        index, seed, epoch = item
+        set_epoch = getattr(self.dataset, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
         py_state = random.getstate()
         try:
             import numpy as np

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from nonlocalnet.engine import checkpoint as ckpt
-from nonlocalnet.engine.build import build_datasets, build_model
+from nonlocalnet.engine.build import build_datasets, build_model, collate_for
 from nonlocalnet.engine.config import Config, config_to_dict, load_config, save_config
 from nonlocalnet.engine.distributed import (
     DistInfo,
@@ -144,6 +144,15 @@ def compute_loss(
     return loss
 
 
+def count_skipped(batch: dict[str, Any]) -> int:
+    """Unreadable videos behind a batch: ``len(batch["unreadable"])``, else ``sum(skipped)``."""
+    if "unreadable" in batch:
+        return len(batch["unreadable"])
+    if "skipped" in batch:
+        return int(torch.as_tensor(batch["skipped"]).sum())
+    return 0
+
+
 def make_loader(
     dataset: Dataset,
     batch_sampler: Any,
@@ -151,6 +160,7 @@ def make_loader(
     num_workers: int,
     seed: int,
     pin_memory: bool = False,
+    collate_fn: Any = None,
 ) -> DataLoader:
     """A DataLoader over a batch sampler with its own seeded generator (so that creating its
     iterator does not draw from the global torch generator)."""
@@ -161,6 +171,7 @@ def make_loader(
         generator=torch.Generator().manual_seed(seed),
         pin_memory=pin_memory,
         persistent_workers=False,
+        collate_fn=collate_fn,
     )
 
 
@@ -385,6 +396,7 @@ def train(
         num_workers=config.data.num_workers,
         seed=tc.seed,
         pin_memory=device.type == "cuda",
+        collate_fn=collate_for(config),
     )
     if rng_state is not None:
         ckpt.restore_rng_state(rng_state)  # last: building the model drew from the generators
@@ -419,7 +431,11 @@ def train(
                 world_size=dist_info.world_size,
             )
             bn_loader = make_loader(
-                SeededDataset(train_set), bn_sampler, num_workers=0, seed=tc.seed
+                SeededDataset(train_set),
+                bn_sampler,
+                num_workers=0,
+                seed=tc.seed,
+                collate_fn=collate_for(config),
             )
             inputs = (split_batch(b, config.data.task)[0].to(device) for b in bn_loader)
             precise_bn(model, inputs, tc.precise_bn_batches, autocast=autocast)
@@ -446,8 +462,7 @@ def train(
             inputs, target = split_batch(batch, config.data.task)
             inputs = inputs.to(device, non_blocking=True)
             target = target.to(device, non_blocking=True)
-            if "skipped" in batch:
-                skipped[0] += torch.as_tensor(batch["skipped"]).sum().double().item()
+            skipped[0] += count_skipped(batch)
             skipped[1] += len(target)
             with autocast:
                 output = ddp_model(inputs)

@@ -1,0 +1,91 @@
+"""Datasets of the ``data`` section from the readers in :mod:`nonlocalnet.data`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset, default_collate
+
+from nonlocalnet.engine.config import Config
+
+__all__ = ["collate_fn", "make_dataset"]
+
+
+def _path(config: Config, name: str) -> Path:
+    path = Path(name)
+    if not path.is_absolute() and config.data.root:
+        path = Path(config.data.root) / path
+    return path
+
+
+def _video(config: Config, split: str) -> Dataset:
+    from nonlocalnet.data import VideoDataset
+
+    data = config.data
+    mode = "train" if split == "train" else "test"
+    kwargs: dict[str, Any] = dict(
+        mode=mode,
+        num_frames=data.num_frames,
+        stride=data.sampling_rate,
+        num_clips=config.eval.num_clips,
+        num_crops=config.eval.num_crops,
+        short_side_range=tuple(data.train_jitter),
+        crop_size=data.train_crop,
+        test_short_side=data.test_short_side,
+        test_crop_size=data.test_crop,
+        mean=tuple(data.mean),
+        std=tuple(data.std),
+        # Clips and crops from (seed, epoch, index): the engine sets the epoch of each sample.
+        seed=config.train.seed,
+        **data.kwargs,
+    )
+    name = data.train_split if split == "train" else data.val_split
+    if data.format == "list":
+        return VideoDataset.from_list_file(
+            _path(config, name), root=data.root or None, num_classes=data.num_classes, **kwargs
+        )
+    if data.format == "csv":
+        if not data.root:
+            raise ValueError("data.root: the Kinetics CSV format needs the video root")
+        return VideoDataset.from_kinetics_csv(_path(config, name), data.root, **kwargs)
+    if data.format == "folder":
+        return VideoDataset.from_folder(_path(config, name), **kwargs)
+    raise ValueError(
+        f"data.format: {data.format!r} is not a video format; expected one of list, csv, folder, "
+        "random"
+    )
+
+
+def _image(config: Config, split: str) -> Dataset:
+    from nonlocalnet.data import image  # type: ignore[attr-defined]
+
+    return image.make_image_dataset(config, split)  # pragma: no cover - adapted when it lands
+
+
+def _segmentation(config: Config, split: str) -> Dataset:
+    from nonlocalnet.data import segmentation  # type: ignore[attr-defined]
+
+    return segmentation.make_segmentation_dataset(config, split)  # pragma: no cover
+
+
+_BUILDERS: dict[str, Callable[[Config, str], Dataset]] = {
+    "video": _video,
+    "image": _image,
+    "segmentation": _segmentation,
+}
+
+
+def make_dataset(config: Config, split: str) -> Dataset:
+    """The ``train`` or ``val`` dataset of ``config`` (validated when built: bad files stop here)."""
+    return _BUILDERS[config.data.task](config, split)
+
+
+def collate_fn(config: Config) -> Callable[[list[dict[str, Any]]], Any]:
+    """Video batches drop unreadable test samples and list their paths; others default."""
+    if config.data.task == "video":
+        from nonlocalnet.data import collate_videos
+
+        return collate_videos
+    return default_collate
