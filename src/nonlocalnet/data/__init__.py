@@ -5,7 +5,14 @@ Datasets yield dicts (``{"video" | "image", "label" | "mask", "index", "path", .
 handling of unreadable videos. PyAV and Pillow are imported only when a file is decoded.
 """
 
+from .image import IMAGE_EXTENSIONS, ImageFolderDataset, load_image, load_mask
 from .samplers import RandomClipSampler, UniformClipSampler, clip_indices, clip_span
+from .segmentation import (
+    CITYSCAPES_CLASSES,
+    SegmentationDataset,
+    cityscapes_pairs,
+    folder_pairs,
+)
 from .video import (
     SkipTracker,
     VideoDataset,
@@ -13,6 +20,7 @@ from .video import (
     VideoReader,
     VideoRecord,
     check_skip_fraction,
+    collate_samples,
     collate_videos,
     parse_kinetics_csv,
     parse_list_file,
@@ -22,7 +30,11 @@ from .video import (
 )
 
 __all__ = [
+    "CITYSCAPES_CLASSES",
+    "IMAGE_EXTENSIONS",
+    "ImageFolderDataset",
     "RandomClipSampler",
+    "SegmentationDataset",
     "SkipTracker",
     "UniformClipSampler",
     "VideoDataset",
@@ -30,9 +42,14 @@ __all__ = [
     "VideoReader",
     "VideoRecord",
     "check_skip_fraction",
+    "cityscapes_pairs",
     "clip_indices",
     "clip_span",
+    "collate_samples",
     "collate_videos",
+    "folder_pairs",
+    "load_image",
+    "load_mask",
     "parse_kinetics_csv",
     "parse_list_file",
     "read_clips",

@@ -28,8 +28,8 @@ returned as ``uint8`` ``(T, H, W, 3)`` RGB.
 
 A video that cannot be opened or decoded is logged (warning, with its path). In train mode it is
 replaced by the next index (``(index + 1) % len``, then the next...), so the batch stays full; in
-test mode it is *not* replaced (that would change the metric): the sample comes back without a
-``"video"`` key and :func:`collate_videos` drops it from the batch and lists its path in
+test mode it is *not* replaced (that would change the metric): the sample comes back with
+``"video": None`` and :func:`collate_samples` drops it from the batch and lists its path in
 ``batch["unreadable"]``. :class:`SkipTracker` accumulates those counts over batches and raises when
 more than ``max_skip_fraction`` of the reads failed.
 
@@ -43,7 +43,6 @@ the clips are reproducible given ``torch.manual_seed`` and differ across workers
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -56,6 +55,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from .._checks import check_choice
+from ._seeding import SampleSeeder
 from .samplers import RandomClipSampler, UniformClipSampler
 from .transforms import KINETICS_MEAN, KINETICS_STD, video_test_transform, video_train_transform
 
@@ -508,11 +508,6 @@ def read_clips(
 # --- dataset --------------------------------------------------------------------------------------
 
 
-def _mix_seed(*parts: int) -> int:
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
 class VideoDataset(Dataset):
     """Video classification dataset over :class:`VideoRecord` s (see the module docstring).
 
@@ -591,14 +586,11 @@ class VideoDataset(Dataset):
             )  # fmt: skip
             self.num_views = num_clips * num_crops
         self.transform = transform if transform is not None else default
-        self.seed = seed
-        self.epoch = 0
+        self.seeder = SampleSeeder(seed)
         self.max_attempts = max_attempts or min(len(self.records), 100)
         self.num_loaded = 0
         self.num_skipped = 0
         self.unreadable_paths: list[str] = []
-        self._rng: torch.Generator | None = None
-        self._rng_key: tuple[int, int] | None = None
 
     # constructors ------------------------------------------------------------------------------
 
@@ -652,19 +644,17 @@ class VideoDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    @property
+    def seed(self) -> int | None:
+        return self.seeder.seed
+
+    @property
+    def epoch(self) -> int:
+        return self.seeder.epoch
+
     def set_epoch(self, epoch: int) -> None:
         """Change the random clips and crops of the next epoch (with ``seed`` set)."""
-        self.epoch = int(epoch)
-
-    def _generator(self, index: int) -> torch.Generator:
-        if self.seed is not None:
-            return torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, index))
-        key = (os.getpid(), torch.initial_seed())
-        if self._rng is None or self._rng_key != key:
-            # the pid only detects a new worker process; the seed depends on torch's seed alone
-            self._rng = torch.Generator().manual_seed(_mix_seed(key[1]))
-            self._rng_key = key
-        return self._rng
+        self.seeder.set_epoch(epoch)
 
     def load(self, index: int) -> torch.Tensor:
         """Decode and transform video ``index`` (no skipping): ``(C, T, H, W)`` or ``(V, C, T, H, W)``.
@@ -672,7 +662,7 @@ class VideoDataset(Dataset):
         Raises:
             VideoDecodeError: the video cannot be read.
         """
-        g = self._generator(index) if self.mode == "train" else None
+        g = self.seeder.generator(index) if self.mode == "train" else None
         clips = read_clips(self.records[index].path, self.sampler, g)
         views = []
         for clip in clips:
@@ -702,8 +692,8 @@ class VideoDataset(Dataset):
                 self.num_skipped += 1
                 self.unreadable_paths.append(record.path)
                 if self.mode == "test":
-                    return {"index": index, "label": record.label, "path": record.path,
-                            "skipped": 1, "unreadable": unreadable}  # fmt: skip
+                    return {"video": None, "index": index, "label": record.label,
+                            "path": record.path, "skipped": 1, "unreadable": unreadable}  # fmt: skip
                 continue
             self.num_loaded += 1
             return {"video": video, "label": record.label, "index": j, "path": record.path,
@@ -717,18 +707,23 @@ class VideoDataset(Dataset):
 # --- batching and skip accounting -----------------------------------------------------------------
 
 
-def collate_videos(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Collate dataset dicts: tensors and ints stacked, strings kept as lists.
+def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Collate dataset dicts (video, image or segmentation): tensors and ints stacked, strings
+    kept as lists.
 
-    Samples without ``"video"`` (unreadable videos in test mode) are dropped; every sample's
-    ``"unreadable"`` paths are concatenated into ``batch["unreadable"]``. When no sample is readable
-    the batch has ``"video"`` of batch size 0 (shape of the other dims unknown: ``(0,)``) and empty
-    ``label``/``index``; callers skip such batches.
+    Samples whose ``"video"`` is None (unreadable videos in test mode) are dropped; every sample's
+    ``"unreadable"`` paths are concatenated into ``batch["unreadable"]`` (always present). When no
+    sample is readable the batch has ``"video"`` of batch size 0 (``shape (0,)``) and empty
+    ``label``/``index``/``path``; callers skip such batches.
     """
     unreadable = [p for s in samples for p in s.get("unreadable", [])]
-    readable = [{k: v for k, v in s.items() if k != "unreadable"} for s in samples if "video" in s]
-    if readable:
-        batch = default_collate(readable)
+    kept = [
+        {k: v for k, v in s.items() if k != "unreadable"}
+        for s in samples
+        if not ("video" in s and s["video"] is None)
+    ]
+    if kept:
+        batch = default_collate(kept)
     else:
         empty = torch.zeros(0, dtype=torch.long)
         batch = {
@@ -740,6 +735,9 @@ def collate_videos(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         }
     batch["unreadable"] = unreadable
     return batch
+
+
+collate_videos = collate_samples
 
 
 def check_skip_fraction(num_skipped: int, num_total: int, max_skip_fraction: float) -> None:
@@ -832,6 +830,7 @@ __all__ = [
     "VideoReader",
     "VideoRecord",
     "check_skip_fraction",
+    "collate_samples",
     "collate_videos",
     "parse_kinetics_csv",
     "parse_list_file",
