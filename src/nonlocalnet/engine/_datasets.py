@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,35 @@ def _path(config: Config, name: str) -> Path:
     return path
 
 
+def _synthetic_folder(config: Config) -> Path:
+    """Generate the built-in benchmark once (main process first), return its folder.
+
+    ``data.kwargs`` are the fields of :class:`nonlocalnet.data.synthetic.SyntheticVideoSpec`.
+    """
+    from nonlocalnet.data.synthetic import SyntheticVideoSpec, generate_video_dataset
+    from nonlocalnet.engine.distributed import barrier
+
+    if not config.data.root:
+        raise ValueError("data.root: the synthetic format needs a cache folder, got ''")
+    try:
+        spec = SyntheticVideoSpec(**config.data.kwargs)
+    except TypeError as err:
+        raise TypeError(f"data.kwargs: expected fields of SyntheticVideoSpec: {err}") from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        generate_video_dataset(config.data.root, spec)
+    barrier()
+    return generate_video_dataset(config.data.root, spec)
+
+
 def _video(config: Config, split: str) -> Dataset:
     from nonlocalnet.data import VideoDataset
 
     data = config.data
-    mode = "train" if split == "train" else "test"
+    extra = dict(data.kwargs)
+    if data.format == "synthetic":
+        extra = {}
     kwargs: dict[str, Any] = dict(
-        mode=mode,
+        mode="train" if split == "train" else "test",
         num_frames=data.num_frames,
         stride=data.sampling_rate,
         num_clips=config.eval.num_clips,
@@ -39,35 +62,34 @@ def _video(config: Config, split: str) -> Dataset:
         std=tuple(data.std),
         # Clips and crops from (seed, epoch, index): the engine sets the epoch of each sample.
         seed=config.train.seed,
-        **data.kwargs,
+        **extra,
     )
     name = data.train_split if split == "train" else data.val_split
+    if data.format == "synthetic":
+        list_file = _synthetic_folder(config) / f"{'train' if split == 'train' else 'val'}.txt"
+        return VideoDataset.from_list_file(list_file, num_classes=data.num_classes, **kwargs)
     if data.format == "list":
         return VideoDataset.from_list_file(
             _path(config, name), root=data.root or None, num_classes=data.num_classes, **kwargs
         )
     if data.format == "csv":
         if not data.root:
-            raise ValueError("data.root: the Kinetics CSV format needs the video root")
+            raise ValueError("data.root: the Kinetics CSV format needs the video root, got ''")
         return VideoDataset.from_kinetics_csv(_path(config, name), data.root, **kwargs)
     if data.format == "folder":
         return VideoDataset.from_folder(_path(config, name), **kwargs)
     raise ValueError(
-        f"data.format: {data.format!r} is not a video format; expected one of list, csv, folder, "
-        "random"
+        f"data.format: {data.format!r} is not a video format; expected one of list, csv, "
+        "folder, synthetic, random"
     )
 
 
 def _image(config: Config, split: str) -> Dataset:
-    from nonlocalnet.data import image  # type: ignore[attr-defined]
-
-    return image.make_image_dataset(config, split)  # pragma: no cover - adapted when it lands
+    raise NotImplementedError("image datasets: waiting for nonlocalnet.data.image")
 
 
 def _segmentation(config: Config, split: str) -> Dataset:
-    from nonlocalnet.data import segmentation  # type: ignore[attr-defined]
-
-    return segmentation.make_segmentation_dataset(config, split)  # pragma: no cover
+    raise NotImplementedError("segmentation datasets: waiting for nonlocalnet.data.segmentation")
 
 
 _BUILDERS: dict[str, Callable[[Config, str], Dataset]] = {
