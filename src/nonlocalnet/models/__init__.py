@@ -14,6 +14,7 @@ from nonlocalnet.models.placement import (
     inserted_blocks,
     nl_preset,
     place_blocks,
+    without_blocks,
 )
 from nonlocalnet.models.resnet import ResNet, create_resnet
 from nonlocalnet.models.segmentation import SegmentationModel, create_segmentation_model
@@ -44,4 +45,5 @@ __all__ = [
     "model_info",
     "nl_preset",
     "place_blocks",
+    "without_blocks",
 ]

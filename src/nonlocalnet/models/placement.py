@@ -35,6 +35,7 @@ __all__ = [
     "inserted_blocks",
     "nl_preset",
     "place_blocks",
+    "without_blocks",
 ]
 
 #: attribute under which :func:`insert_blocks` stores a block on its target.
@@ -275,3 +276,15 @@ def _max_abs_diff(a: object, b: object) -> float:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return max(_max_abs_diff(x, y) for x, y in zip(a, b, strict=True))
     raise TypeError(f"cannot compare outputs of types {type(a).__name__}, {type(b).__name__}")
+
+
+def without_blocks(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose inserted blocks are removed (``after`` → identity, ``gc``
+    → None), sharing no parameters with ``model`` but holding the same backbone weights."""
+    clone = copy.deepcopy(model)
+    for m in clone.modules():
+        if isinstance(getattr(m, AFTER, None), nn.Module) and not isinstance(m.after, nn.Identity):
+            m.after = nn.Identity()
+        if isinstance(getattr(m, "gc", None), nn.Module):
+            m.gc = None
+    return clone

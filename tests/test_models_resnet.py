@@ -1,0 +1,148 @@
+"""2D ResNets: torchvision keys/shapes, parameter counts, dilation, frozen BN, checkpointing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from nonlocalnet.models import create_model, create_resnet
+from nonlocalnet.models.resnet import FrozenBatchNorm
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _fixture(depth: int) -> dict[str, tuple[int, ...]]:
+    """key -> shape from torchvision's own definition (see fixtures/make_torchvision_keys.py)."""
+    out = {}
+    for line in (FIXTURES / f"resnet{depth}_torchvision_keys.txt").read_text().splitlines():
+        key, _, shape = line.partition(" ")
+        out[key] = tuple(int(s) for s in shape.split(",") if s)
+    return out
+
+
+@pytest.mark.parametrize("depth", [18, 50, 101])
+def test_torchvision_keys_and_shapes(depth):
+    expected = _fixture(depth)
+    with torch.device("meta"):
+        model = create_model(f"resnet{depth}")
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert list(got) == list(expected)  # same keys, same order
+    assert got == expected
+
+
+def test_torchvision_checkpoint_loads_strict():
+    # a checkpoint with torchvision's keys and shapes (values random) loads with strict=True
+    # and its values end up in the right places
+    expected = _fixture(18)
+    state = {k: torch.randn(s) if s else torch.tensor(7) for k, s in expected.items()}
+    model = create_model("resnet18")
+    model.load_state_dict(state, strict=True)
+    torch.testing.assert_close(
+        model.layer2[0].downsample[0].weight, state["layer2.0.downsample.0.weight"]
+    )
+    torch.testing.assert_close(model.fc.bias, state["fc.bias"])
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [("resnet50", 25_557_032), ("resnet101", 44_549_160), ("resnet18", 11_689_512)],
+)
+def test_parameter_counts(name, params):
+    with torch.device("meta"):
+        model = create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+def test_gc_r16_adds_2_52m_params():
+    with torch.device("meta"):
+        base = sum(p.numel() for p in create_model("resnet50").parameters())
+        gc = sum(p.numel() for p in create_model("gc_resnet50").parameters())
+        gc4 = sum(p.numel() for p in create_model("gc_resnet50_r4").parameters())
+    assert abs((gc - base) - 2.52e6) <= 0.02e6
+    assert gc - base == 2_521_741  # c3: 4x33,889 + c4: 6x133,313 + c5: 3x528,769
+    assert gc4 > gc
+
+
+@pytest.mark.parametrize(("os", "size"), [(32, 2), (16, 4), (8, 8)])
+def test_output_stride_by_dilation(os, size):
+    model = create_resnet(depth=50, output_stride=os, num_classes=0).eval()
+    with torch.no_grad():
+        feats = model.forward_features(torch.randn(1, 3, 64, 64))
+    assert feats.shape == (1, 2048, size, size)
+    if os == 8:
+        # torchvision's semantics: layer3 block 0 keeps dilation 1, later blocks 2; layer4 2 then 4
+        assert model.layer3[0].conv2.dilation == (1, 1)
+        assert model.layer3[1].conv2.dilation == (2, 2)
+        assert model.layer4[0].conv2.dilation == (2, 2)
+        assert model.layer4[2].conv2.dilation == (4, 4)
+        assert model.layer4[0].conv2.stride == (1, 1)
+
+
+def test_frozen_bn_equals_bn_in_eval_and_has_no_grad():
+    torch.manual_seed(1)
+    bn_model = create_resnet(
+        block="bottleneck", layers=(1, 1, 1, 1), widths=(4, 8, 8, 8), num_classes=3
+    )
+    # give BN non-trivial statistics and affine parameters
+    for m in bn_model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    frozen = create_resnet(
+        block="bottleneck",
+        layers=(1, 1, 1, 1),
+        widths=(4, 8, 8, 8),
+        num_classes=3,
+        norm="frozen_bn",
+    )
+    result = frozen.load_state_dict(bn_model.state_dict(), strict=True)
+    assert not result.missing_keys
+    assert isinstance(frozen.bn1, FrozenBatchNorm)
+    x = torch.randn(2, 3, 32, 32)
+    bn_model.eval()
+    frozen.train()  # frozen statistics even in training mode
+    torch.testing.assert_close(frozen(x), bn_model(x), rtol=1e-5, atol=1e-5)
+    names = {n for n, _ in frozen.named_parameters()}
+    assert not any("bn" in n for n in names)
+
+
+def test_grad_checkpointing_same_values_and_grads():
+    kw = {"block": "basic", "layers": (2, 1, 1, 1), "widths": (4, 8, 8, 8), "num_classes": 3}
+    a = create_resnet(**kw)
+    b = create_resnet(grad_checkpointing=True, **kw)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    a(x).square().sum().backward()
+    b(x).square().sum().backward()
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=n)
+
+
+def test_matches_a_hand_written_forward():
+    # the forward is torchvision's: check one bottleneck against the formula
+    model = create_resnet(
+        block="bottleneck", layers=(1, 1, 1, 1), widths=(4, 8, 8, 8), num_classes=3
+    ).eval()
+    blk = model.layer2[0]
+    x = torch.randn(1, 16, 8, 8)
+    out = torch.relu(blk.bn1(blk.conv1(x)))
+    out = torch.relu(blk.bn2(blk.conv2(out)))
+    out = blk.bn3(blk.conv3(out))
+    torch.testing.assert_close(blk(x), torch.relu(out + blk.downsample(x)))
+    assert blk.conv2.stride == (2, 2) and blk.conv1.stride == (1, 1)  # stride on the 3x3 (v1.5)
+
+
+def test_bad_input():
+    model = create_model("resnet_tiny")
+    with pytest.raises(ValueError, match=r"4-d tensor \(B, C, H, W\), got shape \(3, 64, 64\)"):
+        model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match="depth must be one of"):
+        create_resnet(depth=42)
+    with pytest.raises(ValueError, match="layers must be 4 positive ints"):
+        create_resnet(block="basic", layers=(1, 0, 1, 1))
+    with pytest.raises(ValueError, match="unknown norm"):
+        create_resnet(norm="gn")
