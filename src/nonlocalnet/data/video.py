@@ -344,15 +344,19 @@ class VideoReader:
 
     Args:
         path: the video file.
+        threads: decoder threads (FFmpeg's ``thread_count``; 0 = one per core). The default 1 is
+            fastest for the small clips of a data loader, which runs several decoders in parallel
+            worker processes anyway (see benchmarks/bench_decode.py).
 
     Raises:
         VideoDecodeError: the file cannot be opened or has no video stream.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, threads: int = 1) -> None:
         import av
 
         self.path = str(path)
+        self.threads = threads
         self._av = av
         try:
             self.container = av.open(self.path)
@@ -362,6 +366,7 @@ class VideoReader:
             self.container.close()
             raise VideoDecodeError(f"no video stream in {self.path}")
         self.stream = self.container.streams.video[0]
+        self.stream.codec_context.thread_count = threads
         self._all: list[Any] | None = None  # every frame, when the metadata is unusable
 
     def __enter__(self) -> VideoReader:
@@ -410,6 +415,7 @@ class VideoReader:
             except (self._av.FFmpegError, OSError, ValueError) as e:
                 raise VideoDecodeError(f"cannot open video {self.path}: {e}") from e
             self.stream = self.container.streams.video[0]
+            self.stream.codec_context.thread_count = self.threads
             try:
                 self._all = [
                     f.to_ndarray(format="rgb24") for f in self.container.decode(self.stream)
@@ -488,6 +494,8 @@ def read_clips(
     path: str | os.PathLike[str],
     sampler: Callable[..., list[list[int]]],
     generator: torch.Generator | None = None,
+    *,
+    threads: int = 1,
 ) -> list[torch.Tensor]:
     """Open ``path``, pick clips with ``sampler`` and decode them (one pass for all clips).
 
@@ -497,7 +505,7 @@ def read_clips(
     Raises:
         VideoDecodeError: the file cannot be opened or decoded.
     """
-    with VideoReader(path) as reader:
+    with VideoReader(path, threads=threads) as reader:
         clips = sampler(reader.num_frames, generator)
         flat = sorted({i for clip in clips for i in clip})
         frames = reader.get_frames(flat)  # (N, H, W, 3)
@@ -536,6 +544,7 @@ class VideoDataset(Dataset):
         seed: see "Randomness" in the module docstring.
         max_attempts: how many consecutive unreadable videos a train sample may replace before
             giving up (default: ``min(len(records), 100)``).
+        decode_threads: decoder threads per video (see :class:`VideoReader`).
     """
 
     def __init__(
@@ -560,6 +569,7 @@ class VideoDataset(Dataset):
         num_classes: int | None = None,
         seed: int | None = None,
         max_attempts: int | None = None,
+        decode_threads: int = 1,
     ) -> None:
         check_choice("mode", mode, MODES)
         if not records:
@@ -588,6 +598,7 @@ class VideoDataset(Dataset):
         self.transform = transform if transform is not None else default
         self.seeder = SampleSeeder(seed)
         self.max_attempts = max_attempts or min(len(self.records), 100)
+        self.decode_threads = decode_threads
         self.num_loaded = 0
         self.num_skipped = 0
         self.unreadable_paths: list[str] = []
@@ -663,7 +674,7 @@ class VideoDataset(Dataset):
             VideoDecodeError: the video cannot be read.
         """
         g = self.seeder.generator(index) if self.mode == "train" else None
-        clips = read_clips(self.records[index].path, self.sampler, g)
+        clips = read_clips(self.records[index].path, self.sampler, g, threads=self.decode_threads)
         views = []
         for clip in clips:
             x = clip.permute(3, 0, 1, 2)  # (C, T, H, W)
