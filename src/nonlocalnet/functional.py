@@ -266,7 +266,8 @@ def aggregate(
     check_choice("pairwise", pairwise, PAIRWISE)
     check_choice("impl", impl, IMPLS)
     _check_qkv(query, key, value, same_dim=True)
-    if not math.isfinite(scale):
+    # (skipped while torch.compile traces: Dynamo may see scale as a symbolic float)
+    if not torch.compiler.is_compiling() and not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     if pairwise in SOFTMAX_PAIRWISE:
         return softmax_aggregate(query, key, value, scale=scale, impl=impl)

@@ -1,0 +1,493 @@
+"""``nonlocalnet bench``: speed and memory of the non-local block, fast vs reference.
+
+For each pairwise function, the *whole* block (θ, φ, g, W_z, BatchNorm and the aggregation) is
+run forward and backward (gradients of the input and of every parameter) at C=512, C'=256,
+batch 1, on 2d maps of N = 28×56 = 1568, 64×64 = 4096 and 128×128 = 16384 positions, with the
+fast path and with the reference path (which materialises the N×M map). Each case runs in a
+fresh subprocess, so that its peak memory is its own:
+
+* time: median of several forward+backward passes after a warm-up pass (a single pass when
+  one takes longer than 20 s);
+* peak extra memory: the process's peak resident set size during the passes minus its resident
+  size once the block, the input and the output gradient exist (Linux: the high-water mark
+  ``VmHWM`` is reset through ``/proc/self/clear_refs``; elsewhere ``ru_maxrss``, which may
+  under-count when an earlier peak was higher). Kernels and threads are warmed up on a tiny
+  input first, so one-time library allocations are not counted.
+
+The machine's float32 matrix-multiply rate (``torch.mm`` of 2048×2048 matrices, median of
+several) is measured too, and each row reports its achieved rate: ``flops`` counts the matrix
+products the row's implementation performs, forward and backward (backward = 2× forward):
+
+* attention (softmax forms, and the reference path of every form): 12·N·M·C' for
+  ``embedded_gaussian`` (QKᵀ and PV forward, four products backward); for ``gaussian`` the
+  logits use the C input channels: 6·N·M·(C + C'); the reference dot product 12·N·M·C';
+  the reference concatenation 6·N·M·C' (only PV is a product);
+* fast dot product: 6·(N + M)·C'² (kᵀv and q(kᵀv), forward and backward);
+* fast concatenation: none beyond the convolutions (sort, cumsum and gather are not products);
+* convolutions: 6·P·C_in·C_out for each 1×1 conv over P positions, plus 6·(N + M)·C' for the
+  w_f projection of concatenation.
+
+Subcommand protocol: :data:`HELP`, :func:`add_arguments`, :func:`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import math
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+HELP = "benchmark the non-local block: fast vs reference, time and peak memory"
+
+PAIRWISE = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
+IMPLS = ("fast", "reference")
+
+#: (channels, inner_channels, 2d map sizes, size of the extra large fast row)
+FULL = (512, 256, ((28, 56), (64, 64), (128, 128)), (256, 256))
+QUICK = (32, 16, ((16, 16),), (32, 32))
+
+#: Above this many positions the fast rows skip the in-process comparison with the reference.
+CHECK_MAX_N = 4096
+
+
+@dataclass
+class Case:
+    """One measurement, run in its own process."""
+
+    pairwise: str
+    impl: str
+    size: tuple[int, int]
+    channels: int
+    inner_channels: int
+    min_time: float = 2.0
+    check: bool = False
+    threads: int | None = None
+
+
+@dataclass
+class Row:
+    """One line of the table (and of ``--json``)."""
+
+    block: str
+    pairwise: str
+    impl: str
+    N: int
+    M: int
+    fwd_bwd_ms: float
+    peak_extra_mib: float
+    flops: float
+    gflops: float
+    size: str = ""
+    reps: int = 0
+    max_rel_err: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- flop counts ------------------------------------------------------------------------------
+
+
+def block_flops(pairwise: str, impl: str, n: int, m: int, c: int, ci: int) -> float:
+    """Matrix-product flops of one forward+backward pass of the block (see the module doc).
+
+    Args:
+        pairwise: the pairwise function.
+        impl: ``"fast"`` or ``"reference"``.
+        n: query positions N.
+        m: key positions M.
+        c: channels C.
+        ci: inner channels C'.
+
+    Returns:
+        The flop count (multiply and add counted separately).
+    """
+    convs = 6 * n * c * ci * 2  # g (over M = N here) and W_z
+    if pairwise != "gaussian":
+        convs += 6 * n * c * ci * 2  # θ and φ
+    if pairwise == "concatenation":
+        convs += 6 * (n + m) * ci
+    if pairwise == "gaussian":
+        attn = 6 * n * m * (c + ci)
+    elif pairwise == "embedded_gaussian" or (pairwise == "dot_product" and impl == "reference"):
+        attn = 12 * n * m * ci
+    elif pairwise == "dot_product":
+        attn = 6 * (n + m) * ci * ci
+    elif impl == "reference":  # concatenation
+        attn = 6 * n * m * ci
+    else:
+        attn = 0
+    return float(convs + attn)
+
+
+# -- measurement, inside the worker process ---------------------------------------------------
+
+
+def _rss_kib() -> tuple[int, int] | None:
+    """(current RSS, peak RSS) in KiB from /proc, or None where unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            text = f.read()
+    except OSError:
+        return None
+    rss = re.search(r"VmRSS:\s+(\d+)", text)
+    hwm = re.search(r"VmHWM:\s+(\d+)", text)
+    if rss is None or hwm is None:
+        return None
+    return int(rss.group(1)), int(hwm.group(1))
+
+
+def _reset_peak() -> bool:
+    """Reset the peak RSS (VmHWM) to the current RSS; True when supported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+class PeakMemory:
+    """Peak resident memory above the level at :meth:`start`, in MiB."""
+
+    def start(self) -> None:
+        """Take the baseline (and reset the high-water mark where possible)."""
+        self.proc = _reset_peak() and _rss_kib() is not None
+        if self.proc:
+            self.base = _rss_kib()[0]  # type: ignore[index]
+        else:
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.method = "VmHWM" if self.proc else "ru_maxrss"
+
+    def extra_mib(self) -> float:
+        """Peak minus baseline since :meth:`start`."""
+        peak = _rss_kib()[1] if self.proc else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # type: ignore[index]
+        return max(peak - self.base, 0) / 1024.0
+
+
+def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+    """Measured float32 ``torch.mm`` rate in GFLOP/s (median of ``reps`` products of n×n)."""
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    torch.mm(a, b)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def _build(case: Case, impl: str) -> torch.nn.Module:
+    from nonlocalnet import NonLocal2d
+
+    torch.manual_seed(0)
+    block = NonLocal2d(
+        case.channels,
+        case.inner_channels,
+        pairwise=case.pairwise,
+        zero_init=False,
+        impl=impl,
+    )
+    with torch.no_grad():  # non-trivial weights, so that every path does real work
+        for p in block.parameters():
+            fan_in = p[0].numel() if p.dim() > 1 else 1
+            p.copy_(torch.randn_like(p) / math.sqrt(fan_in))
+    return block
+
+
+def _fwd_bwd(block: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    for p in block.parameters():
+        p.grad = None
+    x.grad = None
+    out = block(x)
+    out.backward(grad)
+    return out
+
+
+def measure(case: Case) -> Row:
+    """Time and peak extra memory of one case, in this process."""
+    if case.threads:
+        torch.set_num_threads(case.threads)
+    h, w = case.size
+    n = h * w
+    # Warm up kernels, thread pools and allocator on a tiny input of the same block kind.
+    tiny = Case(case.pairwise, case.impl, (4, 4), case.channels, case.inner_channels)
+    tb = _build(tiny, case.impl)
+    _fwd_bwd(
+        tb,
+        torch.randn(1, case.channels, 4, 4, requires_grad=True),
+        torch.randn(1, case.channels, 4, 4),
+    )
+    del tb
+
+    block = _build(case, case.impl)
+    x = torch.randn(1, case.channels, h, w, requires_grad=True)
+    grad = torch.randn(1, case.channels, h, w)
+    mem = PeakMemory()
+    mem.start()
+    t0 = time.perf_counter()
+    _fwd_bwd(block, x, grad)
+    first = time.perf_counter() - t0
+    times: list[float] = []
+    if first > 20.0:
+        times = [first]
+    else:
+        total = 0.0
+        while len(times) < 2 or (total < case.min_time and len(times) < 10):
+            t0 = time.perf_counter()
+            _fwd_bwd(block, x, grad)
+            times.append(time.perf_counter() - t0)
+            total += times[-1]
+    peak = mem.extra_mib()
+    m = n  # no sub-sampling in the benchmark
+    flops = block_flops(case.pairwise, case.impl, n, m, case.channels, case.inner_channels)
+    sec = statistics.median(times)
+    row = Row(
+        block="NonLocal2d",
+        pairwise=case.pairwise,
+        impl=case.impl,
+        N=n,
+        M=m,
+        fwd_bwd_ms=sec * 1e3,
+        peak_extra_mib=peak,
+        flops=flops,
+        gflops=flops / sec / 1e9,
+        size=f"{h}x{w}",
+        reps=len(times),
+        extra={"memory_method": mem.method, "threads": torch.get_num_threads()},
+    )
+    if case.check:
+        row.max_rel_err = _check_against_reference(case, block, x, grad)
+    return row
+
+
+def _check_against_reference(
+    case: Case, block: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor
+) -> float:
+    """Relative error of [output, input grad, parameter grads] of this impl vs the reference."""
+
+    def run(b: torch.nn.Module) -> torch.Tensor:
+        out = _fwd_bwd(b, x, grad)
+        parts = [out.detach(), x.grad] + [p.grad for p in b.parameters()]
+        return torch.cat([t.reshape(-1) for t in parts])  # (total,)
+
+    ref = _build(case, "reference")
+    ref.load_state_dict(block.state_dict())
+    got, want = run(block), run(ref)
+    return float((got - want).norm() / want.norm())
+
+
+def _worker_main() -> int:
+    """Entry of a case subprocess: JSON case on argv[1], JSON row on the last stdout line."""
+    spec = json.loads(sys.argv[1])
+    spec["size"] = tuple(spec["size"])
+    row = measure(Case(**spec))
+    print(json.dumps(asdict(row)), flush=True)
+    return 0
+
+
+# -- orchestration ----------------------------------------------------------------------------
+
+
+def run_in_subprocess(case: Case, timeout: float) -> Row:
+    """Run :func:`measure` for ``case`` in a fresh Python process."""
+    code = "import sys; from nonlocalnet.bench import _worker_main; sys.exit(_worker_main())"
+    spec = json.dumps(asdict(case))
+    proc = subprocess.run(
+        [sys.executable, "-c", code, spec],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"bench case {case.pairwise}/{case.impl} {case.size} failed "
+            f"(exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    return Row(**data)
+
+
+def _matmul_in_subprocess(n: int, timeout: float, threads: int | None) -> float:
+    set_threads = f"torch.set_num_threads({threads}); " if threads else ""
+    code = (
+        f"import torch; {set_threads}from nonlocalnet.bench import matmul_gflops; "
+        f"print(matmul_gflops({n}))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, check=True
+    )
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def run_nl(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure every case of the non-local suite; returns ``{"matmul_gflops", "rows", ...}``."""
+    c, ci, sizes, big = QUICK if args.quick else FULL
+    pairwise = args.pairwise or list(PAIRWISE)
+    min_time = 0.2 if args.quick else 2.0
+    mm = _matmul_in_subprocess(256 if args.quick else 2048, args.timeout, args.threads)
+    log.info("float32 matmul rate: %.1f GFLOP/s", mm)
+    rows: list[Row] = []
+    for size in sizes:
+        for pw in pairwise:
+            for impl in IMPLS:
+                n = size[0] * size[1]
+                case = Case(
+                    pw,
+                    impl,
+                    size,
+                    c,
+                    ci,
+                    min_time,
+                    impl == "fast" and n <= CHECK_MAX_N,
+                    args.threads,
+                )
+                row = run_in_subprocess(case, args.timeout)
+                log.info(
+                    "%s %s N=%d: %.1f ms, %.1f MiB",
+                    pw,
+                    impl,
+                    row.N,
+                    row.fwd_bwd_ms,
+                    row.peak_extra_mib,
+                )
+                rows.append(row)
+    if not args.no_large and "embedded_gaussian" in pairwise:
+        case = Case("embedded_gaussian", "fast", big, c, ci, min_time, False, args.threads)
+        row = run_in_subprocess(case, args.timeout)
+        log.info("large row N=%d: %.1f ms, %.1f MiB", row.N, row.fwd_bwd_ms, row.peak_extra_mib)
+        rows.append(row)
+    return {
+        "suite": "nl",
+        "channels": c,
+        "inner_channels": ci,
+        "batch": 1,
+        "threads": rows[0].extra.get("threads") if rows else None,
+        "matmul_gflops": mm,
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Markdown table of the rows with fast/reference ratios per (pairwise, N)."""
+    rows = results["rows"]
+    mm = results["matmul_gflops"]
+    ref = {(r["pairwise"], r["N"]): r for r in rows if r["impl"] == "reference"}
+    lines = [
+        f"float32 matmul rate: {mm:.1f} GFLOP/s; C={results['channels']}, "
+        f"C'={results['inner_channels']}, batch {results['batch']}, "
+        f"{results.get('threads')} threads",
+        "",
+        "| pairwise | N (map) | impl | fwd+bwd ms | peak extra MiB | GFLOP/s | % matmul "
+        "| speed-up | memory ratio | max rel err |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        base = ref.get((r["pairwise"], r["N"]))
+        speed = mem = "—"
+        if r["impl"] == "fast" and base is not None:
+            speed = f"{base['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}×"
+            mem = (
+                f"1/{base['peak_extra_mib'] / r['peak_extra_mib']:.1f}"
+                if r["peak_extra_mib"] > 0
+                else "0"
+            )
+        err = "—" if r.get("max_rel_err") is None else f"{r['max_rel_err']:.1e}"
+        lines.append(
+            f"| {r['pairwise']} | {r['N']} ({r['size']}) | {r['impl']} | {r['fwd_bwd_ms']:.1f} "
+            f"| {r['peak_extra_mib']:.1f} | {r['gflops']:.1f} | {100 * r['gflops'] / mm:.0f}% "
+            f"| {speed} | {mem} | {err} |"
+        )
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``nonlocalnet bench``."""
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes (C=32, maps up to 16×16): a smoke test"
+    )
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the rows")
+    parser.add_argument(
+        "--suite",
+        choices=("nl", "context", "all"),
+        default="nl",
+        help="nl: the non-local block; context: GC/SNL/APNB (nonlocalnet.bench_context); all",
+    )
+    parser.add_argument(
+        "--plot", type=Path, default=None, metavar="PATH", help="plot the results to PATH"
+    )
+    parser.add_argument(
+        "--pairwise",
+        action="append",
+        choices=PAIRWISE,
+        default=None,
+        help="only this pairwise function (repeatable; default: all four)",
+    )
+    parser.add_argument(
+        "--no-large", action="store_true", help="skip the embedded_gaussian 256×256 row"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per case (default: torch's)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=1800.0, help="seconds allowed per case (default 1800)"
+    )
+
+
+def _run_context(args: argparse.Namespace) -> int:
+    try:
+        module = importlib.import_module("nonlocalnet.bench_context")
+    except ModuleNotFoundError as err:
+        if err.name != "nonlocalnet.bench_context":
+            raise
+        print(
+            "nonlocalnet bench: the context suite (GC/SNL/APNB) needs the module "
+            "nonlocalnet.bench_context, which is not installed in this version",
+            file=sys.stderr,
+        )
+        return 1
+    return int(module.run(args) or 0)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the chosen suite, print its table, write ``--json`` / ``--plot`` when asked."""
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    status = 0
+    if args.suite in ("nl", "all"):
+        results = run_nl(args)
+        args.nl_results = results  # the context suite may merge its rows with these
+        print(format_table(results))
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2))
+        if args.plot is not None:
+            from nonlocalnet.viz.bench_plot import plot_bench
+
+            plot_bench(results, args.plot)
+    if args.suite in ("context", "all"):
+        status = _run_context(args)
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    logging.basicConfig(level=logging.INFO)
+    p = argparse.ArgumentParser(description=HELP)
+    add_arguments(p)
+    sys.exit(run(p.parse_args()))

@@ -1,0 +1,196 @@
+"""The functional core: fast == reference == the formula, on (B, N, C) tokens."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from nonlocalnet import functional as NLF
+
+DT = torch.float64
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).detach().norm() / want.detach().norm())
+
+
+def _flat(*tensors: torch.Tensor) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])  # (total,)
+
+
+def _tokens(pairwise: str, b: int, n: int, m: int, c_q: int, c_v: int):
+    d = 1 if pairwise == "concatenation" else c_q
+    q = torch.randn(b, n, d, dtype=DT, requires_grad=True)
+    k = torch.randn(b, m, d, dtype=DT, requires_grad=True)
+    v = torch.randn(b, m, c_v, dtype=DT, requires_grad=True)
+    return q, k, v
+
+
+def _formula(pairwise: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """y_i = 1/C(x) Σ_j f(q_i, k_j) v_j with explicit loops over batch and query."""
+    b, n, _ = q.shape
+    m = k.shape[1]
+    out = torch.zeros(b, n, v.shape[-1], dtype=q.dtype)
+    for bi in range(b):
+        for i in range(n):
+            if pairwise in ("gaussian", "embedded_gaussian"):
+                f = torch.exp(scale * (k[bi] * q[bi, i]).sum(-1))  # (M,)
+                c = f.sum()
+            elif pairwise == "dot_product":
+                f = (k[bi] * q[bi, i]).sum(-1)  # (M,)
+                c = m
+            else:
+                f = torch.clamp(q[bi, i, 0] + k[bi, :, 0], min=0)  # (M,)
+                c = m
+            out[bi, i] = (f[:, None] * v[bi]).sum(0) / c
+    return out
+
+
+@pytest.mark.parametrize("pairwise", NLF.PAIRWISE)
+@pytest.mark.parametrize(("c_q", "c_v"), [(4, 4), (6, 3), (3, 5)])
+def test_fast_equals_reference_with_gradients(pairwise: str, c_q: int, c_v: int) -> None:
+    q, k, v = _tokens(pairwise, 2, 9, 7, c_q, c_v)
+    grad = torch.randn(2, 9, c_v, dtype=DT)
+    results = []
+    for impl in NLF.IMPLS:
+        y = NLF.aggregate(pairwise, q, k, v, scale=0.7, impl=impl)
+        gq, gk, gv = torch.autograd.grad(y, (q, k, v), grad)
+        results.append(_flat(y, gq, gk, gv))
+    assert _rel(results[0], results[1]) <= 1e-10
+
+
+@pytest.mark.parametrize("pairwise", NLF.PAIRWISE)
+def test_reference_equals_formula(pairwise: str) -> None:
+    q, k, v = _tokens(pairwise, 2, 6, 5, 3, 4)
+    with torch.no_grad():
+        want = _formula(pairwise, q, k, v, scale=0.6)
+        got = NLF.aggregate(pairwise, q, k, v, scale=0.6, impl="reference")
+    assert _rel(got, want) <= 1e-12
+
+
+@pytest.mark.parametrize("pairwise", NLF.PAIRWISE)
+def test_pairwise_weights_match_formula(pairwise: str) -> None:
+    q, k, _ = _tokens(pairwise, 2, 5, 4, 3, 1)
+    with torch.no_grad():
+        w = NLF.pairwise_weights(pairwise, q, k, scale=0.5)
+    assert w.shape == (2, 5, 4)
+    for bi in range(2):
+        for i in range(5):
+            for j in range(4):
+                if pairwise in ("gaussian", "embedded_gaussian"):
+                    den = sum(math.exp(0.5 * float(q[bi, i] @ k[bi, jj])) for jj in range(4))
+                    want = math.exp(0.5 * float(q[bi, i] @ k[bi, j])) / den
+                elif pairwise == "dot_product":
+                    want = float(q[bi, i] @ k[bi, j]) / 4
+                else:
+                    want = max(float(q[bi, i, 0] + k[bi, j, 0]), 0.0) / 4
+                assert w[bi, i, j].item() == pytest.approx(want, rel=1e-12, abs=1e-14)
+
+
+def test_concatenation_ties_are_exact() -> None:
+    """Keys with a_i + b_j == 0 exactly contribute 0, and ReLU'(0) = 0 in both paths."""
+    a = torch.tensor([[[1.0], [-2.0], [0.5], [3.0]]], dtype=DT, requires_grad=True)
+    b = torch.tensor([[[-1.0], [2.0], [-0.5], [2.0], [-3.0]]], dtype=DT, requires_grad=True)
+    v = torch.randn(1, 5, 3, dtype=DT, requires_grad=True)
+    grad = torch.randn(1, 4, 3, dtype=DT)
+    outs = []
+    for impl in NLF.IMPLS:
+        y = NLF.concatenation_aggregate(a, b, v, impl=impl)
+        outs.append(_flat(y, *torch.autograd.grad(y, (a, b, v), grad)))
+    assert torch.allclose(outs[0], outs[1], rtol=0, atol=1e-14)
+    # a_0 = 1: keys with b_j > -1: b = 2, -0.5, 2 -> (3 v_1 + 0.5 v_2 + 3 v_3) / 5
+    want0 = (3 * v[0, 1] + 0.5 * v[0, 2] + 3 * v[0, 3]) / 5
+    y = NLF.concatenation_aggregate(a, b, v)
+    assert torch.allclose(y[0, 0], want0, rtol=0, atol=1e-14)
+
+
+def test_default_scale() -> None:
+    assert NLF.default_scale("embedded_gaussian", 16, None) == 0.25
+    assert NLF.default_scale("gaussian", 16, None) == 1.0
+    assert NLF.default_scale("gaussian", 16, True) == 0.25
+    assert NLF.default_scale("embedded_gaussian", 16, False) == 1.0
+    assert NLF.default_scale("dot_product", 16, None) == 1.0
+    assert NLF.default_scale("concatenation", 16, False) == 1.0
+    with pytest.raises(ValueError, match="use_scale"):
+        NLF.default_scale("dot_product", 16, True)
+    with pytest.raises(ValueError, match="pairwise"):
+        NLF.default_scale("cosine", 16, None)
+
+
+def test_softmax_scale_is_applied() -> None:
+    q, k, v = _tokens("embedded_gaussian", 1, 4, 6, 3, 2)
+    with torch.no_grad():
+        y1 = NLF.aggregate("embedded_gaussian", q, k, v, scale=0.3)
+        y2 = NLF.aggregate("embedded_gaussian", q * 0.3, k, v, scale=1.0)
+        y3 = NLF.aggregate("embedded_gaussian", q, k, v, scale=1.0)
+    assert _rel(y1, y2) <= 1e-12
+    assert _rel(y1, y3) > 1e-3
+
+
+def _sdpa_kernels(fn) -> set[str]:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if "attention" in e.key or "softmax" in e.key}
+
+
+@pytest.mark.parametrize(("c_q", "c_v", "transposed"), [(8, 8, False), (8, 4, True), (4, 8, True)])
+def test_fast_softmax_uses_the_fused_kernel(c_q: int, c_v: int, transposed: bool) -> None:
+    """No silent fallback to the materialising math kernel (unequal widths, strided inputs)."""
+    if transposed:  # (B, C, N) storage seen as (B, N, C), as a conv output would be
+        q = torch.randn(1, c_q, 64).transpose(1, 2)
+        k = torch.randn(1, c_q, 48).transpose(1, 2)
+        v = torch.randn(1, c_v, 48).transpose(1, 2)
+    else:
+        q, k, v = torch.randn(1, 64, c_q), torch.randn(1, 48, c_q), torch.randn(1, 48, c_v)
+    kernels = _sdpa_kernels(lambda: NLF.softmax_aggregate(q, k, v, scale=1.0))
+    assert any("flash_attention" in name for name in kernels), kernels
+    assert not any(name in ("aten::_softmax", "aten::softmax") for name in kernels), kernels
+    want = NLF.softmax_aggregate(q, k, v, scale=1.0, impl="reference")
+    got = NLF.softmax_aggregate(q, k, v, scale=1.0)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fast_dot_product_never_forms_the_map() -> None:
+    """The fast dot product multiplies right to left: no (B, N, M) intermediate."""
+    q, k, v = (torch.randn(1, 50, 3), torch.randn(1, 40, 3), torch.randn(1, 40, 2))
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        NLF.aggregate("dot_product", q, k, v)
+    shapes = [s for e in prof.events() for s in (e.input_shapes or [])]
+    assert [1, 50, 40] not in shapes
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "err", "match"),
+    [
+        (("cosine",), {}, ValueError, "pairwise"),
+        (("gaussian",), {"impl": "slow"}, ValueError, "impl"),
+        (("gaussian",), {"scale": float("nan")}, ValueError, "scale"),
+    ],
+)
+def test_bad_choices(args, kwargs, err, match) -> None:
+    q, k, v = _tokens("gaussian", 1, 3, 3, 2, 2)
+    with pytest.raises(err, match=match):
+        NLF.aggregate(*args, q, k, v, **kwargs)
+
+
+def test_bad_tokens() -> None:
+    q, k, v = (torch.randn(2, 5, 3), torch.randn(2, 4, 3), torch.randn(2, 4, 2))
+    with pytest.raises(ValueError, match="3-d"):
+        NLF.aggregate("gaussian", q[0], k, v)
+    with pytest.raises(TypeError, match="floating"):
+        NLF.aggregate("gaussian", q.long(), k, v)
+    with pytest.raises(TypeError, match="Tensor"):
+        NLF.aggregate("gaussian", q.tolist(), k, v)
+    with pytest.raises(ValueError, match="empty"):
+        NLF.aggregate("gaussian", q[:, :0], k, v)
+    with pytest.raises(ValueError, match="batch size"):
+        NLF.aggregate("gaussian", q[:1], k, v)
+    with pytest.raises(ValueError, match="number of positions"):
+        NLF.aggregate("gaussian", q, k, v[:, :3])
+    with pytest.raises(ValueError, match="channel count"):
+        NLF.aggregate("dot_product", q, k[..., :2], v)
+    with pytest.raises(ValueError, match=r"\(B, N, 1\)"):
+        NLF.aggregate("concatenation", q, k, v)

@@ -1,0 +1,420 @@
+"""NonLocal1d/2d/3d: fast == reference == the paper's formula, identity at init, maps, errors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nonlocalnet import NonLocal1d, NonLocal2d, NonLocal3d
+from nonlocalnet.functional import PAIRWISE
+
+DT = torch.float64
+C, CI = 6, 4
+CLASSES = {1: NonLocal1d, 2: NonLocal2d, 3: NonLocal3d}
+#: odd sizes, so that sub-sampling rounds (M = ceil(H/2)·ceil(W/2)...)
+SIZES = {1: (7,), 2: (5, 3), 3: (3, 3, 5)}
+#: (dims, extent)
+LAYOUTS = [(1, "spacetime"), (2, "spacetime"), (3, "spacetime"), (3, "space"), (3, "time")]
+#: (sub_sample, sub_sample_position)
+SUBSAMPLING = [(False, "after"), (False, "before"), (True, "after"), (True, "before")]
+
+
+def _scales(pairwise: str) -> list[bool | None]:
+    return [None, True, False] if "gaussian" in pairwise else [None, False]
+
+
+def _configs() -> list[tuple]:
+    return [
+        (pw, dims, extent, sub, pos, use_scale)
+        for pw in PAIRWISE
+        for (dims, extent), (sub, pos) in itertools.product(LAYOUTS, SUBSAMPLING)
+        for use_scale in _scales(pw)
+    ]
+
+
+def _make(
+    pairwise: str,
+    dims: int,
+    extent: str = "spacetime",
+    sub: bool = False,
+    pos: str = "after",
+    use_scale: bool | None = None,
+    impl: str = "fast",
+    **kw,
+):
+    kwargs = {"extent": extent} if dims == 3 else {}
+    return CLASSES[dims](
+        C,
+        CI,
+        pairwise=pairwise,
+        use_scale=use_scale,
+        sub_sample=sub,
+        sub_sample_position=pos,
+        impl=impl,
+        dtype=DT,
+        **kwargs,
+        **kw,
+    )
+
+
+def _randomize(block: torch.nn.Module) -> None:
+    """Random non-zero weights of a size that keeps every softmax far from one-hot."""
+    with torch.no_grad():
+        for p in block.parameters():
+            fan_in = p[0].numel() if p.dim() > 1 else 4
+            p.copy_(torch.randn_like(p) / math.sqrt(fan_in))
+
+
+def _input(dims: int, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, C, *SIZES[dims], dtype=DT)
+
+
+def _outputs_and_grads(block: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    x = x.clone().requires_grad_(True)
+    out = block(x)
+    grads = torch.autograd.grad(out, [x, *block.parameters()], grad)
+    return torch.cat([t.reshape(-1) for t in (out, *grads)])  # (total,)
+
+
+# -- fast == reference ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("pairwise", "dims", "extent", "sub", "pos", "use_scale"), _configs())
+def test_fast_equals_reference(pairwise, dims, extent, sub, pos, use_scale) -> None:
+    fast = _make(pairwise, dims, extent, sub, pos, use_scale, zero_init=False)
+    _randomize(fast)
+    ref = _make(pairwise, dims, extent, sub, pos, use_scale, impl="reference")
+    ref.load_state_dict(fast.state_dict())
+    x = _input(dims)
+    grad = torch.randn_like(x)
+    got = _outputs_and_grads(fast, x, grad)
+    want = _outputs_and_grads(ref, x, grad)
+    err = float((got - want).detach().norm() / want.detach().norm())
+    assert err <= 1e-10
+    # and the residual branch is not trivially zero
+    assert float((fast(x) - x).abs().max()) > 1e-2
+
+
+def test_config_count() -> None:
+    """Every pairwise × layout × sub-sampling × scale choice is covered."""
+    assert len(_configs()) == 5 * 4 * (3 + 3 + 2 + 2)
+
+
+# -- reference == the paper's formula, written out independently -------------------------------
+
+
+def _conv1x1(conv: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    w = conv.weight.reshape(conv.weight.shape[0], conv.weight.shape[1])  # (out, in)
+    y = torch.einsum("oc,bc...->bo...", w, x)
+    if conv.bias is not None:
+        y = y + conv.bias.reshape(1, -1, *([1] * (x.dim() - 2)))
+    return y
+
+
+def _maxpool(x: torch.Tensor, dims: int) -> torch.Tensor:
+    """Max over windows of 2 (1d), 2×2 (2d), 1×2×2 (3d), partial last windows kept."""
+    spatial = x.shape[2:]
+    steps = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}[dims]
+    out_size = [math.ceil(s / k) for s, k in zip(spatial, steps, strict=True)]
+    out = torch.empty(*x.shape[:2], *out_size, dtype=x.dtype)
+    for idx in itertools.product(*(range(s) for s in out_size)):
+        window = tuple(slice(i * k, i * k + k) for i, k in zip(idx, steps, strict=True))
+        out[(slice(None), slice(None), *idx)] = x[(slice(None), slice(None), *window)].amax(
+            dim=tuple(range(2, 2 + dims))
+        )
+    return out
+
+
+def _paper_block(block, x: torch.Tensor, pairwise: str, use_scale, extent: str) -> torch.Tensor:
+    """z = BN(W_z y) + x with y_i = 1/C(x) Σ_j f(x_i, x_j) g(x_j), one query at a time."""
+    dims = x.dim() - 2
+    sub, pos = block.sub_sample, block.sub_sample_position
+    pool = (lambda t: _maxpool(t, dims)) if sub else (lambda t: t)
+    xk = pool(x) if pos == "before" else x
+    g = _conv1x1(block.g, xk)
+    g = pool(g) if pos == "after" else g
+    if pairwise == "gaussian":
+        theta, phi = x, pool(x)
+        scale = C**-0.5 if use_scale else 1.0
+    else:
+        theta = _conv1x1(block.theta, x)
+        phi = _conv1x1(block.phi, xk)
+        phi = pool(phi) if pos == "after" else phi
+        scale = CI**-0.5 if use_scale in (None, True) else 1.0
+    size, ksize = x.shape[2:], g.shape[2:]
+    y = torch.zeros(x.shape[0], CI, *size, dtype=x.dtype)
+    for b in range(x.shape[0]):
+        for i in itertools.product(*(range(s) for s in size)):
+            # key positions j seen by query i
+            if extent == "space":
+                keys = [(i[0], *j) for j in itertools.product(*(range(s) for s in ksize[1:]))]
+            elif extent == "time":
+                hw = (i[1] // 2, i[2] // 2) if sub else (i[1], i[2])
+                keys = [(t, *hw) for t in range(ksize[0])]
+            else:
+                keys = list(itertools.product(*(range(s) for s in ksize)))
+            ti = theta[(b, slice(None), *i)]
+            fs = []
+            for j in keys:
+                pj = phi[(b, slice(None), *j)]
+                if pairwise in ("gaussian", "embedded_gaussian"):
+                    fs.append(torch.exp(scale * torch.dot(ti, pj)))
+                elif pairwise == "dot_product":
+                    fs.append(torch.dot(ti, pj))
+                else:  # ReLU(w_fᵀ [θ(x_i); φ(x_j)]), the literal concatenation
+                    w_f = block.concat_project.weight.reshape(-1)  # (2C',)
+                    fs.append(torch.relu(torch.dot(w_f, torch.cat([ti, pj]))))
+            f = torch.stack(fs)  # (M,)
+            norm = f.sum() if "gaussian" in pairwise else len(keys)
+            gj = torch.stack([g[(b, slice(None), *j)] for j in keys])  # (M, C')
+            y[(b, slice(None), *i)] = (f[:, None] * gj).sum(0) / norm
+    wz = _conv1x1(block.conv_out, y)
+    # BatchNorm in training mode: batch statistics, biased variance.
+    axes = [0, *range(2, x.dim())]
+    mean = wz.mean(dim=axes, keepdim=True)
+    var = wz.var(dim=axes, unbiased=False, keepdim=True)
+    shape = (1, -1, *([1] * dims))
+    bn = block.norm
+    z = (wz - mean) / torch.sqrt(var + bn.eps) * bn.weight.reshape(shape) + bn.bias.reshape(shape)
+    return z + x
+
+
+@pytest.mark.parametrize("pairwise", PAIRWISE)
+@pytest.mark.parametrize(("dims", "extent"), LAYOUTS)
+@pytest.mark.parametrize(("sub", "pos"), [(False, "after"), (True, "after"), (True, "before")])
+def test_reference_equals_paper_formula(pairwise, dims, extent, sub, pos) -> None:
+    for use_scale in _scales(pairwise)[:2]:
+        block = _make(pairwise, dims, extent, sub, pos, use_scale, impl="reference")
+        _randomize(block)
+        x = _input(dims)
+        with torch.no_grad():
+            got = block(x)
+            want = _paper_block(block, x, pairwise, use_scale, extent)
+        assert float((got - want).norm() / want.norm()) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    ("pairwise", "use_scale", "expected"),
+    [
+        ("embedded_gaussian", None, CI**-0.5),
+        ("embedded_gaussian", True, CI**-0.5),
+        ("embedded_gaussian", False, 1.0),
+        ("gaussian", None, 1.0),
+        ("gaussian", True, C**-0.5),
+        ("gaussian", False, 1.0),
+        ("dot_product", None, 1.0),
+        ("concatenation", False, 1.0),
+    ],
+)
+def test_scale(pairwise, use_scale, expected) -> None:
+    assert _make(pairwise, 2, use_scale=use_scale).scale == pytest.approx(expected, rel=1e-15)
+
+
+# -- sub-sampling rounds up -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dims", "extent", "size", "n", "m"),
+    [
+        (1, "spacetime", (7,), 7, 4),
+        (1, "spacetime", (1,), 1, 1),
+        (2, "spacetime", (5, 3), 15, 3 * 2),
+        (2, "spacetime", (1, 9), 9, 1 * 5),
+        (3, "spacetime", (3, 5, 3), 45, 3 * 3 * 2),
+        (3, "space", (3, 5, 3), 15, 3 * 2),
+        (3, "time", (3, 5, 3), 3, 3),
+    ],
+)
+@pytest.mark.parametrize("pos", ["after", "before"])
+@pytest.mark.parametrize("pairwise", PAIRWISE)
+def test_subsampled_key_count_is_ceil(dims, extent, size, n, m, pos, pairwise) -> None:
+    block = _make(pairwise, dims, extent, True, pos)
+    x = torch.randn(2, C, *size, dtype=DT)
+    q, k, v = block.embed(x)
+    assert q.shape[1] == n
+    assert k.shape[1] == m
+    assert v.shape[1] == m
+    assert block(x).shape == x.shape
+    assert block.attention_map(x).shape[1:] == (n, m)
+
+
+# -- identity at initialisation ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pairwise", PAIRWISE)
+@pytest.mark.parametrize(("dims", "extent"), LAYOUTS)
+@pytest.mark.parametrize("norm", [True, False])
+def test_fresh_block_is_identity(pairwise, dims, extent, norm) -> None:
+    for dtype in (torch.float32, DT):
+        kw = {"extent": extent} if dims == 3 else {}
+        block = CLASSES[dims](C, pairwise=pairwise, sub_sample=True, norm=norm, dtype=dtype, **kw)
+        x = torch.randn(2, C, *SIZES[dims], dtype=dtype) * 10
+        assert torch.equal(block(x), x)
+        block.eval()
+        assert torch.equal(block(x), x)
+        # zero_init survives reset_parameters()
+        block.reset_parameters()
+        assert torch.equal(block(x), x)
+
+
+@pytest.mark.parametrize("pairwise", PAIRWISE)
+@pytest.mark.parametrize("norm", [True, False])
+def test_random_weights_change_the_input(pairwise, norm) -> None:
+    block = _make(pairwise, 2, norm=norm, zero_init=False)
+    _randomize(block)
+    x = _input(2)
+    assert float((block(x) - x).abs().max()) > 1e-2
+    fresh = _make(pairwise, 2, norm=norm)  # default init, zero_init: norm weight / W_z at 0
+    target = fresh.norm.weight if norm else fresh.conv_out.weight
+    assert torch.count_nonzero(target) == 0
+    assert torch.count_nonzero(fresh.g.weight) > 0
+
+
+def test_submodule_names() -> None:
+    names = {n for n, _ in _make("concatenation", 2).named_children()}
+    assert names == {"theta", "phi", "g", "concat_project", "conv_out", "norm"}
+    names = {n for n, _ in _make("gaussian", 3, norm=False).named_children()}
+    assert names == {"g", "conv_out"}
+    assert isinstance(_make("dot_product", 3).norm, torch.nn.BatchNorm3d)
+
+
+# -- attention maps ---------------------------------------------------------------------------
+
+
+def _from_tokens(y: torch.Tensor, x: torch.Tensor, extent: str) -> torch.Tensor:
+    b, c = x.shape[0], y.shape[-1]
+    size = x.shape[2:]
+    if extent == "spacetime":
+        return y.transpose(1, 2).reshape(b, c, *size)  # (B, C', *S)
+    t, h, w = size
+    if extent == "space":
+        return y.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)  # (B, C', T, H, W)
+    return y.reshape(b, h, w, t, c).permute(0, 4, 3, 1, 2)  # (B, C', T, H, W)
+
+
+@pytest.mark.parametrize("pairwise", PAIRWISE)
+@pytest.mark.parametrize(("dims", "extent"), LAYOUTS)
+def test_attention_map_reconstructs_the_output(pairwise, dims, extent) -> None:
+    block = _make(pairwise, dims, extent, sub=True, zero_init=False)
+    _randomize(block)
+    x = _input(dims)
+    amap = block.attention_map(x)  # (B', N, M)
+    _, _, v = block.embed(x)
+    y = _from_tokens(torch.bmm(amap, v), x, extent)  # (B, C', *S)
+    want = x + block.norm(block.conv_out(y))
+    with torch.no_grad():
+        got = block(x)
+    assert float((got - want).norm() / want.norm()) <= 1e-12
+    if "gaussian" in pairwise:
+        assert torch.allclose(amap.sum(-1), torch.ones((), dtype=DT), rtol=0, atol=1e-12)
+        assert bool((amap > 0).all())
+    else:  # the 1/M normaliser: rows do not sum to 1
+        assert not torch.allclose(amap.sum(-1), torch.ones((), dtype=DT))
+
+
+@pytest.mark.parametrize("pairwise", PAIRWISE)
+def test_attention_map_chosen_rows(pairwise) -> None:
+    block = _make(pairwise, 2, zero_init=False)
+    _randomize(block)
+    x = torch.randn(2, C, 6, 7, dtype=DT)
+    full = block.attention_map(x)
+    rows = [41, 0, 17, 17, 5]
+    chosen = block.attention_map(x, queries=rows, chunk_size=2)
+    assert chosen.shape == (2, len(rows), 42)
+    # equal up to the rounding of differently blocked matrix products
+    assert torch.allclose(chosen, full[:, rows], rtol=1e-13, atol=1e-300)
+    chosen_t = block.attention_map(x, queries=torch.tensor([3]))
+    assert torch.allclose(chosen_t, full[:, [3]], rtol=1e-13, atol=1e-300)
+    assert torch.allclose(block.attention_map(x, chunk_size=5), full, rtol=1e-13, atol=1e-300)
+    assert float(full.abs().min()) > 0 or pairwise in ("dot_product", "concatenation")
+
+
+def test_attention_map_matches_formula() -> None:
+    block = _make("embedded_gaussian", 1, zero_init=False)
+    _randomize(block)
+    x = _input(1)
+    amap = block.attention_map(x)
+    theta = _conv1x1(block.theta, x)
+    phi = _conv1x1(block.phi, x)
+    logits = torch.einsum("bci,bcj->bij", theta, phi) * CI**-0.5
+    want = torch.exp(logits) / torch.exp(logits).sum(-1, keepdim=True)
+    assert torch.allclose(amap, want, rtol=1e-12, atol=0)
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"pairwise": "cosine"}, "pairwise"),
+        ({"impl": "flash"}, "impl"),
+        ({"sub_sample_position": "middle"}, "sub_sample_position"),
+        ({"pairwise": "dot_product", "use_scale": True}, "use_scale"),
+        ({"pairwise": "concatenation", "use_scale": True}, "use_scale"),
+        ({"extent": "space"}, "extent"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        NonLocal2d(8, **kwargs)
+
+
+def test_bad_extent_3d() -> None:
+    with pytest.raises(ValueError, match=r"extent 'frames'.*'spacetime', 'space', 'time'"):
+        NonLocal3d(8, extent="frames")
+
+
+def test_bad_channels_argument() -> None:
+    with pytest.raises(ValueError, match="channels"):
+        NonLocal2d(0)
+    with pytest.raises(ValueError, match="channels"):
+        NonLocal2d(8, inner_channels=0)
+    with pytest.raises(TypeError, match="norm"):
+        NonLocal2d(8, norm="batch")
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_bad_inputs(dims) -> None:
+    block = CLASSES[dims](8)
+    good = torch.randn(1, 8, *([3] * dims))
+    block(good)
+    with pytest.raises(ValueError, match=rf"{dims + 2}-d.*got {dims + 1}-d"):
+        block(good[0])
+    with pytest.raises(ValueError, match=rf"{dims + 2}-d.*got {dims + 3}-d"):
+        block(good[None])
+    with pytest.raises(ValueError, match=r"8 channels.*got 5"):
+        block(torch.randn(1, 5, *([3] * dims)))
+    with pytest.raises(ValueError, match="empty dimension"):
+        block(torch.randn(1, 8, *([3] * (dims - 1)), 0))
+    with pytest.raises(ValueError, match="empty dimension"):
+        block(torch.randn(0, 8, *([3] * dims)))
+    with pytest.raises(TypeError, match=r"floating-point dtype, got torch\.int64"):
+        block(good.long())
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
+        block(good.tolist())
+    with pytest.raises(ValueError, match="8 channels"):
+        block.attention_map(torch.randn(1, 4, *([3] * dims)))
+
+
+def test_bad_attention_queries() -> None:
+    block = NonLocal2d(8)
+    x = torch.randn(1, 8, 3, 4)
+    with pytest.raises(ValueError, match=r"\[0, 12\).*got range \[0, 12\]"):
+        block.attention_map(x, queries=[0, 12])
+    with pytest.raises(ValueError, match=r"\[0, 12\)"):
+        block.attention_map(x, queries=[-1])
+    with pytest.raises(ValueError, match="empty"):
+        block.attention_map(x, queries=[])
+    with pytest.raises(ValueError, match="chunk_size"):
+        block.attention_map(x, chunk_size=0)
+
+
+def test_pooling_is_max_with_partial_windows() -> None:
+    """Cross-check of the test's own pooling helper against torch's ceil_mode pooling."""
+    x = torch.randn(2, 3, 5, 7, dtype=DT)
+    assert torch.equal(_maxpool(x, 2), F.max_pool2d(x, 2, 2, ceil_mode=True))
