@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+import nonlocalnet.data.video as video_module
 from nonlocalnet.data import (
     RandomClipSampler,
     SkipTracker,
@@ -36,11 +37,11 @@ STEP, BASE = 12, 10
 
 def write_video(
     path: Path, num_frames: int = 20, h: int = 48, w: int = 64, *, codec: str = "libx264",
-    gop: int = 4, fps: int = 25,
+    gop: int = 4, fps: int = 25, fmt: str | None = None,
 ) -> Path:  # fmt: skip
     """Frame i is uniform grey BASE + STEP * i (needs num_frames <= 20)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
+    with av.open(str(path), "w", format=fmt) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.codec_context.gop_size = gop
@@ -68,7 +69,9 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("videos")
     write_video(root / "a.mp4", 20)
     write_video(root / "b.mp4", 10)
-    write_video(root / "c.webm", 20, codec="libvpx-vp9")
+    write_video(root / "c.webm", 20, codec="libvpx-vp9")  # no frame count in the stream
+    write_video(root / "d.avi", 20)  # timestamps start at 1, not 0
+    write_video(root / "e.h264", 20, fmt="h264")  # raw stream: no metadata, decoded in full
     (root / "garbage.mp4").write_bytes(b"not a video at all " * 100)
     data = (root / "a.mp4").read_bytes()
     (root / "truncated.mp4").write_bytes(data[: len(data) // 2])
@@ -262,20 +265,31 @@ def test_uniform_clips_cover_the_video() -> None:
 
 
 @pytest.mark.video_io
-@pytest.mark.parametrize("name", ["a.mp4", "c.webm"])
-def test_decode_selected_frames(videos: Path, name: str) -> None:
+@pytest.mark.parametrize("name", ["a.mp4", "c.webm", "d.avi", "e.h264"])
+@pytest.mark.parametrize("seek_min", [4, 16])
+def test_decode_selected_frames(
+    videos: Path, name: str, seek_min: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # seek_min=4 makes clips starting at frame 4 or later seek (key frames every 4 frames)
+    monkeypatch.setattr(video_module, "_SEEK_MIN_FRAMES", seek_min)
+    seeks = []
+    real_seek = VideoReader._seek
+
+    def counting_seek(self: VideoReader, index: int) -> object:
+        seeks.append(index)
+        return real_seek(self, index)
+
+    monkeypatch.setattr(VideoReader, "_seek", counting_seek)
     with VideoReader(videos / name) as reader:
         assert reader.num_frames == 20
-        assert frame_ids(reader.get_frames([9, 11, 13, 19])) == [
-            9,
-            11,
-            13,
-            19,
-        ]  # seeks past key frames
-    with VideoReader(videos / name) as reader:
-        assert frame_ids(reader.get_frames([0, 1, 2])) == [0, 1, 2]
+        assert frame_ids(reader.get_frames([9, 11, 13, 19])) == [9, 11, 13, 19]
+        assert frame_ids(reader.get_frames([0, 1, 2])) == [0, 1, 2]  # again on the same reader
         frames = reader.get_frames([3])
         assert frames.dtype == torch.uint8 and frames.shape == (1, 48, 64, 3)
+    if name == "e.h264":
+        assert seeks == []  # no metadata: every frame decoded once, then indexed
+    else:  # later calls on the same reader seek back (to the start when the clip starts early)
+        assert seeks == ([9, 0, 0] if seek_min == 4 else [0, 0])
     with VideoReader(videos / name) as reader:  # past-the-end indices get the last frame
         assert frame_ids(reader.get_frames([18, 25])) == [18, 19]
 

@@ -43,9 +43,10 @@ the clips are reproducible given ``torch.manual_seed`` and differ across workers
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -61,6 +62,7 @@ from .transforms import KINETICS_MEAN, KINETICS_STD, video_test_transform, video
 
 logger = logging.getLogger(__name__)
 
+_SEEK_MIN_FRAMES = 16  # clips starting earlier are decoded from the start, without a seek
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
 MODES = ("train", "test")
 
@@ -368,6 +370,7 @@ class VideoReader:
         self.stream = self.container.streams.video[0]
         self.stream.codec_context.thread_count = threads
         self._all: list[Any] | None = None  # every frame, when the metadata is unusable
+        self._origin: int | None = None  # pts of frame 0
 
     def __enter__(self) -> VideoReader:
         return self
@@ -424,25 +427,37 @@ class VideoReader:
                 raise VideoDecodeError(f"cannot decode {self.path}: {e}") from e
         return self._all
 
-    def _index(self, pts: int, start_pts: int) -> int:
-        return round((pts - start_pts) * self.stream.time_base * self._rate)
+    def _index(self, pts: int, origin: int) -> int:
+        return round((pts - origin) * self.stream.time_base * self._rate)
 
     def _decode_range(self, needed: set[int]) -> dict[int, Any] | None:
-        """Seek near min(needed) and decode up to max(needed); None if timestamps are unusable."""
+        """Decode from near min(needed) up to max(needed); None if timestamps are unusable.
+
+        Frame 0 is the first decoded frame (its timestamp is the origin: containers such as AVI
+        start at pts 1 while ``stream.start_time`` says 0). Clips starting at frame
+        ``_SEEK_MIN_FRAMES`` or later seek to the key frame before them; earlier ones decode from
+        the start.
+        """
         s = self.stream
         if self._rate is None or s.time_base is None:
             return None
         lo, hi = min(needed), max(needed)
-        start_pts = s.start_time if s.start_time is not None else 0
-        if lo > 0:
-            target = start_pts + int(Fraction(lo) / self._rate / s.time_base)
-            self.container.seek(target, stream=s, backward=True, any_frame=False)
+        frames: Iterator[Any]
+        if self._origin is None:  # first call: the container is at its start
+            frames = self.container.decode(s)
+            first = next(frames, None)
+            if first is None or first.pts is None:
+                return None
+            self._origin = first.pts
+            frames = itertools.chain([first], frames) if lo < _SEEK_MIN_FRAMES else self._seek(lo)
+        else:
+            frames = self._seek(lo if lo >= _SEEK_MIN_FRAMES else 0)
         got: dict[int, Any] = {}
         last: tuple[int, Any] | None = None
-        for frame in self.container.decode(s):
+        for frame in frames:
             if frame.pts is None:
                 return None
-            idx = self._index(frame.pts, start_pts)
+            idx = self._index(frame.pts, self._origin)
             if last is None and idx > lo:
                 return None  # the seek overshot the clip start
             last = (idx, frame)
@@ -453,6 +468,13 @@ class VideoReader:
         if last is not None and last[0] < hi and last[0] not in got:
             got[last[0]] = last[1].to_ndarray(format="rgb24")  # the last frame, for indices past it
         return got
+
+    def _seek(self, index: int) -> Iterator[Any]:
+        """Seek to the key frame at or before frame ``index``; return a fresh frame iterator."""
+        s = self.stream
+        target = self._origin + int(Fraction(index) / self._rate / s.time_base)
+        self.container.seek(target, stream=s, backward=True, any_frame=False)
+        return self.container.decode(s)
 
     def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
         """Decode frames by index.
