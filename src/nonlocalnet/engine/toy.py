@@ -28,7 +28,7 @@ class ToyClassifier(nn.Module):
         width: channels of the conv.
         dims: 3 for video (B, C, T, H, W), 2 for images (B, C, H, W).
         norm: add BatchNorm after the conv.
-        nonlocal_block: add a (space-time) non-local block after the conv.
+        nonlocal_block: add a (space-time) non-local block after the conv (with BN iff norm).
         dropout: dropout before the classifier.
     """
 
@@ -53,7 +53,7 @@ class ToyClassifier(nn.Module):
         self.bn = bn(width) if norm else nn.Identity()
         self.relu = nn.ReLU()
         block = NonLocal3d if dims == 3 else NonLocal2d
-        self.nonlocal_block = block(width) if nonlocal_block else nn.Identity()
+        self.nonlocal_block = block(width, norm=norm) if nonlocal_block else nn.Identity()
         self.pool = nn.AdaptiveAvgPool3d(1) if dims == 3 else nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(width, num_classes)
