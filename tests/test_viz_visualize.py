@@ -1,0 +1,129 @@
+"""``nonlocalnet visualize`` end to end on a tiny hand-set checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nonlocalnet.cli import main
+from nonlocalnet.engine.checkpoint import load_model, save_checkpoint
+from nonlocalnet.models import create_model
+from nonlocalnet.viz.attention import DPI, grid_figsize
+from nonlocalnet.viz.visualize import load_input
+
+DATA = {
+    "task": "video",
+    "num_classes": 10,
+    "num_frames": 8,
+    "sampling_rate": 2,
+    "test_short_side": 32,
+    "test_crop": 32,
+    "mean": [0.45, 0.45, 0.45],
+    "std": [0.225, 0.225, 0.225],
+}
+
+
+def _checkpoint(path: Path, name: str) -> Path:
+    """A checkpoint following the engine's contract; NL blocks given random ('trained') weights."""
+    model = create_model(name)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".after." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    config = {"model": {"name": name, "kwargs": {}}, "data": DATA}
+    save_checkpoint(path, {"model": model.state_dict(), "step": 0, "config": config})
+    return path
+
+
+def _frames() -> np.ndarray:
+    frames = np.zeros((20, 40, 48, 3), np.uint8)
+    frames[:] = (30, 60, 90)
+    for t in range(20):
+        frames[t, 8 + t : 18 + t, 4 + t : 14 + t] = (250, 200, 30)  # a moving square
+    return frames
+
+
+def test_visualize_image_topk_match_the_reference_map(tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path / "nl.pt", "nl_c2d_tiny")
+    img = tmp_path / "still.png"
+    Image.fromarray(_frames()[6]).save(img)
+    out = tmp_path / "figs"
+    argv = ["visualize", "--checkpoint", str(ckpt), "--input", str(img), "--out", str(out)]
+    argv += ["--block", "layer2.0.after", "--queries", "5,20,12", "--k", "6", "--max-frames", "2"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    (entry,) = summary["blocks"]
+    (query,) = entry["queries"]
+    # layer2 grid: frames at stride 2 (start 0.5), pixels at stride 8 (start 0).
+    assert query["feature_position"] == [2, 2, 2]
+    assert query["pixel"] == [4.5, 16.0, 16.0]
+
+    # Reference: the block's map on the same prepared input, row of query (2, 2, 2).
+    model, config = load_model(ckpt)
+    x, _ = load_input(img, config["data"], video=True)
+    block = model.get_submodule("layer2.0.after")
+    seen = {}
+    block.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+    with torch.no_grad():
+        model(x[None])
+    block.impl = "reference"
+    row = block.attention_map(seen["x"])[0, 2 * 16 + 2 * 4 + 2]  # (M,)
+    ref = torch.topk(row, 6)
+    assert query["topk_keys"] == ref.indices.tolist()
+    np.testing.assert_allclose(query["topk_weights"], ref.values.numpy(), rtol=1e-5)
+    # pooled key (t, i, j) -> frame 2t + 0.5, pixel 16i + 4, 16j + 4 (centre of a 2x2 cell).
+    for m, pix in zip(query["topk_keys"], query["topk_pixels"], strict=True):
+        t, i, j = m // 4, (m // 2) % 2, m % 2
+        assert pix == [2 * t + 0.5, 16.0 * i + 4.0, 16.0 * j + 4.0]
+    for f in query["files"]:
+        with Image.open(f) as im:
+            assert im.format == "PNG"
+            w, h = grid_figsize(2)
+            assert im.size == (round(w * DPI), round(h * DPI))
+
+
+@pytest.mark.video_io
+def test_visualize_video_every_block(tmp_path: Path) -> None:
+    from nonlocalnet.data.synthetic import write_mp4
+
+    ckpt = _checkpoint(tmp_path / "nl.pt", "nl_c2d_tiny")
+    clip = tmp_path / "clip.mp4"
+    write_mp4(clip, _frames())
+    out = tmp_path / "figs"
+    argv = ["visualize", "--checkpoint", str(ckpt), "--input", str(clip), "--out", str(out)]
+    assert main([*argv, "--num-queries", "1", "--k", "3", "--max-frames", "3"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [b["block"] for b in summary["blocks"]] == ["layer2.0.after", "layer3.0.after"]
+    assert summary["input_shape"] == [3, 8, 32, 32]
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == [
+        f"layer{s}_0_after_q0_{kind}.png" for s in (2, 3) for kind in ("arrows", "heatmap")
+    ]
+
+
+def test_checkpoint_without_attention_block_names_its_blocks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = _checkpoint(tmp_path / "c2d.pt", "c2d_tiny")
+    img = tmp_path / "still.png"
+    Image.fromarray(_frames()[0]).save(img)
+    assert main(["visualize", "--checkpoint", str(ckpt), "--input", str(img)]) == 2
+    err = capsys.readouterr().err
+    assert "no NonLocal/SNL/GC/APNB/AFNB blocks" in err
+    assert "model has: conv1 (Conv3d)" in err and "layer4 (" in err
+
+
+def test_bad_query_and_input_type(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = _checkpoint(tmp_path / "nl.pt", "nl_c2d_tiny")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    assert main(["visualize", "--checkpoint", str(ckpt), "--input", str(notes)]) == 2
+    assert "unknown input type '.txt'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["visualize", "--checkpoint", str(ckpt), "--input", str(notes), "--queries", "1"])
