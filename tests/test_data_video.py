@@ -434,3 +434,24 @@ def test_dataloader_two_workers_reproducible(videos: Path, tmp_path: Path) -> No
     assert len(set(with_workers)) > 1  # workers do not repeat the same clip
     # with a dataset seed the clips do not depend on the number of workers
     assert starts(2, 11) == starts(0, 11)
+
+
+@pytest.mark.video_io
+def test_frame_cache_gives_the_same_samples_without_the_file(videos: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "a.mp4"
+    copy.write_bytes((videos / "a.mp4").read_bytes())
+    lst = write_list(tmp_path / "l.txt", "a.mp4 0\n")
+    plain = VideoDataset.from_list_file(lst, num_frames=4, stride=3, seed=1, **SMALL)
+    cached = VideoDataset.from_list_file(
+        lst, num_frames=4, stride=3, seed=1, cache_frames=True, **SMALL
+    )
+    first = cached[0]["video"]
+    assert torch.equal(first, plain[0]["video"])
+    copy.unlink()  # the second epoch reads from memory
+    for epoch in (1, 2):
+        cached.set_epoch(epoch)
+        sample = cached[0]
+        assert sample["skipped"] == 0
+        ids = _ids_from_normalised(sample["video"])
+        assert ids == list(range(ids[0], ids[0] + 10, 3))
+    assert cached.num_skipped == 0

@@ -567,6 +567,10 @@ class VideoDataset(Dataset):
         max_attempts: how many consecutive unreadable videos a train sample may replace before
             giving up (default: ``min(len(records), 100)``).
         decode_threads: decoder threads per video (see :class:`VideoReader`).
+        cache_frames: keep every decoded video (all frames, ``uint8``) in memory, per process,
+            so later epochs skip decoding: for small data sets such as the built-in benchmark
+            (1536 clips of 8×32×32 take 38 MB). With DataLoader workers use
+            ``persistent_workers=True``, or each epoch's new workers start with an empty cache.
     """
 
     def __init__(
@@ -592,6 +596,7 @@ class VideoDataset(Dataset):
         seed: int | None = None,
         max_attempts: int | None = None,
         decode_threads: int = 1,
+        cache_frames: bool = False,
     ) -> None:
         check_choice("mode", mode, MODES)
         if not records:
@@ -621,6 +626,8 @@ class VideoDataset(Dataset):
         self.seeder = SampleSeeder(seed)
         self.max_attempts = max_attempts or min(len(self.records), 100)
         self.decode_threads = decode_threads
+        self.cache_frames = cache_frames
+        self._frame_cache: dict[int, torch.Tensor] = {}
         self.num_loaded = 0
         self.num_skipped = 0
         self.unreadable_paths: list[str] = []
@@ -672,6 +679,11 @@ class VideoDataset(Dataset):
         records, names = scan_class_folders(root, extensions=extensions)
         return cls(records, classes=names, **kwargs)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_frame_cache"] = {}  # not shipped to spawned workers
+        return state
+
     # sampling ----------------------------------------------------------------------------------
 
     def __len__(self) -> int:
@@ -696,7 +708,16 @@ class VideoDataset(Dataset):
             VideoDecodeError: the video cannot be read.
         """
         g = self.seeder.generator(index) if self.mode == "train" else None
-        clips = read_clips(self.records[index].path, self.sampler, g, threads=self.decode_threads)
+        path = self.records[index].path
+        if self.cache_frames:
+            frames = self._frame_cache.get(index)
+            if frames is None:
+                with VideoReader(path, threads=self.decode_threads) as reader:
+                    frames = reader.get_frames(range(reader.num_frames))  # (N, H, W, 3)
+                self._frame_cache[index] = frames
+            clips = [frames[clip] for clip in self.sampler(len(frames), g)]
+        else:
+            clips = read_clips(path, self.sampler, g, threads=self.decode_threads)
         views = []
         for clip in clips:
             x = clip.permute(3, 0, 1, 2)  # (C, T, H, W)
