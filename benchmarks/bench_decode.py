@@ -4,7 +4,9 @@ Writes small H.264 mp4 files into a temporary folder, then measures clips per se
 
 - ``decode``: :func:`nonlocalnet.data.video.read_clips` alone (open, seek, decode, RGB), one process;
 - ``dataset wN``: a ``DataLoader`` over :class:`VideoDataset` in train mode (decode + short-side
-  jitter + random crop + flip + normalise + collate) with N worker processes (0 = main process).
+  jitter + random crop + flip + normalise + collate) with N worker processes (0 = main process);
+- ``cached w0``: the same in the main process with ``cache_frames=True``, after a first epoch
+  filled the cache (sampling + transforms only: the cost left once decoding is gone).
 
 Usage::
 
@@ -84,7 +86,9 @@ def bench_decode(paths: list[Path], shape: Shape, repeats: int) -> float:
     return len(paths) / best
 
 
-def bench_dataset(list_file: Path, shape: Shape, workers: int, repeats: int, batch: int) -> float:
+def bench_dataset(
+    list_file: Path, shape: Shape, workers: int, repeats: int, batch: int, *, cache: bool = False
+) -> float:
     short = shape.size
     ds = VideoDataset.from_list_file(
         list_file,
@@ -93,6 +97,7 @@ def bench_dataset(list_file: Path, shape: Shape, workers: int, repeats: int, bat
         short_side_range=(short, short + short // 8),
         crop_size=short,
         seed=0,
+        cache_frames=cache,
     )
     loader = DataLoader(
         ds,
@@ -102,12 +107,13 @@ def bench_dataset(list_file: Path, shape: Shape, workers: int, repeats: int, bat
         persistent_workers=workers > 0,
     )
     best = float("inf")
-    for epoch in range(repeats + (1 if workers else 0)):  # one warm-up epoch starts the workers
+    warmup = 1 if workers or cache else 0  # one epoch starts the workers / fills the cache
+    for epoch in range(repeats + warmup):
         ds.set_epoch(epoch)
         start = time.perf_counter()
         n = sum(b["video"].shape[0] for b in loader)
         elapsed = time.perf_counter() - start
-        if workers and epoch == 0:
+        if epoch < warmup:
             continue
         best = min(best, elapsed)
     assert n == len(ds)
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
-    columns = ["decode"] + [f"dataset w{w}" for w in args.workers]
+    columns = ["decode"] + [f"dataset w{w}" for w in args.workers] + ["cached w0"]
     print(f"| video (T x H x W) | clip T x s | {' | '.join(columns)} |")
     print("|" + "---|" * (2 + len(columns)))
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             rates += [
                 bench_dataset(list_file, shape, w, args.repeats, args.batch) for w in args.workers
             ]
+            rates.append(bench_dataset(list_file, shape, 0, args.repeats, args.batch, cache=True))
             cells = " | ".join(f"{r:.0f}" for r in rates)
             print(f"| {shape.name} | {shape.clip_frames}x{shape.stride} | {cells} |", flush=True)
     print("\nclips/s (best of the passes); torch threads = 1 per process")

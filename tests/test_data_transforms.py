@@ -71,6 +71,13 @@ def test_short_side_scale_sizes_and_values() -> None:
         for s in range(100)
     }
     assert sizes == {10, 11, 12, 13}
+    # the native uint8 kernel agrees with the float computation to one grey level
+    video = torch.randint(0, 256, (3, 4, 30, 40), dtype=torch.uint8)
+    for size in [(20, 27), (45, 60)]:
+        fast = resize(video, size)
+        slow = resize(video.float(), size).round().clamp(0, 255)
+        assert fast.dtype == torch.uint8 and fast.shape == (3, 4, *size)
+        assert (fast.float() - slow).abs().max() <= 1
     # bilinear (half-pixel centres) doubling of [0, 4] along the width
     row = torch.tensor([[[0.0, 4.0]]])
     assert torch.allclose(resize(row, (1, 4)), torch.tensor([[[0.0, 1.0, 3.0, 4.0]]]))

@@ -77,12 +77,24 @@ def resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> to
     h, w = x.shape[-2:]
     if (h, w) == tuple(size):
         return x
+    shrink = size[0] < h or size[1] < w
+    if mode == "bilinear" and x.dtype == torch.uint8 and x.dim() in (3, 4):
+        # torch's native uint8 kernel (channels-last) is about twice as fast as a float round trip
+        batched = x.unsqueeze(0) if x.dim() == 3 else x.transpose(0, 1)  # (1 or T, C, H, W)
+        out = F.interpolate(
+            batched.contiguous(memory_format=torch.channels_last),
+            size=size,
+            mode="bilinear",
+            align_corners=False,
+            antialias=shrink,
+        )
+        out = out.squeeze(0) if x.dim() == 3 else out.transpose(0, 1)  # (C, [T,] H', W')
+        return out.contiguous()
     lead = x.shape[:-2]
     flat = x.reshape(-1, 1, h, w)  # (N, 1, H, W): every channel / frame resized independently
     if mode == "nearest":
         out = F.interpolate(flat.float(), size=size, mode="nearest-exact")
     else:
-        shrink = size[0] < h or size[1] < w
         out = F.interpolate(
             flat.float(), size=size, mode=mode, align_corners=False, antialias=shrink
         )
