@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nonlocalnet.viz.bench_plot import DPI, FIGSIZE, bench_figure, plot_bench, roofline_ms
+from nonlocalnet.viz.bench_plot import (
+    DPI,
+    FIGSIZE,
+    bench_figure,
+    plot_bench,
+    roofline_ms,
+    series_of,
+)
 
 
 def _results() -> dict:
@@ -72,10 +79,29 @@ def test_bad_results_are_named() -> None:
         bench_figure({"matmul_gflops": 1.0, "rows": []})
     with pytest.raises(ValueError, match="matmul_gflops must be > 0"):
         bench_figure({"matmul_gflops": 0.0, "rows": _results()["rows"]})
-    with pytest.raises(ValueError, match="row 0 lacks fwd_bwd_ms"):
+    with pytest.raises(ValueError, match=r"row 0 lacks fwd_bwd_ms \(or fwd_ms\)"):
         bench_figure(
             {
                 "matmul_gflops": 1.0,
                 "rows": [{"block": "b", "impl": "fast", "N": 4, "peak_extra_mib": 1.0}],
             }
         )
+
+
+def test_context_suite_rows_forward_only_and_nan() -> None:
+    rows = [
+        {"group": "context", "block": "gc", "impl": "fast", "N": n, "fwd_ms": 0.1 * n,
+         "peak_extra_mib": 1.0, "macs": 1e6 * n}
+        for n in (16, 64)
+    ]  # fmt: skip
+    rows.append({**rows[0], "N": 256, "fwd_ms": float("nan")})  # a failed case
+    groups = series_of(rows)
+    assert list(groups) == [("gc/context", "", "fast [fwd]")]
+    assert [r["N"] for r in groups["gc/context", "", "fast [fwd]"]] == [16, 64]
+    fig = bench_figure({"matmul_gflops": 10.0, "rows": rows})
+    try:
+        roof = [ln for ln in fig.axes[0].get_lines() if ln.get_marker() == "x"]
+        (line,) = [ln for ln in roof if len(ln.get_xdata())]
+        np.testing.assert_allclose(line.get_ydata(), [2e6 * n / 10e9 * 1e3 for n in (16, 64)])
+    finally:
+        plt.close(fig)

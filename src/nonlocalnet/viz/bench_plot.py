@@ -2,7 +2,10 @@
 
 Everything drawn comes from the benchmark's own numbers (its JSON): rows of
 ``{block, pairwise, impl, N, M, fwd_bwd_ms, peak_extra_mib, flops, gflops}`` and the float32
-matmul rate measured on the same machine. The roofline of a row is the time its matrix products
+matmul rate measured on the same machine. Rows of the context suite
+(``nonlocalnet.bench_context``: ``fwd_ms`` and ``macs`` instead of ``fwd_bwd_ms`` and ``flops``)
+can be merged in: their series are labelled "[fwd]" (forward only) and their flops are
+2 × MACs. Rows with a NaN time (a failed case) are left out. The roofline of a row is the time its matrix products
 would take at that rate, ``flops / matmul_rate``: no implementation of the same flops can beat it
 by much, so the gap between a curve and its roofline is what is left to gain.
 """
@@ -10,6 +13,7 @@ by much, so the gap between a curve and its roofline is what is left to gain.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,12 +31,24 @@ logger = logging.getLogger(__name__)
 FIGSIZE = (20.0, 5.6)
 DPI = 100
 _PLOT_WIDTH = 0.85  # the rest of the width holds the legend
-_REQUIRED = ("block", "impl", "N", "fwd_bwd_ms", "peak_extra_mib")
+_REQUIRED = ("block", "impl", "N", "peak_extra_mib")
 _STYLE = {"fast": ("-", "o", "full"), "reference": ("--", "s", "none")}
 
 
+def _time_ms(row: Mapping[str, Any]) -> float:
+    return float(row["fwd_bwd_ms"] if "fwd_bwd_ms" in row else row["fwd_ms"])
+
+
+def _flops(row: Mapping[str, Any]) -> float:
+    if row.get("flops"):
+        return float(row["flops"])
+    return 2.0 * float(row.get("macs") or 0.0)
+
+
 def series_of(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, str], list[Mapping]]:
-    """Rows grouped by (block, pairwise, impl), each group sorted by N.
+    """Rows grouped by (block, pairwise, impl), each group sorted by N; NaN times left out.
+
+    Forward-only rows (``fwd_ms``) get the impl ``"<impl> [fwd]"``.
 
     Raises:
         ValueError: a row lacks one of the keys the plot needs.
@@ -40,12 +56,19 @@ def series_of(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, str], l
     groups: dict[tuple[str, str, str], list[Mapping]] = {}
     for i, r in enumerate(rows):
         missing = [k for k in _REQUIRED if k not in r]
+        if "fwd_bwd_ms" not in r and "fwd_ms" not in r:
+            missing.append("fwd_bwd_ms (or fwd_ms)")
         if missing:
             raise ValueError(
                 f"plot_bench: row {i} lacks {', '.join(missing)}; expected keys "
-                f"{', '.join(_REQUIRED)} (+ pairwise, flops, gflops), got {', '.join(r)}"
+                f"{', '.join(_REQUIRED)}, fwd_bwd_ms (+ pairwise, flops, gflops), "
+                f"got {', '.join(r)}"
             )
-        key = (str(r["block"]), str(r.get("pairwise") or ""), str(r["impl"]))
+        if not math.isfinite(_time_ms(r)):
+            continue
+        impl = str(r["impl"]) if "fwd_bwd_ms" in r else f"{r['impl']} [fwd]"
+        block = f"{r['block']}/{r['group']}" if r.get("group") else str(r["block"])
+        key = (block, str(r.get("pairwise") or ""), impl)
         groups.setdefault(key, []).append(r)
     return {k: sorted(v, key=lambda r: r["N"]) for k, v in groups.items()}
 
@@ -75,19 +98,19 @@ def bench_figure(results: Mapping[str, Any], title: str | None = None) -> plt.Fi
     colour_of: dict[tuple[str, str], str] = {}
     for (block, pw, impl), group in groups.items():
         colour = colour_of.setdefault((block, pw), colours[len(colour_of) % len(colours)])
-        ls, marker, fill = _STYLE.get(impl, (":", "^", "full"))
+        ls, marker, fill = _STYLE.get(impl.split(" ")[0], (":", "^", "full"))
         kw = {"ls": ls, "marker": marker, "fillstyle": fill, "color": colour, "ms": 6}
         n = [r["N"] for r in group]
         label = _label(block, pw, impl)
-        ax_t.plot(n, [r["fwd_bwd_ms"] for r in group], label=label, **kw)
+        ax_t.plot(n, [_time_ms(r) for r in group], label=label, **kw)
         mem = [max(float(r["peak_extra_mib"]), 1e-3) for r in group]  # log axis: floor at 1 KiB
         ax_m.plot(n, mem, **kw)
-        flops = [float(r.get("flops") or 0.0) for r in group]
+        flops = [_flops(r) for r in group]
         if all(f > 0 for f in flops):
             roof_ms = [roofline_ms(f, rate) for f in flops]
             ax_t.plot(n, roof_ms, ls=":", marker="x", color=colour, lw=1, alpha=0.8)
             achieved = [
-                float(r["gflops"]) if r.get("gflops") else f / (r["fwd_bwd_ms"] * 1e6)
+                float(r["gflops"]) if r.get("gflops") else f / (_time_ms(r) * 1e6)
                 for r, f in zip(group, flops, strict=True)
             ]
             ax_r.plot(n, achieved, **kw)
@@ -95,7 +118,7 @@ def bench_figure(results: Mapping[str, Any], title: str | None = None) -> plt.Fi
     ax_t.plot([], [], ls="-.", color="black", label=f"float32 matmul {rate:.1f} GFLOP/s")
     ax_r.axhline(rate, color="black", lw=1.5, ls="-.")
     for ax, ylabel, head in (
-        (ax_t, "forward + backward time (ms)", "time"),
+        (ax_t, "forward + backward time (ms; [fwd]: forward only)", "time"),
         (ax_m, "peak extra memory (MiB)", "peak memory"),
         (ax_r, "achieved rate (GFLOP/s)", "achieved rate vs matmul"),
     ):
