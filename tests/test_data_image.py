@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,7 @@ def test_image_folder_dataset(tmp_path: Path) -> None:
     train = ImageFolderDataset(tmp_path, crop_size=8, seed=3)
     a, b = train[3]["image"], train[3]["image"]
     assert a.shape == (3, 8, 8) and torch.equal(a, b)
+    assert torch.equal(pickle.loads(pickle.dumps(train))[3]["image"], a)  # spawn-safe
     batch = collate_samples([train[i] for i in range(4)])
     assert batch["image"].shape == (4, 3, 8, 8) and batch["label"].tolist() == [0, 0, 1, 1]
     assert isinstance(batch["path"], list) and len(batch["path"]) == 4 and batch["unreadable"] == []

@@ -7,6 +7,7 @@ with crf 0), so a decoded frame's mean intensity tells which frame it is.
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,9 @@ def test_kinetics_csv_layouts_and_sorted_classes(tmp_path: Path) -> None:
         parse_kinetics_csv(csv_file, root, split="train", classes=["abseiling"])
     with pytest.raises(ValueError, match=r"has no rows with split 'test'"):
         parse_kinetics_csv(csv_file, root, split="test")
+    # a split whose labels are a subset of the classes must not silently renumber them
+    with pytest.raises(ValueError, match="num_classes is 400 but the data has 3 class names"):
+        VideoDataset.from_kinetics_csv(csv_file, root, split="train", num_classes=400)
 
 
 def test_kinetics_csv_malformed(tmp_path: Path) -> None:
@@ -434,6 +438,19 @@ def test_dataloader_two_workers_reproducible(videos: Path, tmp_path: Path) -> No
     assert len(set(with_workers)) > 1  # workers do not repeat the same clip
     # with a dataset seed the clips do not depend on the number of workers
     assert starts(2, 11) == starts(0, 11)
+
+
+@pytest.mark.video_io
+def test_dataset_pickles_for_spawned_workers(videos: Path, tmp_path: Path) -> None:
+    lst = write_list(tmp_path / "l.txt", f"{videos / 'a.mp4'} 0\n")
+    for mode in ("train", "test"):
+        ds = VideoDataset.from_list_file(
+            lst, mode=mode, num_frames=2, stride=2, num_clips=2, seed=5, cache_frames=True,
+            test_short_side=48, test_crop_size=48, **SMALL,
+        )  # fmt: skip
+        first = ds[0]["video"]
+        clone = pickle.loads(pickle.dumps(ds))
+        assert clone._frame_cache == {} and torch.equal(clone[0]["video"], first)
 
 
 @pytest.mark.video_io

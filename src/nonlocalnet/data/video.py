@@ -604,7 +604,12 @@ class VideoDataset(Dataset):
         self.records = list(records)
         self.mode = mode
         self.classes = list(classes) if classes is not None else None
-        if num_classes is None and self.classes is not None:
+        if self.classes is not None:
+            if num_classes is not None and num_classes != len(self.classes):
+                raise ValueError(
+                    f"num_classes is {num_classes} but the data has {len(self.classes)} class "
+                    "names; pass the full class list (classes=) so indices match across splits"
+                )
             num_classes = len(self.classes)
         self.num_classes = _check_labels(self.records, num_classes, "VideoDataset")
         if mode == "train":
