@@ -204,3 +204,22 @@ def test_model_without_attention_block_names_its_blocks() -> None:
     model = _image_model(NonLocal2d(8))
     with pytest.raises(ValueError, match="expected one of '2'"):
         resolve_block(model, "layer4")
+
+
+def test_attention_figure_input_errors(tmp_path) -> None:
+    model = _image_model(NonLocal2d(8))
+    with pytest.raises(
+        ValueError, match=r"frames must match the clip's \(T, H, W\) = \(1, 12, 16\)"
+    ):
+        attention_figure(
+            model, torch.randn(3, 12, 16), frames=np.zeros((12, 15, 3), np.uint8), out_dir=tmp_path
+        )
+    with pytest.raises(ValueError, match=r"one sample \(C, H, W\)"):
+        attention_figure(model, torch.randn(2, 3, 12, 16), out_dir=tmp_path)
+    from nonlocalnet import NonLocal1d
+
+    seq = nn.Sequential(nn.Conv1d(3, 8, 1), NonLocal1d(8))
+    with pytest.raises(ValueError, match="needs an image or video model"):
+        attention_figure(seq, torch.randn(3, 10), out_dir=tmp_path)
+    with pytest.raises(ValueError, match="outside the input"):
+        attention_figure(model, torch.randn(3, 12, 16), queries=[(12.0, 3.0)], out_dir=tmp_path)

@@ -46,8 +46,10 @@ __all__ = [
     "frames_from_clip",
     "grid_figsize",
     "pick_queries",
+    "pixel_to_position",
     "query_attention",
     "resolve_block",
+    "sample_dims",
 ]
 
 logger = logging.getLogger(__name__)
@@ -592,11 +594,11 @@ def frames_from_clip(clip: Tensor) -> np.ndarray:
     Each channel is stretched to [0, 255] (min-max over the clip).
 
     Args:
-        clip: ``(C, T, H, W)``, ``(C, H, W)`` or with a batch dim of 1.
+        clip: ``(C, T, H, W)`` (or ``(1, C, T, H, W)``) or ``(C, H, W)``.
     """
     x = clip.detach().cpu().float()
-    if x.dim() == 5 or (x.dim() == 4 and x.shape[0] == 1 and x.shape[1] in (1, 3)):
-        x = x[0]  # drop the batch dim
+    if x.dim() == 5:
+        x = x[0]  # drop the batch dim: (C, T, H, W)
     if x.dim() == 3:
         x = x.unsqueeze(1)  # (C, 1, H, W)
     if x.dim() != 4:
@@ -642,7 +644,16 @@ class AttentionFigures:
     paths: list[list[Path]] = field(default_factory=list)
 
 
-def _pixel_to_position(geo: FeatureGeometry, pixel: Sequence[float]) -> tuple[int, ...]:
+def pixel_to_position(geo: FeatureGeometry, pixel: Sequence[float]) -> tuple[int, ...]:
+    """The feature position whose centre is nearest to an input pixel.
+
+    Args:
+        geo: the feature grid.
+        pixel: ``(t, y, x)`` for a 3d grid, ``(y, x)`` (or ``(t, y, x)``, t ignored) for 2d.
+
+    Raises:
+        ValueError: wrong number of coordinates, or a pixel outside the input.
+    """
     pixel = tuple(float(p) for p in pixel)
     if len(pixel) != len(geo.axes):
         if len(pixel) == 3 and len(geo.axes) == 2:
@@ -656,6 +667,22 @@ def _pixel_to_position(geo: FeatureGeometry, pixel: Sequence[float]) -> tuple[in
         if not -0.5 <= p <= a.input_size - 0.5:
             raise ValueError(f"query {pixel} lies outside the input of size {geo.input_size}")
     return tuple(int(a.nearest(torch.tensor([p]))[0]) for p, a in zip(pixel, geo.axes, strict=True))
+
+
+#: Kept for callers of the first version.
+_pixel_to_position = pixel_to_position
+
+
+def sample_dims(model: nn.Module) -> int:
+    """Dims of one input sample: 4 ``(C, T, H, W)`` if the first conv is 3d, else 3 ``(C, H, W)``.
+
+    Raises:
+        ValueError: the model has no convolution to tell from.
+    """
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return {nn.Conv1d: 2, nn.Conv2d: 3, nn.Conv3d: 4}[type(m)]
+    raise ValueError(f"cannot tell the input layout of {type(model).__name__}: it has no conv")
 
 
 @torch.no_grad()
@@ -693,21 +720,38 @@ def attention_figure(
         The positions, top-k keys and written paths.
     """
     model.eval()
-    x = clip if clip.dim() == 5 or (clip.dim() == 4 and clip.shape[0] == 1) else clip.unsqueeze(0)
-    if x.shape[0] != 1:
-        raise ValueError(
-            f"attention_figure: clip must hold one sample, got shape {tuple(clip.shape)}"
-        )
     name, block = resolve_block(model, block_name)
+    dims = sample_dims(model)
+    layout = "(C, T, H, W)" if dims == 4 else "(C, H, W)"
+    if dims not in (3, 4):
+        raise ValueError(
+            f"attention_figure: needs an image or video model, {type(model).__name__} takes "
+            "1d sequences (B, C, L)"
+        )
+    x = clip.unsqueeze(0) if clip.dim() == dims else clip  # (1, C, *S)
+    if x.dim() != dims + 1 or x.shape[0] != 1:
+        raise ValueError(
+            f"attention_figure: clip must be one sample {layout} (or with a batch dim of 1), "
+            f"got shape {tuple(clip.shape)}"
+        )
+    param = next(model.parameters(), None)
+    if param is not None:
+        x = x.to(device=param.device, dtype=param.dtype)
     inputs, geometries = trace_geometry(model, x, block)
     if frames is None:
-        frames = frames_from_clip(x)
+        frames = frames_from_clip(x[0].cpu())
     arr = _as_frames(frames)
+    spatial = tuple(x.shape[2:]) if dims == 4 else (1, *x.shape[2:])
+    if tuple(arr.shape[:3]) != spatial:
+        raise ValueError(
+            f"attention_figure: frames must match the clip's (T, H, W) = {spatial}, "
+            f"got {tuple(arr.shape[:3])}"
+        )
     qgeo = geometries[-1]
     if queries is None:
         positions = pick_queries(inputs[-1], num_queries)
     else:
-        positions = [_pixel_to_position(qgeo, p) for p in queries]
+        positions = [pixel_to_position(qgeo, p) for p in queries]
     att = query_attention(block, inputs, geometries, positions)
     model_name = model_name or type(model).__name__
     result = AttentionFigures(name, type(block).__name__, att)

@@ -26,7 +26,12 @@ import numpy as np
 import torch
 
 from nonlocalnet.data.transforms import CenterCrop, Normalize, ShortSideScale
-from nonlocalnet.viz.attention import attention_blocks, attention_figure, resolve_block
+from nonlocalnet.viz.attention import (
+    attention_blocks,
+    attention_figure,
+    resolve_block,
+    sample_dims,
+)
 
 __all__ = [
     "HELP",
@@ -48,11 +53,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def model_is_video(model: torch.nn.Module) -> bool:
-    """True when the model's first convolution is 3d (inputs ``(B, C, T, H, W)``)."""
-    for m in model.modules():
-        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
-            return isinstance(m, torch.nn.Conv3d)
-    raise ValueError(f"cannot tell the input layout of {type(model).__name__}: it has no conv")
+    """True when the model takes clips ``(B, C, T, H, W)`` (its first convolution is 3d)."""
+    return sample_dims(model) == 4
 
 
 def _decode_video(path: Path, num_frames: int, rate: int) -> torch.Tensor:
