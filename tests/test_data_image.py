@@ -131,6 +131,10 @@ def test_cityscapes_train_transform_and_label_range(tmp_path: Path) -> None:
         std=(1, 1, 1),
     )
     sample = ds[0]
+    again = pickle.loads(pickle.dumps(ds))[0]  # spawn-safe, and the same given the seed
+    assert torch.equal(again["image"], sample["image"]) and torch.equal(
+        again["mask"], sample["mask"]
+    )
     image, mask = sample["image"], sample["mask"]
     assert image.shape == (3, 24, 24) and mask.shape == (24, 24)
     assert bool((mask[20:] == 255).all())  # 20 rows padded to 24 with the ignore index
