@@ -145,12 +145,11 @@ def compute_loss(
 
 
 def count_skipped(batch: dict[str, Any]) -> int:
-    """Unreadable videos behind a batch: ``len(batch["unreadable"])``, else ``sum(skipped)``."""
-    if "unreadable" in batch:
-        return len(batch["unreadable"])
-    if "skipped" in batch:
-        return int(torch.as_tensor(batch["skipped"]).sum())
-    return 0
+    """Unreadable videos behind a batch: the larger of ``len(batch["unreadable"])`` (paths, which
+    include test samples dropped from the batch) and ``sum(batch["skipped"])`` (replacements)."""
+    listed = len(batch.get("unreadable") or [])
+    replaced = int(torch.as_tensor(batch["skipped"]).sum()) if "skipped" in batch else 0
+    return max(listed, replaced)
 
 
 def make_loader(
