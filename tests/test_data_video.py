@@ -299,6 +299,25 @@ def test_decode_selected_frames(
 
 
 @pytest.mark.video_io
+def test_stream_shorter_than_declared_is_unreadable(
+    videos: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # metadata over-counting by a frame or two is tolerated (last frame repeated) ...
+    monkeypatch.setattr(VideoReader, "_metadata_frames", lambda self: 21)
+    with VideoReader(videos / "a.mp4") as reader:
+        assert frame_ids(reader.get_frames([19, 20])) == [19, 19]
+    # ... a stream that stops far before its declared length is an error
+    monkeypatch.setattr(VideoReader, "_metadata_frames", lambda self: 40)
+    with (
+        VideoReader(videos / "a.mp4") as reader,
+        pytest.raises(
+            video_module.VideoDecodeError, match=r"a\.mp4 ends at frame 19 but declares 40 frames"
+        ),
+    ):
+        reader.get_frames([10, 30])
+
+
+@pytest.mark.video_io
 def test_read_clips_with_samplers(videos: Path) -> None:
     clips = read_clips(videos / "a.mp4", UniformClipSampler(4, 3, 3))
     assert [frame_ids(c) for c in clips] == [[0, 3, 6, 9], [5, 8, 11, 14], [10, 13, 16, 19]]

@@ -465,8 +465,18 @@ class VideoReader:
                 got[idx] = frame.to_ndarray(format="rgb24")
             if idx >= hi:
                 break
-        if last is not None and last[0] < hi and last[0] not in got:
-            got[last[0]] = last[1].to_ndarray(format="rgb24")  # the last frame, for indices past it
+        if last is not None and last[0] < hi:
+            declared = self._metadata_frames()
+            if (
+                declared is not None
+                and hi < declared
+                and declared - last[0] - 1 > max(2, declared // 20)
+            ):
+                raise VideoDecodeError(
+                    f"{self.path} ends at frame {last[0]} but declares {declared} frames (truncated?)"
+                )
+            if last[0] not in got:  # the last frame, for indices past it
+                got[last[0]] = last[1].to_ndarray(format="rgb24")
         return got
 
     def _seek(self, index: int) -> Iterator[Any]:
