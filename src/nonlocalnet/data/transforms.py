@@ -287,8 +287,12 @@ class Normalize:
         out = x.float() / 255.0 if not x.is_floating_point() else x
         shape = [1] * x.dim()
         shape[self.channel_dim] = c
-        mean = torch.tensor(self.mean, dtype=out.dtype).view(shape)
-        std = torch.tensor(self.std, dtype=out.dtype).view(shape)
+        mean = torch.tensor(self.mean, dtype=out.dtype).view(
+            shape
+        )  # (C, 1, 1, ...) or (1, C, 1, ...): along channel_dim
+        std = torch.tensor(self.std, dtype=out.dtype).view(
+            shape
+        )  # (C, 1, 1, ...) or (1, C, 1, ...): along channel_dim
         return (out - mean) / std
 
     def __repr__(self) -> str:

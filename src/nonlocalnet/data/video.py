@@ -740,7 +740,7 @@ class VideoDataset(Dataset):
         if self.mode == "train":
             return views[0]
         stacked = torch.stack(
-            [v if v.dim() == 5 else v.unsqueeze(0) for v in views]
+            [v if v.dim() == 5 else v.unsqueeze(0) for v in views]  # each (N, C, T, S, S)
         )  # (K, N, C, T, S, S)
         return stacked.flatten(0, 1)  # (K * N, C, T, S, S): clip-major, crop-minor
 
