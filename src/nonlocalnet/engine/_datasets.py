@@ -85,11 +85,52 @@ def _video(config: Config, split: str) -> Dataset:
 
 
 def _image(config: Config, split: str) -> Dataset:
-    raise NotImplementedError("image datasets: waiting for nonlocalnet.data.image")
+    """``folder``: ``<root>/<train_split or val_split>/<class>/*.jpg``."""
+    from nonlocalnet.data.image import ImageFolderDataset
+
+    data = config.data
+    if data.format not in ("folder", "random"):
+        raise ValueError(f"data.format: {data.format!r} is not an image format; expected folder")
+    train = split == "train"
+    return ImageFolderDataset(
+        _path(config, data.train_split if train else data.val_split),
+        mode="train" if train else "test",
+        crop_size=data.train_crop if train else data.test_crop,
+        short_side=data.test_short_side,
+        mean=tuple(data.mean),
+        std=tuple(data.std),
+        seed=config.train.seed,
+        **data.kwargs,
+    )
 
 
 def _segmentation(config: Config, split: str) -> Dataset:
-    raise NotImplementedError("segmentation datasets: waiting for nonlocalnet.data.segmentation")
+    """``cityscapes``: ``<root>/leftImg8bit/<split>`` + ``<root>/gtFine/<split>``;
+    ``pairs``: ``<root>/<split>/images`` + ``<root>/<split>/masks`` matched by file stem."""
+    from nonlocalnet.data.segmentation import SegmentationDataset
+
+    data = config.data
+    train = split == "train"
+    name = data.train_split if train else data.val_split
+    kwargs: dict[str, Any] = dict(
+        mode="train" if train else "test",
+        crop_size=tuple(data.seg_crop),
+        scale_range=tuple(data.scale_range),
+        ignore_index=data.ignore_index,
+        num_classes=data.num_classes,
+        mean=tuple(data.mean),
+        std=tuple(data.std),
+        seed=config.train.seed,
+        **data.kwargs,
+    )
+    if data.format == "cityscapes":
+        return SegmentationDataset.cityscapes(data.root, name, **kwargs)
+    if data.format == "pairs":
+        folder = _path(config, name)
+        return SegmentationDataset.from_folders(folder / "images", folder / "masks", **kwargs)
+    raise ValueError(
+        f"data.format: {data.format!r} is not a segmentation format; expected cityscapes, pairs"
+    )
 
 
 _BUILDERS: dict[str, Callable[[Config, str], Dataset]] = {

@@ -55,10 +55,20 @@ class ModelConfig:
 class DataConfig:
     """Where the data lives and how clips/images are sampled and transformed.
 
-    ``task`` selects the loss and the metrics; ``format`` the dataset reader:
-    video: ``list`` (``<path> <label>`` lines), ``csv`` (Kinetics CSV + video root), ``folder``
-    (one folder per class); image: ``folder``; segmentation: ``cityscapes``, ``pairs``
-    (image folder + mask folder); any task: ``random`` (seeded tensors, for smoke tests).
+    ``task`` selects the loss and the metrics; ``format`` the dataset reader (paths relative to
+    ``root``):
+
+    - video: ``list`` (``<path> <label>`` list files ``train_split`` / ``val_split``), ``csv``
+      (Kinetics CSV files, videos under ``root``), ``folder`` (one folder per class under
+      ``root/<split>``), ``synthetic`` (the built-in benchmark, generated once into ``root``;
+      ``kwargs`` = fields of ``SyntheticVideoSpec``);
+    - image: ``folder`` (``root/<split>/<class>/*``);
+    - segmentation: ``cityscapes`` (``root/leftImg8bit/<split>``, ``root/gtFine/<split>``),
+      ``pairs`` (``root/<split>/images`` and ``root/<split>/masks``, matched by file stem);
+    - any task: ``random`` (seeded tensors from :mod:`nonlocalnet.engine.toy`, for smoke tests).
+
+    ``kwargs`` go to the dataset class (``VideoDataset``, ``ImageFolderDataset``,
+    ``SegmentationDataset``).
     """
 
     task: str = "video"
