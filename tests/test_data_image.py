@@ -5,8 +5,10 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from nonlocalnet.data import (
@@ -18,9 +20,6 @@ from nonlocalnet.data import (
     load_image,
     load_mask,
 )
-
-np = pytest.importorskip("numpy")
-Image = pytest.importorskip("PIL.Image")
 
 
 def save_rgb(path: Path, value: int, h: int = 20, w: int = 30, fmt: str | None = None) -> Path:

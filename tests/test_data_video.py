@@ -10,6 +10,8 @@ import logging
 import pickle
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -29,9 +31,6 @@ from nonlocalnet.data import (
     read_clips,
     scan_class_folders,
 )
-
-av = pytest.importorskip("av")
-np = pytest.importorskip("numpy")
 
 STEP, BASE = 12, 10
 
