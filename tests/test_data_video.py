@@ -490,3 +490,26 @@ def test_frame_cache_gives_the_same_samples_without_the_file(videos: Path, tmp_p
         ids = _ids_from_normalised(sample["video"])
         assert ids == list(range(ids[0], ids[0] + 10, 3))
     assert cached.num_skipped == 0
+
+
+@pytest.mark.video_io
+def test_folder_and_kinetics_datasets_decode(videos: Path, tmp_path: Path) -> None:
+    data = (videos / "a.mp4").read_bytes()
+    for rel in [
+        "folders/walk/v1.mp4",
+        "folders/run/v2.mp4",
+        "k400/air_drumming/X_000002_000012.mp4",
+    ]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    ds = VideoDataset.from_folder(tmp_path / "folders", num_frames=2, stride=5, seed=0, **SMALL)
+    assert ds.classes == ["run", "walk"] and [ds[i]["label"] for i in range(2)] == [0, 1]
+    ids = _ids_from_normalised(ds[1]["video"])
+    assert ids[1] - ids[0] == 5
+    csv_file = write_list(tmp_path / "k.csv", CSV_HEADER + "air drumming,X,2,12,val\n")
+    ds = VideoDataset.from_kinetics_csv(
+        csv_file, tmp_path / "k400", classes=["abseiling", "air drumming"], num_frames=2,
+        stride=5, seed=0, **SMALL,
+    )  # fmt: skip
+    sample = ds[0]
+    assert sample["label"] == 1 and ds.num_classes == 2 and sample["video"].shape == (3, 2, 40, 40)
