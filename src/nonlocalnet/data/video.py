@@ -14,9 +14,13 @@ training starts (a bad line stops with an error naming the file and the line num
 
 Decoding (:class:`VideoReader`) uses PyAV and decodes only what a clip needs: the frame count comes
 from the stream metadata (``stream.frames``, else ``duration × time_base × rate``), the reader seeks
-to the key frame before the clip's first frame and stops after its last one; frame indices come from
-presentation timestamps. When the metadata is missing it decodes every frame once. Frames are
-returned as ``uint8`` ``(T, H, W, 3)`` RGB.
+to the key frame before the clip's first frame (clips starting at frame 16 or later; earlier ones
+decode from the start) and stops after its last one. Frame indices come from presentation
+timestamps, frame 0 being the first decoded frame. When the metadata is missing it decodes every
+frame once. A stream that ends well before its declared length (a truncated download) counts as
+unreadable. Frames are returned as ``uint8`` ``(T, H, W, 3)`` RGB; the default single decoder
+thread suits DataLoader workers (see benchmarks/results_data.md). ``cache_frames=True`` keeps
+decoded videos in memory for small data sets.
 
 :class:`VideoDataset` yields dicts::
 
