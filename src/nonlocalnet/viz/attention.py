@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 #: Width and height of one frame panel, inches; figures are saved at ``DPI`` without trimming,
 #: so a figure of n panels is exactly ``grid_figsize(n) * DPI`` pixels.
 PANEL_INCHES = 3.2
+#: A single frame (an image) gets a larger panel.
+SINGLE_PANEL_INCHES = 5.0
 DPI = 100
 MAX_COLS = 4
 _TITLE_INCHES = 0.8
@@ -363,12 +365,17 @@ def pick_queries(x: Tensor, num: int, min_separation: int = 2) -> list[tuple[int
 # drawing
 
 
+def _panel_inches(num_panels: int) -> float:
+    return SINGLE_PANEL_INCHES if num_panels == 1 else PANEL_INCHES
+
+
 def grid_figsize(num_panels: int) -> tuple[float, float]:
     """Figure size (inches) of a grid of ``num_panels`` frames with a title and a colour bar."""
     cols = min(num_panels, MAX_COLS)
     rows = math.ceil(num_panels / MAX_COLS)
-    width = max(cols * PANEL_INCHES + _COLORBAR_INCHES, MIN_WIDTH_INCHES)
-    return (width, rows * PANEL_INCHES + _TITLE_INCHES)
+    panel = _panel_inches(num_panels)
+    width = max(cols * panel + _COLORBAR_INCHES, MIN_WIDTH_INCHES)
+    return (width, rows * panel + _TITLE_INCHES)
 
 
 def _as_frames(frames: np.ndarray | Tensor) -> np.ndarray:
@@ -412,17 +419,16 @@ def _setup_grid(n: int, title: str) -> tuple[plt.Figure, list[plt.Axes], plt.Axe
     fig = plt.figure(figsize=grid_figsize(n), dpi=DPI)
     w, h = grid_figsize(n)
     cols = min(n, MAX_COLS)
+    panel = _panel_inches(n)
     axes = []
     for i in range(n):
         r, c = divmod(i, MAX_COLS)
-        left = (c * PANEL_INCHES + 0.55) / w
-        bottom = (h - _TITLE_INCHES - (r + 1) * PANEL_INCHES + 0.5) / h
-        axes.append(
-            fig.add_axes((left, bottom, (PANEL_INCHES - 0.75) / w, (PANEL_INCHES - 0.85) / h))
-        )
+        left = (c * panel + 0.55) / w
+        bottom = (h - _TITLE_INCHES - (r + 1) * panel + 0.5) / h
+        axes.append(fig.add_axes((left, bottom, (panel - 0.75) / w, (panel - 0.85) / h)))
     fig.suptitle(title, fontsize=10, y=1 - 0.12 / h, va="top")
     cax = fig.add_axes(
-        ((cols * PANEL_INCHES + 0.25) / w, 0.5 / h, 0.15 / w, (h - _TITLE_INCHES - 0.8) / h)
+        ((cols * panel + 0.25) / w, 0.5 / h, 0.15 / w, (h - _TITLE_INCHES - 0.8) / h)
     )
     return fig, axes, cax
 
@@ -507,7 +513,7 @@ def draw_attention_arrows(
                 },
             )
         if f == qf:
-            ax.plot(q[2], q[1], "*", ms=16, mfc="cyan", mec="black", mew=1)
+            ax.plot(q[2], q[1], "*", ms=18, mfc="cyan", mec="black", mew=1, zorder=10)
         else:
             ax.plot(q[2], q[1], "o", ms=9, mfc="none", mec="cyan", mew=2)
         ax.set_xlim(-0.5, arr.shape[2] - 0.5)
@@ -567,7 +573,7 @@ def draw_attention_heatmap(
         ax.imshow(arr[f], interpolation="nearest")
         im = ax.imshow(d[f], cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax, interpolation="nearest")
         if f == qf:
-            ax.plot(q[2], q[1], "*", ms=16, mfc="white", mec="black", mew=1)
+            ax.plot(q[2], q[1], "*", ms=18, mfc="white", mec="black", mew=1, zorder=10)
         _label_frame(ax, f, f == qf)
     bar = fig.colorbar(im, cax=cax)
     bar.set_label(label, fontsize=8)
