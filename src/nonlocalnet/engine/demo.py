@@ -1,0 +1,467 @@
+"""``nonlocalnet demo``: the built-in long-range benchmark, C2D vs NL-C2D, end to end.
+
+What it does, through the project's own pieces:
+
+1. generates the data set once (:mod:`nonlocalnet.data.synthetic`; mp4 files and ``<path> <label>``
+   list files, cached under ``--data-root`` by a hash of the generator parameters and seed);
+2. trains a tiny C2D and the same network with non-local blocks under the same budget (same data,
+   steps, batch, optimiser, schedule and seed: the two configs may differ only in ``model``) with
+   :func:`nonlocalnet.engine.train.train`; the data package decodes the mp4 files in DataLoader
+   workers;
+3. evaluates both on the held-out clips with the multi-view protocol (``eval.num_clips`` clips ×
+   ``eval.num_crops`` crops, softmax averaged per video), the training loop's final evaluation;
+4. writes ``metrics.json``, ``learning_curves.png`` (training loss and held-out top-1 against the
+   step), an attention figure of the NL model (arrows from a query on the late cue to its most
+   attended positions, as in the NL paper's Figure 3) and prints the comparison table.
+
+The configs are ``configs/demo_c2d.yaml`` and ``configs/demo_nl_c2d.yaml`` (looked up in the
+working directory, then in the source checkout); ``key=value`` overrides apply to both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nonlocalnet.engine.config import Config, config_to_dict, load_config
+
+__all__ = [
+    "DEFAULT_CONFIGS",
+    "HELP",
+    "add_arguments",
+    "attention_on_early_cue",
+    "measure_loading",
+    "run",
+    "run_demo",
+]
+
+logger = logging.getLogger(__name__)
+
+HELP = "built-in long-range benchmark: train C2D and NL-C2D on generated clips and compare them"
+
+#: model key in metrics.json -> config file name in configs/.
+DEFAULT_CONFIGS = {"c2d": "demo_c2d.yaml", "nl_c2d": "demo_nl_c2d.yaml"}
+
+#: targets of the issue (held-out top-1, fractions) and of the run time on a quiet 2-core machine.
+TARGETS = {"nl_c2d_top1_min": 0.90, "c2d_top1_max": 0.65, "total_time_s_max": 600.0}
+
+
+def _find_config(name: str, config_dir: str | Path | None) -> Path:
+    candidates = []
+    if config_dir is not None:
+        candidates.append(Path(config_dir) / name)
+    else:
+        candidates.append(Path("configs") / name)
+        candidates.append(Path(__file__).resolve().parents[3] / "configs" / name)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"demo config {name!r} not found; looked in {', '.join(str(c) for c in candidates)}"
+    )
+
+
+def _budget(config: Config) -> dict[str, Any]:
+    """Everything but the model: must be equal for a fair comparison."""
+    d = config_to_dict(config)
+    d.pop("model")
+    d["train"].pop("out_dir")
+    return d
+
+
+def load_demo_configs(
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    config_dir: str | Path | None = None,
+    data_root: str | Path | None = None,
+) -> dict[str, Config]:
+    """The two configs of the demo with ``overrides`` applied to both.
+
+    Raises:
+        ValueError: the configs differ in anything but their ``model`` section (and run dir), or
+            the data format is not ``synthetic``.
+    """
+    configs = {
+        key: load_config(_find_config(name, config_dir), overrides)
+        for key, name in DEFAULT_CONFIGS.items()
+    }
+    for key, config in configs.items():
+        if config.data.format != "synthetic":
+            raise ValueError(f"{key}: data.format must be 'synthetic', got {config.data.format!r}")
+        if data_root is not None:
+            config.data.root = str(data_root)
+    budgets = {key: _budget(c) for key, c in configs.items()}
+    first_key, first = next(iter(budgets.items()))
+    for key, budget in budgets.items():
+        if budget != first:
+            diff = sorted(
+                f"{section}.{k}"
+                for section in budget
+                for k in budget[section]
+                if budget[section][k] != first[section].get(k)
+            )
+            raise ValueError(
+                f"demo configs {first_key} and {key} must share data, optimiser, schedule, "
+                f"training and evaluation settings; they differ in {', '.join(diff)}"
+            )
+    return configs
+
+
+def _use_list_files(config: Config, folder: Path) -> None:
+    """Point ``config`` at the generated list files, with the in-memory frame cache on.
+
+    The generated set is small (1536 clips of 8×32×32 take 38 MB), so each DataLoader worker
+    decodes a video once and reuses its frames in later epochs; random crops and flips are still
+    drawn per sample. The ``list`` format is the one real data sets use.
+    """
+    config.data.format = "list"
+    config.data.root = str(folder)
+    config.data.train_split = "train.txt"
+    config.data.val_split = "val.txt"
+    config.data.kwargs = {"cache_frames": True}
+
+
+def measure_loading(config: Config, num_samples: int = 32) -> dict[str, float]:
+    """Time loading training samples in this process (no workers), cold and from the cache.
+
+    Returns:
+        ``decode_ms_per_clip`` (first read: PyAV decoding + transform),
+        ``cached_ms_per_clip`` (second read: transform of the cached frames) and both per batch
+        (× ``train.batch_size``).
+    """
+    from nonlocalnet.engine.build import build_datasets
+
+    train_set, _ = build_datasets(config, val=False)
+    n = min(num_samples, len(train_set) - 1)
+    train_set[n]  # first call: imports and decoder set-up
+    result = {}
+    for name in ("decode", "cached"):
+        start = time.perf_counter()
+        for i in range(n):
+            train_set[i]
+        per_clip = (time.perf_counter() - start) / n
+        result[f"{name}_ms_per_clip"] = 1e3 * per_clip
+        result[f"{name}_ms_per_batch"] = 1e3 * per_clip * config.train.batch_size
+    return result
+
+
+def _read_curves(run_dir: Path) -> dict[str, list[list[float]]]:
+    """``{"loss": [[step, loss]...], "val_top1": [[step, top1 fraction]...]}`` of a run."""
+    curves: dict[str, list[list[float]]] = {"loss": [], "val_top1": []}
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return curves
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("split") == "train" and "loss" in record:
+            curves["loss"].append([record["step"], record["loss"]])
+        elif record.get("split") == "val" and "top1" in record:
+            curves["val_top1"].append([record["step"], record["top1"] / 100.0])
+    return curves
+
+
+def plot_curves(models: dict[str, dict[str, Any]], path: Path, chance: float) -> Path:
+    """Training loss and held-out top-1 against the step, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, m in models.items():
+        loss = m["curves"]["loss"]
+        acc = m["curves"]["val_top1"] + [[m["steps"], m["top1"]]]
+        if loss:
+            ax_loss.plot(*zip(*loss, strict=True), label=key)
+        ax_acc.plot(*zip(*acc, strict=True), marker="o", label=key)
+    ax_loss.set(xlabel="step", ylabel="training loss (cross-entropy)", title="training loss")
+    ax_acc.axhline(chance, color="grey", linestyle="--", label="chance")
+    ax_acc.set(xlabel="step", ylabel="held-out top-1 (multi-view)", ylim=(0, 1.02))
+    ax_acc.set_title("held-out accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def attention_on_early_cue(
+    pixels: torch.Tensor,
+    weights: torch.Tensor,
+    early: tuple[int, int],
+    cue_frames: int,
+    radius: float,
+) -> float:
+    """Share of attention weight on keys whose pixel centre lies on the early cue.
+
+    Args:
+        pixels: ``(M, 3)`` key centres ``(t, y, x)`` in input pixels.
+        weights: ``(M,)`` attention weights of one query (summing to 1).
+        early: the early cue's centre ``(y, x)``.
+        cue_frames: the early cue is in frames ``[0, cue_frames)``.
+        radius: distance in pixels within which a key counts as on the cue.
+    """
+    t, y, x = pixels[:, 0], pixels[:, 1], pixels[:, 2]
+    near = (t < cue_frames) & ((y - early[0]) ** 2 + (x - early[1]) ** 2 <= radius**2)
+    return float(weights[near].sum() / weights.sum())
+
+
+def _attention_figure(
+    run_dir: Path,
+    out_dir: Path,
+    data_folder: Path,
+    spec: Any,
+    config: Config,
+    num_clips: int = 64,
+) -> dict[str, Any]:
+    """Arrows from the late cue of held-out 'same' clips; attention share on the early cue."""
+    from nonlocalnet.data.synthetic import read_video_metadata
+    from nonlocalnet.engine.build import build_datasets
+    from nonlocalnet.engine.checkpoint import latest_checkpoint, load_model
+    from nonlocalnet.viz.attention import attention_blocks, attention_figure, query_attention
+    from nonlocalnet.viz.geometry import trace_geometry
+
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir}")
+    model, _ = load_model(path)
+    model.eval()
+    blocks = attention_blocks(model)
+    if not blocks:
+        raise ValueError("the NL model has no attention block to draw")
+    meta = read_video_metadata(data_folder)["val"]
+    _, val_set = build_datasets(config, train=False)
+    t_last = spec.frames - 1
+    shares: dict[str, list[float]] = {name: [] for name, _ in blocks}
+    uniform: dict[str, list[float]] = {name: [] for name, _ in blocks}
+    figure: dict[str, Any] = {}
+    for i in range(min(len(meta), num_clips)):
+        m = meta[i]
+        clip = val_set[i]["video"][0]  # (C, T, H, W): the first view
+        early, late = m["centres"]
+        query = (t_last, late[0], late[1])
+        for name, block in blocks:
+            inputs, geometries = trace_geometry(model, clip[None], block)
+            att = query_attention(block, inputs, geometries, [_nearest(geometries[-1], query)])
+            centres = att.cells[0].centres()  # (M, 3) key centres (t, y, x) in pixels
+            radius = 1.5 * spec.radius
+            shares[name].append(
+                attention_on_early_cue(centres, att.rows[0], early, spec.cue_frames, radius)
+            )
+            flat = torch.ones(len(centres))
+            uniform[name].append(
+                attention_on_early_cue(centres, flat, early, spec.cue_frames, radius)
+            )
+        if not figure and m["label"] == 1:
+            figs = attention_figure(
+                model,
+                clip,
+                frames=_clip_frames(data_folder / m["path"]),
+                block_name=blocks[0][0],
+                queries=[query],
+                k=8,
+                out_dir=out_dir,
+                model_name="NL-C2D (demo)",
+                input_name=f"held-out clip {m['path']} (same colour)",
+            )
+            figure = {"clip": m["path"], "block": figs.block_name, "paths": figs.paths[0]}
+    return {
+        "figure": [str(p) for p in figure.get("paths", [])],
+        "figure_clip": figure.get("clip"),
+        "figure_block": figure.get("block"),
+        "query": "centre of the late cue in the last frame",
+        "num_clips": len(next(iter(shares.values()))),
+        "attention_on_early_cue": {k: sum(v) / len(v) for k, v in shares.items() if v},
+        "uniform_attention_on_early_cue": {k: sum(v) / len(v) for k, v in uniform.items() if v},
+    }
+
+
+def _nearest(geo: Any, pixel: tuple[float, ...]) -> tuple[int, ...]:
+    from nonlocalnet.viz.attention import _pixel_to_position
+
+    return _pixel_to_position(geo, pixel)
+
+
+def _clip_frames(path: Path) -> Any:
+    from nonlocalnet.data import VideoReader
+
+    with VideoReader(path) as reader:
+        return reader.get_frames(list(range(reader.num_frames))).numpy()  # (T, H, W, 3)
+
+
+def _table(models: dict[str, dict[str, Any]], chance: float) -> str:
+    rows = [
+        f"{'model':<8} {'params':>8} {'held-out top-1':>15} {'train loss':>11} "
+        f"{'train time (s)':>15} {'ms/step':>8}"
+    ]
+    for key, m in models.items():
+        rows.append(
+            f"{key:<8} {m['params']:>8,} {100 * m['top1']:>14.1f}% {m['final_loss']:>11.3f} "
+            f"{m['train_time_s']:>15.1f} {m['step_ms']:>8.1f}"
+        )
+    rows.append(f"chance: {100 * chance:.0f}%")
+    return "\n".join(rows)
+
+
+def run_demo(
+    out: str | Path = "runs/demo",
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+    config_dir: str | Path | None = None,
+    data_root: str | Path | None = None,
+    attention: bool = True,
+) -> dict[str, Any]:
+    """Run the whole demo; return what ``metrics.json`` holds.
+
+    Args:
+        out: report folder (``metrics.json``, ``learning_curves.png``, ``attention/``, ``runs/``).
+        overrides: ``key=value`` overrides applied to both configs.
+        config_dir: folder holding ``demo_c2d.yaml`` and ``demo_nl_c2d.yaml``.
+        data_root: cache folder of the generated data (default: the configs' ``data.root``).
+        attention: draw the attention figure.
+    """
+    from nonlocalnet.data.synthetic import SyntheticVideoSpec, generate_video_dataset
+    from nonlocalnet.engine.train import train
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    configs = load_demo_configs(overrides, config_dir=config_dir, data_root=data_root)
+    base = next(iter(configs.values()))
+    spec = SyntheticVideoSpec(**base.data.kwargs)
+    t0 = time.perf_counter()
+    cached = (Path(base.data.root) / spec.key() / "metadata.json").is_file()
+    folder = generate_video_dataset(base.data.root, spec)
+    data_time = time.perf_counter() - t0
+    for config in configs.values():
+        _use_list_files(config, folder)
+    loading = measure_loading(base)
+
+    models: dict[str, dict[str, Any]] = {}
+    run_dirs: dict[str, Path] = {}
+    for key, config in configs.items():
+        run_dir = out / "runs" / key
+        config.train.out_dir = str(run_dir)
+        logger.info(
+            "demo: training %s (%s) for %d steps", key, config.model.name, config.train.steps
+        )
+        t0 = time.perf_counter()
+        final = train(config, out_dir=run_dir)
+        train_time = time.perf_counter() - t0
+        curves = _read_curves(run_dir)
+        from nonlocalnet.engine.build import build_model
+
+        params = sum(p.numel() for p in build_model(config).parameters())
+        throughput = [r for r in _train_records(run_dir) if "samples_per_s" in r]
+        step_ms = (
+            1e3
+            * config.train.batch_size
+            / (sum(r["samples_per_s"] for r in throughput) / len(throughput))
+            if throughput
+            else 1e3 * train_time / config.train.steps
+        )
+        top1 = final.get("val_top1", final.get("top1"))
+        models[key] = {
+            "model": config.model.name,
+            "model_kwargs": config.model.kwargs,
+            "params": params,
+            "top1": None if top1 is None else top1 / 100.0,
+            "top5": None,
+            "final_loss": final.get("loss", math.nan),
+            "steps": config.train.steps,
+            "train_time_s": train_time,
+            "step_ms": step_ms,
+            "curves": curves,
+        }
+        run_dirs[key] = run_dir
+
+    chance = 0.5
+    report: dict[str, Any] = {
+        "models": models,
+        "data": {
+            "folder": str(folder),
+            "cached": cached,
+            "generation_time_s": data_time,
+            "spec": {k: getattr(spec, k) for k in spec.__dataclass_fields__},
+            "num_train": spec.num_train,
+            "num_val": spec.num_val,
+            **loading,
+        },
+        "chance": chance,
+        "protocol": {
+            "num_clips": base.eval.num_clips,
+            "num_crops": base.eval.num_crops,
+            "aggregation": "softmax scores averaged per video",
+        },
+        "budget": {
+            "steps": base.train.steps,
+            "batch_size": base.train.batch_size,
+            "lr": base.optim.lr,
+            "schedule": base.schedule.name,
+            "seed": base.train.seed,
+        },
+        "targets": TARGETS,
+    }
+    report["learning_curves"] = str(plot_curves(models, out / "learning_curves.png", chance))
+    if attention and "nl_c2d" in run_dirs:
+        report["attention"] = _attention_figure(
+            run_dirs["nl_c2d"], out / "attention", folder, spec, configs["nl_c2d"]
+        )
+    report["total_time_s"] = time.perf_counter() - t_start
+    nl, c2d = models.get("nl_c2d", {}), models.get("c2d", {})
+    report["met"] = {
+        "nl_c2d_top1": nl.get("top1") is not None and nl["top1"] >= TARGETS["nl_c2d_top1_min"],
+        "c2d_top1": c2d.get("top1") is not None and c2d["top1"] <= TARGETS["c2d_top1_max"],
+        "total_time_s": report["total_time_s"] <= TARGETS["total_time_s_max"],
+    }
+    (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(_table(models, chance))
+    return report
+
+
+def _train_records(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [
+        r
+        for r in (json.loads(line) for line in path.read_text().splitlines())
+        if r.get("split") == "train"
+    ]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``nonlocalnet demo``."""
+    parser.add_argument("--out", default="runs/demo", help="report folder (default runs/demo)")
+    parser.add_argument(
+        "--data-root", default=None, help="cache folder of the generated data (default: config)"
+    )
+    parser.add_argument(
+        "--config-dir", default=None, help="folder with demo_c2d.yaml and demo_nl_c2d.yaml"
+    )
+    parser.add_argument("--no-attention", action="store_true", help="skip the attention figure")
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value overrides for both configs (train.steps=100)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``nonlocalnet demo``."""
+    run_demo(
+        args.out,
+        overrides=args.overrides,
+        config_dir=args.config_dir,
+        data_root=args.data_root,
+        attention=not args.no_attention,
+    )
+    return 0
