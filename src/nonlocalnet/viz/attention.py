@@ -454,7 +454,9 @@ def draw_attention_arrows(
 
     Each shown frame gets the arrows to the targets that lie in it, drawn from the query's (y, x);
     the query is a filled star on its own frame, an open circle on the others. Arrow colour and
-    width grow with the weight.
+    width grow with the weight. A target whose t is fractional (a feature frame that spans
+    several input frames, e.g. centre 2.5 for frames 2 and 3) is drawn on the frame nearest to
+    it, halves rounding up; a target at the query's own (y, x) is a circle instead of an arrow.
 
     Args:
         frames: uint8 ``(T, H, W, 3)`` (a video clip as given to the model) or ``(H, W, 3)``.

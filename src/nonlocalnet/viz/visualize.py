@@ -151,8 +151,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=parse_query,
         default=None,
         metavar="T,Y,X",
-        help="query positions in input pixels (t,y,x for video, y,x for images); "
-        "default: the positions of largest input-feature norm",
+        help="query positions in pixels of the prepared input (after the test resize and "
+        "crop; t = frame of the clip): t,y,x for video, y,x for images; default: the "
+        "positions of largest input-feature norm",
     )
     parser.add_argument(
         "--num-queries", type=int, default=3, help="queries picked when --queries is not given"
