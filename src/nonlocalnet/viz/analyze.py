@@ -141,13 +141,13 @@ def analyze_model(
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown table: per block, mean ± std over samples of the three distances."""
+    """Markdown table: per block, mean ± std over samples of the three distances (3 digits)."""
     lines = [
         "| block | type | samples | input 1−cos | output 1−cos | attention 1−cos |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        cells = [f"{r[f'{d}_mean']:.4f} ± {r[f'{d}_std']:.4f}" for d in DISTANCES]
+        cells = [f"{r[f'{d}_mean']:.3g} ± {r[f'{d}_std']:.2g}" for d in DISTANCES]
         lines.append(f"| {r['block']} | {r['type']} | {r['samples']} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
@@ -173,7 +173,7 @@ def plot_report(rows: Sequence[Mapping[str, Any]], out_path: str | Path, title: 
         means = [r[f"{d}_mean"] for r in rows]
         stds = [r[f"{d}_std"] for r in rows]
         bars = ax.bar(xs, means, width, yerr=stds, capsize=3, color=colours[d], label=names[d])
-        ax.bar_label(bars, labels=[f"{m:.3f}" for m in means], fontsize=7, padding=2)
+        ax.bar_label(bars, labels=[f"{m:.3g}" for m in means], fontsize=7, padding=2)
     ax.set_xticks(range(n), [f"{r['block']}\n({r['type']})" for r in rows], fontsize=8)
     ax.set_xlabel("block")
     ax.set_ylabel("average cosine distance 1 − cos (unitless, 0..2)")
