@@ -453,6 +453,7 @@ def train(
     skipped = torch.zeros(2, dtype=torch.float64)  # (skipped videos, samples loaded)
     window_loss, window_steps = torch.zeros((), dtype=torch.float64), 0
     last: dict[str, Any] = {"step": start_step}
+    val_metrics: dict[str, Any] | None = None
     t0 = time.perf_counter()
     bar = _progress(total, start_step, tc.progress and dist_info.is_main)
     try:
@@ -525,11 +526,14 @@ def train(
                 window_loss.zero_()
                 window_steps = 0
                 t0 = time.perf_counter()
+            # Evaluate before checkpointing: precise BN changes the running statistics, and a
+            # run resumed from this checkpoint must continue from the same state.
+            final_eval = done == total and tc.eval_every >= 0 and val_set is not None
+            if final_eval or (tc.eval_every > 0 and done % tc.eval_every == 0):
+                val_metrics = evaluate_now(done)
+                t0 = time.perf_counter()
             if done % tc.checkpoint_every == 0 or done == total:
                 save(done)
-            if tc.eval_every > 0 and done % tc.eval_every == 0 and done != total:
-                evaluate_now(done)
-                t0 = time.perf_counter()
     finally:
         bar.close()
 
@@ -542,8 +546,9 @@ def train(
     if total_skipped[0] > 0:
         logger.warning("%d videos were skipped (unreadable) during training", int(total_skipped[0]))
     if tc.eval_every >= 0 and val_set is not None:
-        metrics = evaluate_now(total)
-        result.update({f"val_{k}": v for k, v in metrics.items()})
+        if val_metrics is None:  # resumed from the final checkpoint: nothing was trained
+            val_metrics = evaluate_now(total)
+        result.update({f"val_{k}": v for k, v in val_metrics.items()})
     export = tc.export_safetensors if export_safetensors is None else export_safetensors
     if export and dist_info.is_main:
         ckpt.export_safetensors(model, run_dir / "model.safetensors")
