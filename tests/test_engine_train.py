@@ -282,3 +282,67 @@ def test_evaluate_and_eval_cli(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert json.loads((tmp_path / "m.json").read_text())["top1"] == metrics["top1"]
     assert "top1" in capsys.readouterr().out
     assert main(["eval", "--config", str(cfg_file), "--checkpoint", str(tmp_path / "x")]) == 2
+
+
+def test_tensorboard_events_when_installed(tmp_path: Path, monkeypatch: Any) -> None:
+    """tensorboard is not a dependency: a stand-in SummaryWriter receives the logged scalars."""
+    import sys
+    import types
+
+    calls: list[tuple[str, float, int]] = []
+
+    class Writer:
+        def __init__(self, log_dir: str, purge_step: int = 0) -> None:
+            assert log_dir == str(tmp_path / "tensorboard") and purge_step == 0
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            calls.append((tag, value, step))
+
+        def close(self) -> None:
+            calls.append(("closed", 0.0, 0))
+
+    monkeypatch.setitem(
+        sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer)
+    )
+    train(_config(train={"steps": 2, "log_every": 1, "checkpoint_every": 2}), out_dir=tmp_path)
+    tags = [(t, s) for t, _, s in calls]
+    assert ("train/loss", 1) in tags and ("train/lr", 2) in tags and ("val/top1", 2) in tags
+    assert calls[-1][0] == "closed"
+    losses = [
+        json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()[:2]
+    ]
+    assert [v for t, v, _ in calls if t == "train/loss"] == losses
+
+
+def test_train_cli_help_and_export_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import yaml
+
+    from nonlocalnet.cli import main
+    from nonlocalnet.engine.config import config_to_dict
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--resume" in capsys.readouterr().out
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(
+        yaml.safe_dump(config_to_dict(_config(train={"steps": 1, "eval_every": -1})))
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(cfg_file),
+                "--out",
+                str(tmp_path / "a"),
+                "--no-export-safetensors",
+                "optim.lr=0.01",
+            ]
+        )
+        == 0
+    )
+    assert not (tmp_path / "a" / "model.safetensors").exists()
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["step"] == 1 and printed["lr"] == pytest.approx(0.01)
+    saved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert saved["optim"]["lr"] == 0.01  # the resolved config, overrides applied
