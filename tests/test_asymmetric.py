@@ -326,3 +326,33 @@ def test_bad_inputs() -> None:
         afnb(low, high[:1])
     with pytest.raises(ValueError, match="AFNB: high must be a 4-d"):
         afnb(low, high[0])
+
+
+# -- cost (the benchmark's counts) -----------------------------------------------------------
+
+
+def test_cost_targets_at_the_cityscapes_size() -> None:
+    """ANN's claim at 128×256, C = 2048, key/value 256: counted on meta tensors (no compute)."""
+    from nonlocalnet.bench_context import Case, analytic_macs, counted_macs
+
+    nl = Case("apnb", "nl", "reference", 2048, (128, 256), 256)
+    apnb = Case("apnb", "apnb", "reference", 2048, (128, 256), 256)
+    nl_macs, _ = counted_macs(nl)
+    apnb_total, apnb_branch = counted_macs(apnb)
+    assert (nl_macs, nl_macs) == analytic_macs(nl)
+    assert (apnb_total, apnb_branch) == analytic_macs(apnb)
+    n = 128 * 256
+    # NL: θ, φ, g, W_z (4·N·C·256) + QKᵀ and PV (2·N²·256)
+    assert nl_macs == 4 * n * 2048 * 256 + 2 * n * n * 256
+    assert nl_macs / apnb_branch >= 10  # 11.6×: the non-local part, as the paper compares
+    assert apnb_total - apnb_branch == n * 4096 * 2048  # the concat fusion conv on top
+    nl_map, apnb_map = n * n * 4, n * 110 * 4  # float32 bytes
+    assert nl_map == 4 * 2**30 and apnb_map / 2**20 == pytest.approx(13.75)
+    assert nl_map / apnb_map >= 100
+
+
+def test_bench_counts_match_closed_forms() -> None:
+    from nonlocalnet.bench_context import analytic_macs, cases, counted_macs
+
+    for case in cases(quick=True):
+        assert counted_macs(case) == analytic_macs(case), case

@@ -25,6 +25,7 @@ This module depends on torch alone.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -116,6 +117,14 @@ def _map_rows(w: Tensor, queries: Sequence[int] | Tensor | None) -> Tensor:
     return w.expand(-1, idx.numel(), -1)  # (B, Nq, N), a view
 
 
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled, on devices that have autocast (not on ``meta``)."""
+    available = getattr(torch.amp, "is_autocast_available", None)
+    if available is not None and not available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
 class _LayerNormFp32(nn.LayerNorm):
     """LayerNorm computed in (at least) float32, also under half-precision autocast.
 
@@ -124,7 +133,7 @@ class _LayerNormFp32(nn.LayerNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         dt = _compute_dtype(x.dtype)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             w = self.weight.to(dt) if self.weight is not None else None
             b = self.bias.to(dt) if self.bias is not None else None
             out = F.layer_norm(x.to(dt), self.normalized_shape, w, b, self.eps)
