@@ -358,7 +358,8 @@ def train(
     resume_path = _resolve_resume(resume, run_dir)
     rng_state = None
     if resume_path is not None:
-        state = ckpt.load_checkpoint(resume_path, map_location=device)
+        # On the CPU: RNG states must stay CPU tensors; load_state_dict moves weights to `device`.
+        state = ckpt.load_checkpoint(resume_path, map_location="cpu")
         if state.get("config", {}).get("model") != config_to_dict(config)["model"]:
             logger.warning("--resume: the checkpoint's model section differs from the config's")
         model.load_state_dict(state["model"])
@@ -397,6 +398,18 @@ def train(
         pin_memory=device.type == "cuda",
         collate_fn=collate_for(config),
     )
+    if resume_path is not None:
+        stored = state.get("sampler") or {}
+        current = sampler.state_dict(start_step)
+        for key in ("seed", "num_samples", "global_batch"):
+            if key in stored and stored[key] != current[key]:
+                logger.warning(
+                    "--resume: %s was %s in the checkpoint and is %s now: the data order will "
+                    "differ from the interrupted run's",
+                    key,
+                    stored[key],
+                    current[key],
+                )
     if rng_state is not None:
         ckpt.restore_rng_state(rng_state)  # last: building the model drew from the generators
 
