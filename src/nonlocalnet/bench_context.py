@@ -75,6 +75,7 @@ class Case:
     width: int | None = None  # NL inner width / APNB key and value width
     device: str = "cpu"
     note: str = ""
+    threads: int | None = None  # torch CPU threads in the worker (None: torch's default)
 
 
 def _kwargs(case: Case) -> dict[str, Any]:
@@ -180,6 +181,8 @@ def mem_available_gib() -> float | None:
 def measure(case: Case) -> dict[str, Any]:
     """Time and peak memory of the case's forward pass, in this process."""
     device = torch.device(case.device)
+    if case.threads is not None:
+        torch.set_num_threads(case.threads)
     torch.manual_seed(0)
     # warm kernels and thread pools on a tiny map first
     small = Case(**{**asdict(case), "size": (8, 8)})
@@ -192,17 +195,26 @@ def measure(case: Case) -> dict[str, Any]:
     x = torch.randn(1, case.channels, *case.size, device=device)
     cuda = device.type == "cuda"
 
-    def once() -> float:
+    def once(fn: Any = block) -> float:
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.no_grad():
-            y = block(x)
+            y = fn(x)
         if cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         del y
         return dt
+
+    def repeat(fn: Any, first: float) -> list[float]:
+        if first >= 10.0:
+            return [first]
+        times: list[float] = []
+        deadline = time.perf_counter() + max(2.0, 3 * first)
+        while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+            times.append(once(fn))
+        return times
 
     if cuda:
         torch.cuda.synchronize()
@@ -216,15 +228,13 @@ def measure(case: Case) -> dict[str, Any]:
         peak = (torch.cuda.max_memory_allocated() - base) / MIB
     else:
         peak = ((_proc_kib("VmHWM") or 0) - (base or 0)) / 1024.0 if tracked else float("nan")
-    times = [first]
-    if first < 10.0:
-        times = []
-        deadline = time.perf_counter() + max(2.0, 3 * first)
-        while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
-            times.append(once())
+    times = repeat(block, first)
+    # APNB: the non-local branch alone (everything but the concat fusion conv)
+    branch = repeat(block.residual, once(block.residual)) if case.block == "apnb" else times
     return {
         "fwd_ms": 1000.0 * statistics.median(times),
         "fwd_ms_min": 1000.0 * min(times),
+        "branch_ms": 1000.0 * statistics.median(branch),
         "peak_extra_mib": peak,
         "reps": len(times),
         "params": sum(p.numel() for p in block.parameters()),
@@ -269,8 +279,10 @@ def _dense_nl_fits(c: int, size: tuple[int, int]) -> tuple[bool, str]:
     return True, ""
 
 
-def cases(quick: bool, device: str = "cpu") -> list[Case]:
-    """Every row of the suite."""
+def cases(
+    quick: bool, device: str = "cpu", group: str = "all", threads: int | None = None
+) -> list[Case]:
+    """The rows of the suite (``group``: "apnb", "context" or "all")."""
     c, w, size = APNB_QUICK if quick else APNB_FULL
     ref_size, note = size, ""
     if device == "cpu":
@@ -291,7 +303,9 @@ def cases(quick: bool, device: str = "cpu") -> list[Case]:
     ]
     rows += [Case("context", b, "fast", cc, csize, None, device) for b in ("snl", "gc", "gc_r4")]
     rows.append(Case("context", "se", "fast", cc, csize, None, device))
-    return rows
+    for r in rows:
+        r.threads = threads
+    return [r for r in rows if group in ("all", r.group)]
 
 
 def _map_mib(case: Case) -> float:
@@ -301,10 +315,16 @@ def _map_mib(case: Case) -> float:
     return rows * m * 4 / MIB
 
 
-def measure_suite(quick: bool, device: str = "cpu", timeout: float = 900.0) -> list[dict]:
+def measure_suite(
+    quick: bool,
+    device: str = "cpu",
+    timeout: float = 900.0,
+    group: str = "all",
+    threads: int | None = None,
+) -> list[dict]:
     """Measure every case; returns the rows (with the ratios to the NL row of each group)."""
     rows: list[dict[str, Any]] = []
-    for case in cases(quick, device):
+    for case in cases(quick, device, group, threads):
         macs, branch = counted_macs(case)
         closed = analytic_macs(case)
         if (macs, branch) != closed:
@@ -325,6 +345,7 @@ def measure_suite(quick: bool, device: str = "cpu", timeout: float = 900.0) -> l
             "M": {"apnb": 110, "se": 0}.get(case.block, n),
             "fwd_ms": res.get("fwd_ms", float("nan")),
             "fwd_ms_min": res.get("fwd_ms_min", float("nan")),
+            "branch_ms": res.get("branch_ms", float("nan")),
             "reps": res.get("reps", 0),
             "peak_extra_mib": res.get("peak_extra_mib", float("nan")),
             "macs": macs,
@@ -332,6 +353,7 @@ def measure_suite(quick: bool, device: str = "cpu", timeout: float = 900.0) -> l
             "map_mib": _map_mib(case),
             "params": res.get("params", sum(p.numel() for p in build(case, "meta").parameters())),
             "device": device,
+            "threads": case.threads or torch.get_num_threads(),
             "note": case.note or res.get("error", ""),
         }
         rows.append(row)
@@ -365,6 +387,7 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
             r["macs_branch_vs_nl"] = 1.0 if own else r["macs_branch"] / ref_macs
             r["map_vs_nl"] = 1.0 if own else r["map_mib"] / ref_map
             r["time_vs_nl"] = 1.0 if own else _div(r["fwd_ms"], ref["fwd_ms"] * s)
+            r["branch_time_vs_nl"] = 1.0 if own else _div(r["branch_ms"], ref["fwd_ms"] * s)
             r["mem_vs_nl"] = 1.0 if own else _div(r["peak_extra_mib"], ref["peak_extra_mib"] * s)
             r["params_vs_nl"] = r["params"] / ref["params"]
 
@@ -377,15 +400,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """Markdown tables of the two groups."""
     out = []
     head = (
-        "| block | impl | C | map | N | M | fwd ms (min) | peak extra MiB | GMACs | GMACs branch "
-        "| map MiB | params | MACs ×fewer | branch MACs ×fewer | map ×smaller | time / NL "
+        "| block | impl | C | map | N | M | fwd ms (min) | branch ms | peak extra MiB | GMACs | GMACs branch "
+        "| map MiB | params | MACs ×fewer | branch MACs ×fewer | map ×smaller | time / NL | branch time / NL "
         "| mem / NL | params / NL | note |"
     )
     for group, title in (
         ("apnb", "APNB vs dense NL (key/value width as given, batch 1, fp32, forward)"),
         ("context", "GC / SNL / SE overhead vs NL (batch 1, fp32, forward)"),
     ):
-        out += [f"### {title}", "", head, "|" + "---|" * 19]
+        out += [f"### {title}", "", head, "|" + "---|" * 21]
         for r in rows:
             if r["group"] != group:
                 continue
@@ -396,10 +419,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
             out.append(
                 f"| {r['block']} | {r['impl']} | {r['C']} | {r['size'][0]}×{r['size'][1]} | {r['N']} | {r['M']} "
-                f"| {r['fwd_ms']:.2f} ({r['fwd_ms_min']:.2f}) | {r['peak_extra_mib']:.1f} | {r['macs'] / 1e9:.3f} "
+                f"| {r['fwd_ms']:.2f} ({r['fwd_ms_min']:.2f}) | {r['branch_ms']:.2f} | {r['peak_extra_mib']:.1f} | {r['macs'] / 1e9:.3f} "
                 f"| {r['macs_branch'] / 1e9:.3f} | {r['map_mib']:.3g} | {r['params']:,} "
                 f"| {inv('macs_vs_nl')} | {inv('macs_branch_vs_nl')} | {inv('map_vs_nl')} "
-                f"| {r.get('time_vs_nl', float('nan')):.3g} | {r.get('mem_vs_nl', float('nan')):.3g} "
+                f"| {r.get('time_vs_nl', float('nan')):.3g} "
+                f"| {r.get('branch_time_vs_nl', float('nan')):.3g} | {r.get('mem_vs_nl', float('nan')):.3g} "
                 f"| {r.get('params_vs_nl', float('nan')):.3g} | {r['note']} |"
             )
         out.append("")
@@ -409,14 +433,17 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def run(args: argparse.Namespace) -> list[dict]:
     """Entry point of ``nonlocalnet bench --suite context``: measure, print, return the rows.
 
-    Reads ``args.quick`` and, when present, ``args.device``, ``args.timeout`` and ``args.json``
+    Reads ``args.quick`` and, when present, ``args.device``, ``args.timeout``, ``args.threads``,
+    ``args.context_group`` (``apnb``/``context``/``all``) and ``args.json``
     (rows written to ``<json stem>_context.json`` next to it when the NL suite writes ``args.json``
     too, i.e. ``--suite all``).
     """
     quick = bool(getattr(args, "quick", False))
     device = getattr(args, "device", None) or "cpu"
     timeout = float(getattr(args, "timeout", None) or 900.0)
-    rows = measure_suite(quick, device, timeout)
+    group = getattr(args, "context_group", None) or "all"
+    threads = getattr(args, "threads", None)
+    rows = measure_suite(quick, device, timeout, group, threads)
     print(format_table(rows))
     path = getattr(args, "json", None)
     if path is not None:
@@ -434,7 +461,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per row")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per row (1 gives stable times on a loaded machine)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the rows to this file")
+    p.add_argument(
+        "--group", dest="context_group", choices=("apnb", "context", "all"), default="all"
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker is not None:
