@@ -74,6 +74,7 @@ def test_reference_equals_formula(pairwise: str) -> None:
 @pytest.mark.parametrize("pairwise", NLF.PAIRWISE)
 def test_pairwise_weights_match_formula(pairwise: str) -> None:
     q, k, _ = _tokens(pairwise, 2, 5, 4, 3, 1)
+    q, k = q.detach(), k.detach()
     with torch.no_grad():
         w = NLF.pairwise_weights(pairwise, q, k, scale=0.5)
     assert w.shape == (2, 5, 4)

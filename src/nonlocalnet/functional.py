@@ -223,6 +223,11 @@ def concatenation_aggregate(a: Tensor, b: Tensor, value: Tensor, *, impl: str = 
     if impl == "reference":
         return torch.bmm(pairwise_weights("concatenation", a, b), value)
     m = b.shape[1]
+    out_dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), value.dtype)
+    # The suffix sums below subtract large partial sums (a_i Σ v + Σ b v): accumulate half and
+    # bfloat16 inputs in float32, as fused attention kernels do.
+    acc = torch.promote_types(out_dtype, torch.float32)
+    a, b, value = a.to(acc), b.to(acc), value.to(acc)
     b_sorted, order = torch.sort(b.squeeze(-1), dim=1)  # (B, M), ascending
     v_sorted = torch.gather(value, 1, order.unsqueeze(-1).expand_as(value))  # (B, M, C_v)
     bv_sorted = b_sorted.unsqueeze(-1) * v_sorted  # (B, M, C_v)
@@ -234,7 +239,7 @@ def concatenation_aggregate(a: Tensor, b: Tensor, value: Tensor, *, impl: str = 
     cut = torch.searchsorted(b_sorted.contiguous(), (-a.squeeze(-1)).contiguous(), right=True)
     picked = torch.gather(suffix, 1, cut.unsqueeze(-1).expand(-1, -1, suffix.shape[-1]))
     sum_v, sum_bv = picked.chunk(2, dim=-1)  # (B, N, C_v) each
-    return (a * sum_v + sum_bv) / m  # (B, N, C_v)
+    return ((a * sum_v + sum_bv) / m).to(out_dtype)  # (B, N, C_v)
 
 
 def aggregate(
