@@ -116,6 +116,13 @@ def test_bad_values_are_named(data: dict, message: str) -> None:
 def test_int_is_accepted_for_float_and_converted() -> None:
     config = config_from_dict({"optim": {"lr": 1}})
     assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+    # YAML 1.1 reads 1e-4 (no dot) as the string "1e-4": accepted where a float is expected.
+    config = load_config(None, ["optim.weight_decay=1e-4", "optim.lr=5E-2"])
+    assert config.optim.weight_decay == 1e-4 and config.optim.lr == 0.05
+    with pytest.raises(TypeError, match=r"optim\.lr: expected float, got '1e-4x'"):
+        load_config(None, ["optim.lr=1e-4x"])
+    with pytest.raises(TypeError, match=r"train\.steps: expected int, got '1e3'"):
+        load_config(None, ["train.steps=1e3"])
 
 
 def test_overrides_parse_yaml_values_and_are_type_checked(tmp_path: Path) -> None:

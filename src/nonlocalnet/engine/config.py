@@ -18,6 +18,7 @@ through the same checks.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -234,6 +235,9 @@ class Config:
 # ----------------------------------------------------------------------------- type checking
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _type_name(tp: Any) -> str:
     if isinstance(tp, type):
         return tp.__name__
@@ -281,6 +285,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise TypeError(f"{key}: expected int, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            # YAML 1.1 reads 1e-4 (no dot) as a string; accept it where a float is expected.
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{key}: expected float, got {value!r}")
         return float(value)
