@@ -22,6 +22,17 @@ from nonlocalnet.models import (
     without_blocks,
 )
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small convolutions run far faster on one thread when the machine's cores are shared
+    (OpenMP threads of several processes contend); restored after this module."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 TINY_2D = {
     "block": "bottleneck",
     "layers": (2, 2, 3, 2),
