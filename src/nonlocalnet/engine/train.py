@@ -227,6 +227,7 @@ class MetricsLog:
     def __init__(self, run_dir: Path | None, start_step: int) -> None:
         self.file = None
         self.writer = None
+        self.enabled = run_dir is not None  # only the main process logs
         if run_dir is None:
             return
         path = run_dir / "metrics.jsonl"
@@ -249,6 +250,8 @@ class MetricsLog:
             logger.debug("tensorboard not installed: no event files")
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         line = json.dumps(record, sort_keys=False)
         logger.info(line)
         if self.file is not None:
