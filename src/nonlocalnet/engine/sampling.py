@@ -21,7 +21,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
+
+try:
+    import numpy as _np
+except ImportError:  # pragma: no cover - numpy is optional
+    _np = None
 
 __all__ = ["EvalBatchSampler", "SeededDataset", "StepBatchSampler", "sample_seed"]
 
@@ -142,24 +147,30 @@ class SeededDataset(Dataset):
         set_epoch = getattr(self.dataset, "set_epoch", None)
         if callable(set_epoch):
             set_epoch(epoch)
+        if get_worker_info() is not None:
+            # A DataLoader worker: its generators serve nothing else, no need to restore them.
+            _seed_all(seed)
+            return self.dataset[index]
         py_state = random.getstate()
+        np_state = _np.random.get_state() if _np is not None else None
+        torch_state = torch.get_rng_state()
         try:
-            import numpy as np
+            _seed_all(seed)
+            return self.dataset[index]
+        finally:
+            random.setstate(py_state)
+            if _np is not None:
+                _np.random.set_state(np_state)
+            torch.set_rng_state(torch_state)
 
-            np_state = np.random.get_state()
-        except ImportError:  # pragma: no cover
-            np = None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            if np is not None:
-                np.random.seed(seed % (1 << 32))
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(py_state)
-                if np is not None:
-                    np.random.set_state(np_state)
+
+def _seed_all(seed: int) -> None:
+    # torch.default_generator, not torch.manual_seed: the latter also (re)seeds every
+    # accelerator and costs ~50x more per sample.
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    if _np is not None:
+        _np.random.seed(seed % (1 << 32))
 
 
 class EvalBatchSampler(Sampler[list[int]]):
