@@ -282,6 +282,11 @@ def test_evaluate_and_eval_cli(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert json.loads((tmp_path / "m.json").read_text())["top1"] == metrics["top1"]
     assert "top1" in capsys.readouterr().out
     assert main(["eval", "--config", str(cfg_file), "--checkpoint", str(tmp_path / "x")]) == 2
+    # Without --config: the config stored in the checkpoint, plus overrides.
+    code = main(["eval", "--checkpoint", str(tmp_path / "run"), "eval.max_samples=4",
+                 "--json", str(tmp_path / "m4.json")])  # fmt: skip
+    assert code == 0
+    assert json.loads((tmp_path / "m4.json").read_text())["num_samples"] == 4
 
 
 def test_tensorboard_events_when_installed(tmp_path: Path, monkeypatch: Any) -> None:

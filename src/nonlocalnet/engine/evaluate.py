@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from nonlocalnet.engine import checkpoint as ckpt
 from nonlocalnet.engine.build import build_datasets, build_model, collate_for
-from nonlocalnet.engine.config import Config, load_config
+from nonlocalnet.engine.config import Config, apply_overrides, config_from_dict, load_config
 from nonlocalnet.engine.distributed import DistInfo, init_distributed
 from nonlocalnet.engine.metrics import ConfusionMatrix, ScoreAccumulator, multiview_scores
 from nonlocalnet.engine.sampling import EvalBatchSampler
@@ -173,7 +173,11 @@ def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="YAML config file (default: the config stored in the checkpoint)",
+    )
     parser.add_argument(
         "--checkpoint", required=True, help="checkpoint .pt, run dir, or .safetensors weights"
     )
@@ -183,8 +187,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="also write the metrics to this JSON file")
 
 
+def _stored_config(checkpoint: str, overrides: list[str]) -> Config:
+    """The resolved config saved in a checkpoint (or its run dir), with overrides applied."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        found = ckpt.latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint_<step>.pt in {str(path)!r}")
+        path = found
+    if path.suffix == ".safetensors":
+        raise ValueError("--config is needed with a .safetensors file (it stores no config)")
+    stored = ckpt.load_checkpoint(path).get("config")
+    if not isinstance(stored, dict):
+        raise ValueError(f"checkpoint {str(path)!r} stores no config; pass --config")
+    return config_from_dict(apply_overrides(stored, overrides))
+
+
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides)
+    if args.config is None:
+        config = _stored_config(args.checkpoint, args.overrides)
+    else:
+        config = load_config(args.config, args.overrides)
     metrics = _finite(evaluate(config, args.checkpoint))
     if int(os.environ.get("RANK", "0")) == 0:
         if args.json:
