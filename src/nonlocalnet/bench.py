@@ -413,9 +413,9 @@ def format_table(results: dict[str, Any]) -> str:
         f"C'={results['inner_channels']}, batch {results['batch']}, "
         f"{results.get('threads')} threads",
         "",
-        "| pairwise | N (map) | impl | fwd+bwd ms | peak extra MiB | GFLOP/s | % matmul "
-        "| speed-up | memory ratio | max rel err |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| pairwise | N (map) | impl | fwd+bwd ms | CPU ms | peak extra MiB | GFLOP/s "
+        "| % matmul | speed-up | memory ratio | max rel err |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         base = ref.get((r["pairwise"], r["N"]))
@@ -428,9 +428,11 @@ def format_table(results: dict[str, Any]) -> str:
                 else "0"
             )
         err = "—" if r.get("max_rel_err") is None else f"{r['max_rel_err']:.1e}"
+        cpu_ms = r.get("extra", {}).get("cpu_ms")
+        cpu = "—" if cpu_ms is None else f"{cpu_ms:.1f}"
         lines.append(
             f"| {r['pairwise']} | {r['N']} ({r['size']}) | {r['impl']} | {r['fwd_bwd_ms']:.1f} "
-            f"| {r['peak_extra_mib']:.1f} | {r['gflops']:.1f} | {100 * r['gflops'] / mm:.0f}% "
+            f"| {cpu} | {r['peak_extra_mib']:.1f} | {r['gflops']:.1f} | {100 * r['gflops'] / mm:.0f}% "
             f"| {speed} | {mem} | {err} |"
         )
     return "\n".join(lines)
