@@ -418,3 +418,32 @@ def test_pooling_is_max_with_partial_windows() -> None:
     """Cross-check of the test's own pooling helper against torch's ceil_mode pooling."""
     x = torch.randn(2, 3, 5, 7, dtype=DT)
     assert torch.equal(_maxpool(x, 2), F.max_pool2d(x, 2, 2, ceil_mode=True))
+
+
+# -- the fast path never forms the N×M map ------------------------------------------------------
+
+
+def _map_shaped_ops(block: torch.nn.Module, x: torch.Tensor, n: int, m: int) -> list[str]:
+    """Ops of forward+backward that take a tensor with an (N, M) or (M, N) pair of dims."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = x.clone().requires_grad_(True)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        block(x).backward(torch.randn_like(x))
+    found = []
+    for e in prof.events():
+        for shape in e.input_shapes or []:
+            dims = list(shape) if isinstance(shape, (list, tuple)) else []
+            pairs = set(itertools.pairwise(dims))
+            if (n, m) in pairs or (m, n) in pairs:
+                found.append(f"{e.name}{dims}")
+    return found
+
+
+@pytest.mark.parametrize("pairwise", PAIRWISE)
+def test_fast_path_never_materialises_the_map(pairwise) -> None:
+    x = torch.randn(1, C, 6, 7, dtype=DT)  # N = 42, sub-sampled M = 3·4 = 12
+    fast = _make(pairwise, 2, sub=True, zero_init=False)
+    assert _map_shaped_ops(fast, x, 42, 12) == []
+    ref = _make(pairwise, 2, sub=True, zero_init=False, impl="reference")
+    assert _map_shaped_ops(ref, x, 42, 12) != []  # the check does see a materialised map
