@@ -451,7 +451,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         if getattr(args, "suite", "context") != "context":
             path = path.with_name(path.stem + "_context.json")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(rows, indent=2))
+        safe = [{k: (None if v != v else v) for k, v in r.items()} for r in rows]  # NaN -> null
+        path.write_text(json.dumps(safe, indent=2))
     return rows
 
 
