@@ -172,11 +172,10 @@ def softmax_aggregate(
 def _sdpa(query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
     # Non-contiguous inputs (e.g. a transposed (B, C, N) view) also make the CPU kernel fall back
     # to the materialising math path, so lay them out densely first: O(N·C) copies.
+    q = query.contiguous()
+    k = q if key is query else key.contiguous()  # self-attention on the input: one copy
     out = F.scaled_dot_product_attention(
-        query.contiguous().unsqueeze(1),
-        key.contiguous().unsqueeze(1),
-        value.contiguous().unsqueeze(1),
-        scale=scale,
+        q.unsqueeze(1), k.unsqueeze(1), value.contiguous().unsqueeze(1), scale=scale
     )  # (B, 1, N, C_v): one head
     return out.squeeze(1)  # (B, N, C_v)
 

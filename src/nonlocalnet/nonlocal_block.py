@@ -222,7 +222,8 @@ class NonLocalNd(nn.Module):
             if sub and self.sub_sample_position == "after":
                 key = self._pool(key)
         q = self._to_tokens(query)  # (B', N, d)
-        k = self._to_tokens(key, size)  # (B', M, d)
+        # gaussian without sub-sampling: keys are the queries; one tensor, laid out once
+        k = q if key is query else self._to_tokens(key, size)  # (B', M, d)
         v = self._to_tokens(value, size)  # (B', M, C')
         if self.pairwise == "concatenation":
             w = self.concat_project.weight.reshape(2 * self.inner_channels, 1)  # (2C', 1)
