@@ -137,21 +137,71 @@ def _sdpa_kernels(fn) -> set[str]:
     return {e.key for e in prof.key_averages() if "attention" in e.key or "softmax" in e.key}
 
 
-@pytest.mark.parametrize(("c_q", "c_v", "transposed"), [(8, 8, False), (8, 4, True), (4, 8, True)])
-def test_fast_softmax_uses_the_fused_kernel(c_q: int, c_v: int, transposed: bool) -> None:
-    """No silent fallback to the materialising math kernel (unequal widths, strided inputs)."""
-    if transposed:  # (B, C, N) storage seen as (B, N, C), as a conv output would be
-        q = torch.randn(1, c_q, 64).transpose(1, 2)
-        k = torch.randn(1, c_q, 48).transpose(1, 2)
-        v = torch.randn(1, c_v, 48).transpose(1, 2)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fast_softmax_uses_the_fused_kernel(transposed: bool) -> None:
+    """Equal widths: the fused kernel, with no silent fallback to the math kernel on strided
+    inputs (a transposed (B, C, N) conv output)."""
+    if transposed:
+        q, k, v = (torch.randn(1, 8, n).transpose(1, 2) for n in (64, 48, 48))
     else:
-        q, k, v = torch.randn(1, 64, c_q), torch.randn(1, 48, c_q), torch.randn(1, 48, c_v)
+        q, k, v = torch.randn(1, 64, 8), torch.randn(1, 48, 8), torch.randn(1, 48, 8)
     kernels = _sdpa_kernels(lambda: NLF.softmax_aggregate(q, k, v, scale=1.0))
     assert any("flash_attention" in name for name in kernels), kernels
     assert not any(name in ("aten::_softmax", "aten::softmax") for name in kernels), kernels
     want = NLF.softmax_aggregate(q, k, v, scale=1.0, impl="reference")
     got = NLF.softmax_aggregate(q, k, v, scale=1.0)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _shapes(fn) -> list[list[int]]:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    return [list(s) for e in prof.events() for s in (e.input_shapes or []) if s]
+
+
+@pytest.mark.parametrize(("c_q", "c_v"), [(8, 4), (4, 8)])
+def test_unequal_widths_use_query_blocks(c_q: int, c_v: int, monkeypatch) -> None:
+    """Values narrower or wider than the logits (gaussian: C vs C'): blocks of queries, forward
+    and backward, never the (N, M) map."""
+    monkeypatch.setattr(NLF, "ATTENTION_CHUNK_ELEMENTS", 5 * 48)  # blocks of 5 queries
+    q = torch.randn(1, 64, c_q, dtype=DT, requires_grad=True)
+    k = torch.randn(1, 48, c_q, dtype=DT, requires_grad=True)
+    v = torch.randn(1, 48, c_v, dtype=DT, requires_grad=True)
+
+    def fwd_bwd() -> None:
+        NLF.softmax_aggregate(q, k, v, scale=0.5).sum().backward()
+
+    shapes = _shapes(fwd_bwd)
+    assert [1, 5, 48] in shapes
+    assert not any(s[-2:] in ([64, 48], [48, 64]) for s in shapes)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64, 1000])
+@pytest.mark.parametrize("shared", [False, True])
+def test_chunked_softmax_equals_reference(chunk: int, shared: bool) -> None:
+    q = torch.randn(2, 7, 5, dtype=DT, requires_grad=True)
+    k = q if shared else torch.randn(2, 6, 5, dtype=DT, requires_grad=True)
+    v = torch.randn(2, k.shape[1], 3, dtype=DT, requires_grad=True)
+    grad = torch.randn(2, 7, 3, dtype=DT)
+    inputs = (q, v) if shared else (q, k, v)
+    got = NLF.chunked_softmax_aggregate(q, k, v, scale=0.8, chunk=chunk)
+    want = NLF.softmax_aggregate(q, k, v, scale=0.8, impl="reference")
+    g_got = torch.autograd.grad(got, inputs, grad)
+    g_want = torch.autograd.grad(want, inputs, grad)
+    assert _rel(_flat(got, *g_got), _flat(want, *g_want)) <= 1e-13
+    with pytest.raises(ValueError, match="chunk"):
+        NLF.chunked_softmax_aggregate(q, k, v, scale=1.0, chunk=0)
+
+
+def test_chunked_softmax_large_logits_and_low_precision() -> None:
+    """Logits far beyond exp's range stay finite; bfloat16 inputs are accumulated in float32."""
+    q, k, v = torch.randn(1, 9, 6) * 40, torch.randn(1, 8, 6) * 40, torch.randn(1, 8, 3)
+    got = NLF.chunked_softmax_aggregate(q, k, v, scale=1.0, chunk=4)
+    want = NLF.softmax_aggregate(q.double(), k.double(), v.double(), scale=1.0, impl="reference")
+    assert _rel(got.double(), want) <= 1e-5
+    got16 = NLF.chunked_softmax_aggregate(q, k, v.bfloat16(), scale=1.0, chunk=4)
+    assert got16.dtype == torch.bfloat16
+    assert _rel(got16.double(), want) <= 1e-2
 
 
 def test_fast_dot_product_never_forms_the_map() -> None:

@@ -55,6 +55,7 @@ __all__ = [
     "IMPLS",
     "PAIRWISE",
     "aggregate",
+    "chunked_softmax_aggregate",
     "concatenation_aggregate",
     "default_scale",
     "dot_product_aggregate",
@@ -158,9 +159,14 @@ def softmax_aggregate(
     if impl == "reference":
         return torch.bmm(pairwise_weights("gaussian", query, key, scale=scale), value)
     c_q, c_v = query.shape[-1], value.shape[-1]
-    if c_v != c_q:
+    if c_v != c_q and query.device.type == "cpu":
         # The fused CPU kernel needs equal head dims for q/k and v; otherwise it silently falls
-        # back to the materialising math kernel. Zero-padding the narrower side is exact.
+        # back to the materialising math kernel. Zero-padding would be exact but wastes up to
+        # half its products (gaussian: C-wide logits, C/2-wide values); blocks of queries cost
+        # only what the formula needs.
+        return chunked_softmax_aggregate(query, key, value, scale=scale)
+    if c_v != c_q:
+        # Other devices: zero-pad the narrower side (exact) for the fused kernels.
         if c_v < c_q:
             out = _sdpa(query, key, F.pad(value, (0, c_q - c_v)), scale)
             return out[..., :c_v]
@@ -178,6 +184,99 @@ def _sdpa(query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
         q.unsqueeze(1), k.unsqueeze(1), value.contiguous().unsqueeze(1), scale=scale
     )  # (B, 1, N, C_v): one head
     return out.squeeze(1)  # (B, N, C_v)
+
+
+#: Logits (queries × keys) per block of :func:`chunked_softmax_aggregate`: 16 MiB in float32.
+ATTENTION_CHUNK_ELEMENTS = 1 << 22
+
+
+def chunked_softmax_aggregate(
+    query: Tensor, key: Tensor, value: Tensor, *, scale: float, chunk: int | None = None
+) -> Tensor:
+    """Σ_j softmax_j(s · q_iᵀ k_j) v_j, exact, one block of queries at a time.
+
+    Each block holds ``chunk × M`` logits (by default :data:`ATTENTION_CHUNK_ELEMENTS` in all),
+    never the whole N×M map; the backward pass recomputes each block from the saved
+    log-sum-exp, as fused attention does. Unlike the fused CPU kernel it takes values of any
+    width, so the products cost what the formula needs: 2·N·M·(C_q + C_v) forward,
+    2·N·M·(2·C_q + C_v) + 2·N·M·(C_q + C_v) backward. Half-precision inputs are accumulated in
+    float32.
+
+    Args:
+        query: ``(B, N, C_q)``.
+        key: ``(B, M, C_q)``.
+        value: ``(B, M, C_v)``.
+        scale: logit scale s.
+        chunk: queries per block; by default as many as fit in
+            :data:`ATTENTION_CHUNK_ELEMENTS` logits.
+
+    Returns:
+        ``(B, N, C_v)``.
+    """
+    if chunk is None:
+        chunk = max(1, ATTENTION_CHUNK_ELEMENTS // key.shape[1])
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    return _ChunkedSoftmaxAttention.apply(query, key, value, float(scale), int(chunk))
+
+
+class _ChunkedSoftmaxAttention(torch.autograd.Function):
+    """softmax(s·q kᵀ) v by blocks of queries; backward recomputes the blocks."""
+
+    @staticmethod
+    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, scale: float, chunk: int):
+        out_dtype = value.dtype
+        acc = torch.promote_types(query.dtype, torch.float32)
+        with torch.autocast(query.device.type, enabled=False):
+            q = query.to(acc).contiguous()
+            k = q if key is query else key.to(acc).contiguous()
+            v = value.to(acc).contiguous()
+            kt = k.transpose(1, 2)  # (B, C_q, M)
+            outs, lses = [], []
+            for q_c in q.split(chunk, dim=1):
+                s = torch.bmm(q_c, kt).mul_(scale)  # (B, n_c, M): one block of logits
+                m = s.amax(dim=-1, keepdim=True)  # (B, n_c, 1)
+                p = s.sub_(m).exp_()  # (B, n_c, M), unnormalised, in place
+                l = p.sum(dim=-1, keepdim=True)  # (B, n_c, 1)
+                outs.append(torch.bmm(p, v) / l)  # (B, n_c, C_v)
+                lses.append(m + torch.log(l))  # (B, n_c, 1)
+            out = torch.cat(outs, dim=1)  # (B, N, C_v)
+            lse = torch.cat(lses, dim=1)  # (B, N, 1)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.chunk, ctx.shared = scale, chunk, key is query
+        ctx.dtypes = (query.dtype, key.dtype, value.dtype)
+        return out.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        scale, chunk = ctx.scale, ctx.chunk
+        with torch.autocast(q.device.type, enabled=False):
+            do = grad_out.to(q.dtype).contiguous()  # (B, N, C_v)
+            delta = (do * out).sum(dim=-1, keepdim=True)  # (B, N, 1): rowsum(dO ∘ O)
+            kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # (B, C_q, M), (B, C_v, M)
+            dk = torch.zeros_like(k)
+            dv = torch.zeros_like(v)
+            dqs = []
+            for q_c, do_c, lse_c, delta_c in zip(
+                q.split(chunk, dim=1),
+                do.split(chunk, dim=1),
+                lse.split(chunk, dim=1),
+                delta.split(chunk, dim=1),
+                strict=True,
+            ):
+                # Two (B, n_c, M) buffers at a time, updated in place.
+                p = torch.bmm(q_c, kt).mul_(scale).sub_(lse_c).exp_()  # normalised weights
+                dv.baddbmm_(p.transpose(1, 2), do_c)  # (B, M, C_v) += pᵀ dO
+                ds = torch.bmm(do_c, vt).sub_(delta_c).mul_(p).mul_(scale)  # dL/d(q·k)
+                del p
+                dqs.append(torch.bmm(ds, k))  # (B, n_c, C_q)
+                dk.baddbmm_(ds.transpose(1, 2), q_c)  # (B, M, C_q) += dSᵀ q
+            dq = torch.cat(dqs, dim=1)  # (B, N, C_q)
+        dq_t, dk_t, dv_t = ctx.dtypes
+        if ctx.shared:  # key is query: its gradient is the sum, returned once
+            return (dq + dk).to(dq_t), None, dv.to(dv_t), None, None
+        return dq.to(dq_t), dk.to(dk_t), dv.to(dv_t), None, None
 
 
 def dot_product_aggregate(
