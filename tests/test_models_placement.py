@@ -226,3 +226,14 @@ def test_place_blocks_on_video_model_3d():
     added = place_blocks(model, [[0], [1], [], [0]], lambda c: NonLocal3d(c, sub_sample=True))
     assert sorted(added) == ["layer1.0", "layer2.1", "layer4.0"]
     assert check_identity(before, model, torch.randn(1, 3, 8, 32, 32))
+
+
+def test_gc_in_video_bottlenecks():
+    kw = {"block": "bottleneck", "layers": (1, 2, 1, 1), "widths": (4, 8, 16, 16), "num_classes": 3}
+    plain = create_video_resnet(**kw)
+    with_gc = create_video_resnet(
+        gc_placement=[[], [0, 1], [0], []], gc_kwargs={"ratio": 1 / 4}, **kw
+    )
+    assert isinstance(with_gc.layer2[1].gc.transform_add[0], nn.Conv3d)
+    with_gc.load_state_dict(plain.state_dict(), strict=False)
+    assert check_identity(plain, with_gc, torch.randn(1, 3, 8, 32, 32))

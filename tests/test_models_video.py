@@ -264,3 +264,12 @@ def test_torch_compile_inductor_training_step():
     pairs = zip(model.named_parameters(), reference.named_parameters(), strict=True)
     for (n, p), (_, q) in pairs:
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * scale, msg=n)
+
+
+def test_torch_export_keeps_inserted_blocks():
+    model = create_model("nl_c2d_tiny").eval()
+    with torch.no_grad():
+        model.layer3[0].after.norm.weight.fill_(0.5)
+    x = torch.randn(1, 3, 8, 32, 32)
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))

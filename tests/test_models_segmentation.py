@@ -1,0 +1,108 @@
+"""Segmentation networks: dilated backbone, heads, aux output, upsampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nonlocalnet.asymmetric import AFNB, APNB
+from nonlocalnet.models import create_model, create_segmentation_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small convolutions run far faster on one thread when the machine's cores are shared."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+TINY = {
+    "block": "basic",
+    "layers": (1, 1, 2, 1),
+    "widths": (8, 16, 32, 64),
+    "stem_channels": 8,
+    "head_channels": 16,
+    "num_classes": 4,
+}
+
+
+@pytest.mark.parametrize(("os", "size"), [(8, 8), (16, 4)])
+def test_output_stride(os, size):
+    model = create_segmentation_model(output_stride=os, **TINY).eval()
+    feats = {}
+    model.backbone.layer4.register_forward_hook(lambda m, a, o: feats.setdefault("c5", o))
+    model.backbone.layer3.register_forward_hook(lambda m, a, o: feats.setdefault("c4", o))
+    out = model(torch.randn(1, 3, 64, 64))["out"]
+    assert out.shape == (1, 4, 64, 64)
+    assert feats["c5"].shape[-2:] == (size, size)
+    assert feats["c4"].shape[-2:] == (8 if os == 8 else 4, 8 if os == 8 else 4)
+
+
+def test_train_returns_aux_eval_does_not_and_upsampling_is_bilinear():
+    model = create_segmentation_model(head="fcn", **TINY)
+    assert model.aux_weight == 0.4
+    x = torch.randn(2, 3, 48, 40)
+    model.train()
+    out = model(x)
+    assert set(out) == {"out", "aux"}
+    assert out["out"].shape == out["aux"].shape == (2, 4, 48, 40)
+    model.eval()
+    out = model(x)
+    assert set(out) == {"out"}
+    # the logits are the head's output at 1/8 resolution, bilinearly upsampled
+    b = model.backbone
+    with torch.no_grad():
+        c5 = b.layer4(b.layer3(b.layer2(b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x))))))))
+        low = model.head(c5)
+    assert low.shape[-2:] == (6, 5)
+    expected = F.interpolate(low, size=(48, 40), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out["out"], expected)
+    no_aux = create_segmentation_model(aux=False, **TINY).train()
+    assert set(no_aux(x)) == {"out"}
+
+
+def test_ann_head_wiring():
+    model = create_segmentation_model(
+        head="ann", head_kwargs={"key_channels": 8, "value_channels": 8}, **TINY
+    ).eval()
+    assert isinstance(model.head.fusion, AFNB) and isinstance(model.head.context, APNB)
+    seen = {}
+    model.head.fusion.register_forward_hook(
+        lambda m, a, o: seen.update(low=a[0].shape, high=a[1].shape, out=o.shape)
+    )
+    model.head.context.register_forward_hook(lambda m, a, o: seen.update(ctx=a[0].shape))
+    model(torch.randn(1, 3, 64, 64))
+    assert seen["low"] == (1, 32, 8, 8)  # stage 4 (layer3)
+    assert seen["high"] == (1, 64, 8, 8)  # stage 5 (layer4)
+    assert seen["out"] == (1, 64, 8, 8)
+    assert seen["ctx"] == (1, 16, 8, 8)  # after the 3x3 conv to head_channels
+
+
+def test_zoo_segmentation_defaults():
+    with torch.device("meta"):
+        ann = create_model("ann_r101_os8")
+    assert ann.num_classes == 19
+    assert ann.head.fusion.key_channels == 256
+    assert ann.head.conv[0].out_channels == 512
+    assert ann.backbone.layer4[0].conv2.stride == (1, 1)
+    # an ImageNet ResNet-101 checkpoint fits the backbone (only the unused fc differs)
+    with torch.device("meta"):
+        r101 = create_model("resnet101")
+    result = ann.backbone.load_state_dict(r101.state_dict(), strict=False)
+    assert result.missing_keys == []
+    assert sorted(result.unexpected_keys) == ["fc.bias", "fc.weight"]
+
+
+def test_bad_input_and_options():
+    model = create_segmentation_model(**TINY)
+    with pytest.raises(ValueError, match="4-d tensor"):
+        model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match="unknown head"):
+        create_segmentation_model(head="psp", **TINY)
+    with pytest.raises(ValueError, match="unknown output_stride"):
+        create_segmentation_model(output_stride=32, **TINY)
+    with pytest.raises(ValueError, match="takes no head_kwargs"):
+        create_segmentation_model(head="fcn", head_kwargs={"ratio": 0.25}, **TINY)
