@@ -8,10 +8,15 @@ fresh subprocess, so that its peak memory is its own:
 
 * time: median of several forward+backward passes after a warm-up pass (a single pass when
   one takes longer than 20 s);
-* peak extra memory: the process's peak resident set size during the passes minus its resident
-  size once the block, the input and the output gradient exist (Linux: the high-water mark
-  ``VmHWM`` is reset through ``/proc/self/clear_refs``; elsewhere ``ru_maxrss``, which may
-  under-count when an earlier peak was higher). Kernels and threads are warmed up on a tiny
+* peak extra memory: measured in a second fresh process (one pass): its peak resident set
+  size during the pass minus its resident size once the block, the input and the output
+  gradient exist (Linux: the high-water mark ``VmHWM`` is reset through
+  ``/proc/self/clear_refs``; elsewhere ``ru_maxrss``, which may under-count when an earlier
+  peak was higher). That process runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc
+  returns freed tensors to the system at once: with its default, freed 1–32 MiB blocks stay
+  in the heap and the RSS counts them (the fast paths' numbers roughly double; the timing
+  process's RSS peak is kept in the row's ``extra`` as ``peak_extra_mib_default_malloc``;
+  ``--default-malloc`` skips the second process). Kernels and threads are warmed up on a tiny
   input first, so one-time library allocations are not counted.
 
 The machine's float32 matrix-multiply rate (``torch.mm`` of 2048×2048 matrices, median of
@@ -44,7 +49,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +95,7 @@ class Case:
     min_time: float = 2.0
     check: bool = False
     threads: int | None = None
+    memory_only: bool = False
 
 
 @dataclass
@@ -260,7 +266,7 @@ def measure(case: Case) -> Row:
     first, first_cpu = time.perf_counter() - t0, time.process_time() - c0
     times: list[float] = []
     cpu: list[float] = []
-    if first > 20.0:
+    if first > 20.0 or case.memory_only:
         times, cpu = [first], [first_cpu]
     else:
         while len(times) < 2 or (sum(times) < case.min_time and len(times) < 10):
@@ -290,7 +296,7 @@ def measure(case: Case) -> Row:
             "cpu_ms": statistics.median(cpu) * 1e3,
         },
     )
-    if case.check:
+    if case.check and not case.memory_only:
         row.max_rel_err = _check_against_reference(case, block, x, grad)
     return row
 
@@ -323,8 +329,14 @@ def _worker_main() -> int:
 # -- orchestration ----------------------------------------------------------------------------
 
 
-def run_in_subprocess(case: Case, timeout: float) -> Row:
-    """Run :func:`measure` for ``case`` in a fresh Python process."""
+#: Environment of the memory pass: glibc returns every block over 64 KiB to the system when it
+#: is freed. Its default (a threshold that rises to 32 MiB after the first large free) keeps
+#: freed 1–32 MiB tensors in the heap, so the peak RSS would count memory that is free.
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def run_in_subprocess(case: Case, timeout: float, env: dict[str, str] | None = None) -> Row:
+    """Run :func:`measure` for ``case`` in a fresh Python process (``env`` added to ours)."""
     code = "import sys; from nonlocalnet.bench import _worker_main; sys.exit(_worker_main())"
     spec = json.dumps(asdict(case))
     proc = subprocess.run(
@@ -333,6 +345,7 @@ def run_in_subprocess(case: Case, timeout: float) -> Row:
         text=True,
         timeout=timeout,
         check=False,
+        env={**os.environ, **(env or {})},
     )
     if proc.returncode != 0:
         raise RuntimeError(
@@ -341,6 +354,19 @@ def run_in_subprocess(case: Case, timeout: float) -> Row:
         )
     data = json.loads(proc.stdout.strip().splitlines()[-1])
     return Row(**data)
+
+
+def run_case(case: Case, timeout: float, default_malloc: bool = False) -> Row:
+    """Time ``case`` in one process and, unless ``default_malloc``, take its peak memory in a
+    second one under :data:`MEMORY_ENV` (one pass)."""
+    row = run_in_subprocess(case, timeout)
+    if default_malloc:
+        return row
+    mem = run_in_subprocess(replace(case, memory_only=True, check=False), timeout, MEMORY_ENV)
+    row.extra["peak_extra_mib_default_malloc"] = row.peak_extra_mib
+    row.extra["memory_method"] = f"{mem.extra['memory_method']}, MALLOC_MMAP_THRESHOLD_=65536"
+    row.peak_extra_mib = mem.peak_extra_mib
+    return row
 
 
 def _matmul_in_subprocess(n: int, timeout: float, threads: int | None) -> float:
@@ -377,7 +403,7 @@ def run_nl(args: argparse.Namespace) -> dict[str, Any]:
                     impl == "fast" and n <= CHECK_MAX_N,
                     args.threads,
                 )
-                row = run_in_subprocess(case, args.timeout)
+                row = run_case(case, args.timeout, args.default_malloc)
                 log.info(
                     "%s %s N=%d: %.1f ms, %.1f MiB",
                     pw,
@@ -389,7 +415,7 @@ def run_nl(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append(row)
     if not args.no_large and "embedded_gaussian" in pairwise:
         case = Case("embedded_gaussian", "fast", big, c, ci, min_time, False, args.threads)
-        row = run_in_subprocess(case, args.timeout)
+        row = run_case(case, args.timeout, args.default_malloc)
         log.info("large row N=%d: %.1f ms, %.1f MiB", row.N, row.fwd_bwd_ms, row.peak_extra_mib)
         rows.append(row)
     return {
@@ -462,6 +488,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--no-large", action="store_true", help="skip the embedded_gaussian 256×256 row"
+    )
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="take the peak memory in the timing process, under the default glibc malloc "
+        "settings (counts freed tensors kept in the heap), instead of a separate pass",
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads per case (default: torch's)"
