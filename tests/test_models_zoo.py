@@ -32,8 +32,7 @@ SMALL_INPUT = {"image": (3, 64, 64), "video": (3, 8, 64, 64), "segmentation": (3
 
 def _narrow(name: str) -> dict:
     """Overrides that keep a model's structure (depths, inflation, block placement, heads) but
-    divide its widths by 8, so that every registered model runs in the default suite; the
-    full-width versions run under the slow marker (20-40 s each for R101 on 2 shared cores)."""
+    divide its widths by 8: the width overrides work for every model (the demo uses them)."""
     if "tiny" in name:
         return {}
     kw = {"widths": (8, 16, 32, 64), "stem_channels": 8}
@@ -45,12 +44,11 @@ def _narrow(name: str) -> dict:
 
 
 def _models(names=None):
-    """(name, narrow) cases: every model narrowed (default) and full width (slow)."""
+    """(name, narrow) cases: every model at full width (up to ~3 s each on one thread) and
+    narrowed."""
     names = list_models() if names is None else names
     cases = [pytest.param(n, True, id=f"{n}-narrow") for n in names]
-    cases += [
-        pytest.param(n, False, id=n, marks=pytest.mark.slow) for n in names if "tiny" not in n
-    ]
+    cases += [pytest.param(n, False, id=n) for n in names if "tiny" not in n]
     return cases
 
 
@@ -120,8 +118,8 @@ PAIRS = [
     ("gc_resnet50", "resnet50", True),
     ("nl_c2d_r50", "c2d_r50", True),
     ("nl_i3d_r50", "i3d_r50", True),
-    pytest.param("nl_c2d_r50", "c2d_r50", False, marks=pytest.mark.slow),
-    pytest.param("gc_resnet50", "resnet50", False, marks=pytest.mark.slow),
+    ("nl_c2d_r50", "c2d_r50", False),
+    ("gc_resnet50", "resnet50", False),
 ]
 
 
