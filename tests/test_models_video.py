@@ -234,6 +234,13 @@ def test_video_builder_options():
         create_video_resnet(inflation="2x1x1")
     with pytest.raises(ValueError, match=r"5-d tensor \(B, C, T, H, W\)"):
         model(torch.randn(2, 1, 16, 16))
+    c2d = create_model("c2d_tiny")  # pool2 halves time
+    assert c2d.min_frames() == 2 and c2d.frames_at_res5(8) == 4
+    with pytest.raises(ValueError, match=r"1 frames is too short.*at least 2 frames"):
+        c2d(torch.randn(1, 3, 1, 32, 32))
+    with torch.device("meta"):
+        # conv1 (k1, s2): 7 -> 4, pool1 (k2, s2): 4 -> 2, pool2 (k2): 2 -> 1
+        assert create_model("c2d_r50").min_frames() == 7
 
 
 def test_torch_compile_video_model():

@@ -558,7 +558,34 @@ class ResNet(nn.Module):
             raise ValueError(
                 f"ResNet: input must be a {expected}-d tensor {layout}, got shape {tuple(x.shape)}"
             )
+        if self.dims == 3 and self.frames_at_res5(x.shape[2]) < 1:
+            raise ValueError(
+                f"ResNet: a clip of {x.shape[2]} frames is too short for the temporal strides "
+                f"of conv1/pool1/pool2; at least {self.min_frames()} frames are needed"
+            )
         return self.forward_head(self.forward_features(x))
+
+    def frames_at_res5(self, frames: int) -> int:
+        """Temporal size after conv1, pool1 and pool2 for a clip of ``frames`` (video only)."""
+        t = frames
+        for m in (self.conv1, self.maxpool):
+            if isinstance(m, (nn.Conv3d, nn.MaxPool3d)):
+                k, s, p = (_first(v) for v in (m.kernel_size, m.stride, m.padding))
+                t = (t + 2 * p - k) // s + 1
+        if isinstance(self.pool2, nn.MaxPool3d):
+            t //= _first(self.pool2.kernel_size)
+        return t
+
+    def min_frames(self) -> int:
+        """The shortest clip a video ResNet accepts."""
+        t = 1
+        while self.frames_at_res5(t) < 1:
+            t += 1
+        return t
+
+
+def _first(v: int | Sequence[int]) -> int:
+    return v if isinstance(v, int) else int(v[0])
 
 
 def create_resnet(
