@@ -203,6 +203,12 @@ def test_registry_contents_and_docs():
     assert "tests and demos" in model_info("c2d_tiny").doc
     assert list_models("nl_c2d_r50*") == ["nl_c2d_r50", "nl_c2d_r50_10block", "nl_c2d_r50_1block"]
     assert "c2d_tiny" in list_models(task="video") and "c2d_tiny" not in list_models(task="image")
+    # every model is also a documented function of the zoo module
+    from nonlocalnet.models import zoo
+
+    assert zoo.nl_c2d_r50.__doc__.startswith("NL C2D ResNet-50")
+    assert "pairwise" in zoo.nl_c2d_r50.__doc__  # lists its overrides
+    assert zoo.c2d_tiny(num_classes=2).fc.out_features == 2
 
 
 def test_models_subcommand(capsys):

@@ -127,9 +127,17 @@ def _register(
         shortcuts = GC_SHORTCUTS
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} registered twice")
-    _REGISTRY[name] = ModelInfo(
-        name, task, builder, defaults, shortcuts, " ".join(doc.split()), block_key
-    )
+    info = ModelInfo(name, task, builder, defaults, shortcuts, " ".join(doc.split()), block_key)
+    _REGISTRY[name] = info
+
+    # a module-level function per model, timm style: ``zoo.nl_c2d_r50(num_classes=10)``
+    def entry(**overrides: Any) -> nn.Module:
+        return info.build(**overrides)
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = f"{info.doc}\n\nKeyword overrides: {', '.join(info.valid_overrides())}."
+    entry.__module__ = __name__
+    globals()[name] = entry
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
