@@ -280,3 +280,21 @@ def test_torch_export_keeps_inserted_blocks():
     x = torch.randn(1, 3, 8, 32, 32)
     exported = torch.export.export(model, (x,))
     torch.testing.assert_close(exported.module()(x), model(x))
+
+
+def test_load_2d_checkpoint_from_file(tmp_path):
+    net2d = _tiny_2d()
+    path = tmp_path / "imagenet.pt"
+    torch.save({"model": net2d.state_dict(), "step": 3}, path)
+    nl_c2d = create_video_resnet(
+        block="bottleneck",
+        layers=(1, 2, 1, 1),
+        widths=(4, 8, 8, 16),
+        stem_channels=8,
+        num_classes=7,
+        nonlocal_placement=[[], [1], [], []],
+    )
+    result = load_2d_checkpoint(nl_c2d, str(path))
+    assert result.unexpected_keys == []
+    assert result.missing_keys and all(k.startswith("layer2.1.after.") for k in result.missing_keys)
+    torch.testing.assert_close(nl_c2d.layer3[0].conv2.weight[:, :, 0], net2d.layer3[0].conv2.weight)
