@@ -84,7 +84,7 @@ def test_tiny_demo_figures_are_valid_pngs(tiny_report: tuple[dict, Path]) -> Non
     for path in att["figure"]:
         assert Path(path).parent == out / "attention"
         assert min(_png_size(Path(path))) > 100
-    share = att["attention_on_early_cue"][att["figure_block"]]
+    share = att["attention_on_early_cue"]["same"][att["figure_block"]]
     assert 0.0 <= share <= 1.0
     assert 0.0 < att["uniform_attention_on_early_cue"][att["figure_block"]] < 0.5
 

@@ -15,7 +15,19 @@ What it does, through the project's own pieces:
    attended positions, as in the NL paper's Figure 3) and prints the comparison table.
 
 The configs are ``configs/demo_c2d.yaml`` and ``configs/demo_nl_c2d.yaml`` (looked up in the
-working directory, then in the source checkout); ``key=value`` overrides apply to both.
+working directory, then in the source checkout); ``key=value`` overrides apply to both. The data
+section names the generator parameters (``format: synthetic``); once generated, the demo points
+both runs at the generated ``train.txt`` / ``val.txt`` (the ``list`` format of real data) with the
+data package's in-memory frame cache, so each worker decodes a clip once and the later epochs do
+not decode again.
+
+Why the NL block of the demo uses the Gaussian pairwise function: with the embedded Gaussian and
+the official initialisation (θ and φ drawn with std 0.01), θ(x_i)·φ(x_j) starts near zero and the
+bilinear form is learned one direction at a time; under SGD the held-out accuracy stalls on
+plateaus at exactly the accuracies of comparing only one colour "bit" across the gap (80% for 6
+colours, 83% for 3), and a few hundred steps are not enough to leave them (see
+``benchmarks/results_demo.md``). The Gaussian f = exp(x_i·x_j) has no θ/φ to grow, and the same
+budget reaches > 90%.
 """
 
 from __future__ import annotations
@@ -224,9 +236,14 @@ def _attention_figure(
     config: Config,
     num_clips: int = 64,
 ) -> dict[str, Any]:
-    """Arrows from the late cue of held-out 'same' clips; attention share on the early cue."""
-    from nonlocalnet.data.synthetic import read_video_metadata
-    from nonlocalnet.engine.build import build_datasets
+    """Arrows from the late cue of a held-out 'same' clip; attention share on the early cue.
+
+    Returns:
+        The figure paths and, per class and block, the mean share of the attention of the late
+        cue's query that lands on the early cue (``uniform_...``: the share uniform attention would
+        give, i.e. the fraction of keys on the early cue).
+    """
+    from nonlocalnet.data.synthetic import CLASSES, read_video_metadata
     from nonlocalnet.engine.checkpoint import latest_checkpoint, load_model
     from nonlocalnet.viz.attention import attention_blocks, attention_figure, query_attention
     from nonlocalnet.viz.geometry import trace_geometry
@@ -240,14 +257,18 @@ def _attention_figure(
     if not blocks:
         raise ValueError("the NL model has no attention block to draw")
     meta = read_video_metadata(data_folder)["val"]
-    _, val_set = build_datasets(config, train=False)
+    # The whole frames, normalised as in training (the network is fully convolutional), so that
+    # query and key pixels are those of the metadata.
+    mean = torch.tensor(config.data.mean).view(3, 1, 1, 1)
+    std = torch.tensor(config.data.std).view(3, 1, 1, 1)
     t_last = spec.frames - 1
-    shares: dict[str, list[float]] = {name: [] for name, _ in blocks}
+    shares: dict[str, dict[str, list[float]]] = {c: {n: [] for n, _ in blocks} for c in CLASSES}
     uniform: dict[str, list[float]] = {name: [] for name, _ in blocks}
     figure: dict[str, Any] = {}
     for i in range(min(len(meta), num_clips)):
         m = meta[i]
-        clip = val_set[i]["video"][0]  # (C, T, H, W): the first view
+        frames = _clip_frames(data_folder / m["path"])  # (T, H, W, 3) uint8
+        clip = (frames.permute(3, 0, 1, 2).float() / 255 - mean) / std  # (C, T, H, W)
         early, late = m["centres"]
         query = (t_last, late[0], late[1])
         for name, block in blocks:
@@ -255,7 +276,7 @@ def _attention_figure(
             att = query_attention(block, inputs, geometries, [_nearest(geometries[-1], query)])
             centres = att.cells[0].centres()  # (M, 3) key centres (t, y, x) in pixels
             radius = 1.5 * spec.radius
-            shares[name].append(
+            shares[CLASSES[m["label"]]][name].append(
                 attention_on_early_cue(centres, att.rows[0], early, spec.cue_frames, radius)
             )
             flat = torch.ones(len(centres))
@@ -266,7 +287,7 @@ def _attention_figure(
             figs = attention_figure(
                 model,
                 clip,
-                frames=_clip_frames(data_folder / m["path"]),
+                frames=frames.numpy(),
                 block_name=blocks[0][0],
                 queries=[query],
                 k=8,
@@ -280,8 +301,11 @@ def _attention_figure(
         "figure_clip": figure.get("clip"),
         "figure_block": figure.get("block"),
         "query": "centre of the late cue in the last frame",
-        "num_clips": len(next(iter(shares.values()))),
-        "attention_on_early_cue": {k: sum(v) / len(v) for k, v in shares.items() if v},
+        "num_clips": len(next(iter(uniform.values()))),
+        "attention_on_early_cue": {
+            c: {k: sum(v) / len(v) for k, v in per_block.items() if v}
+            for c, per_block in shares.items()
+        },
         "uniform_attention_on_early_cue": {k: sum(v) / len(v) for k, v in uniform.items() if v},
     }
 
@@ -292,11 +316,11 @@ def _nearest(geo: Any, pixel: tuple[float, ...]) -> tuple[int, ...]:
     return _pixel_to_position(geo, pixel)
 
 
-def _clip_frames(path: Path) -> Any:
+def _clip_frames(path: Path) -> torch.Tensor:
     from nonlocalnet.data import VideoReader
 
     with VideoReader(path) as reader:
-        return reader.get_frames(list(range(reader.num_frames))).numpy()  # (T, H, W, 3)
+        return reader.get_frames(list(range(reader.num_frames)))  # (T, H, W, 3)
 
 
 def _table(models: dict[str, dict[str, Any]], chance: float) -> str:
