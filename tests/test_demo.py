@@ -90,12 +90,19 @@ def test_tiny_demo_figures_are_valid_pngs(tiny_report: tuple[dict, Path]) -> Non
 
 
 def test_tiny_demo_reuses_the_generated_data(tiny_report: tuple[dict, Path]) -> None:
-    report, _ = tiny_report
+    report, out = tiny_report
     folder = Path(report["data"]["folder"])
     assert (folder / "train.txt").read_text().count("\n") == 32
     assert not report["data"]["cached"]  # first run generated it
     configs = load_demo_configs(TINY, data_root=folder.parent)
     assert configs["c2d"].data.root == str(folder.parent)
+    # a second demo into the same folder reuses the data and starts its runs afresh
+    again = run_demo(out, overrides=TINY, data_root=folder.parent, attention=False)
+    assert again["data"]["cached"] and again["data"]["folder"] == str(folder)
+    for key in ("c2d", "nl_c2d"):
+        assert [s for s, _ in again["models"][key]["curves"]["loss"]] == [1, 2, 3, 4]
+        # same seed, same data, same budget: the same result
+        assert again["models"][key]["top1"] == report["models"][key]["top1"]
 
 
 def test_attention_share_on_early_cue_by_hand() -> None:

@@ -36,6 +36,8 @@ import argparse
 import json
 import logging
 import math
+import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -375,6 +377,8 @@ def run_demo(
     run_dirs: dict[str, Path] = {}
     for key, config in configs.items():
         run_dir = out / "runs" / key
+        if run_dir.exists():  # a previous demo's run: start afresh, not from its checkpoints
+            shutil.rmtree(run_dir)
         config.train.out_dir = str(run_dir)
         logger.info(
             "demo: training %s (%s) for %d steps", key, config.model.name, config.train.steps
@@ -386,21 +390,20 @@ def run_demo(
         from nonlocalnet.engine.build import build_model
 
         params = sum(p.numel() for p in build_model(config).parameters())
-        throughput = [r for r in _train_records(run_dir) if "samples_per_s" in r]
-        step_ms = (
-            1e3
-            * config.train.batch_size
-            / (sum(r["samples_per_s"] for r in throughput) / len(throughput))
-            if throughput
-            else 1e3 * train_time / config.train.steps
-        )
+        # median over the logging windows of the time per step (the first window includes the
+        # workers' start and the first decoding of each clip)
+        per_step = [
+            1e3 * config.train.batch_size / r["samples_per_s"]
+            for r in _train_records(run_dir)
+            if r.get("samples_per_s")
+        ]
+        step_ms = statistics.median(per_step) if per_step else 1e3 * train_time / config.train.steps
         top1 = final.get("val_top1", final.get("top1"))
         models[key] = {
             "model": config.model.name,
             "model_kwargs": config.model.kwargs,
             "params": params,
             "top1": None if top1 is None else top1 / 100.0,
-            "top5": None,
             "final_loss": final.get("loss", math.nan),
             "steps": config.train.steps,
             "train_time_s": train_time,
@@ -414,6 +417,7 @@ def run_demo(
         "models": models,
         "data": {
             "folder": str(folder),
+            "format": "mp4 (H.264, intra-only) + <path> <label> list files",
             "cached": cached,
             "generation_time_s": data_time,
             "spec": {k: getattr(spec, k) for k in spec.__dataclass_fields__},
@@ -450,6 +454,21 @@ def run_demo(
     }
     (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
     print(_table(models, chance))
+    if "attention" in report:
+        att = report["attention"]
+        for label, per_block in att["attention_on_early_cue"].items():
+            for block, share in per_block.items():
+                print(
+                    f"attention of the late cue on the early cue ({label} clips, {block}): "
+                    f"{share:.3f} (uniform: {att['uniform_attention_on_early_cue'][block]:.3f})"
+                )
+    print(
+        f"targets: NL-C2D >= {TARGETS['nl_c2d_top1_min']:.0%}: {report['met']['nl_c2d_top1']}; "
+        f"C2D <= {TARGETS['c2d_top1_max']:.0%}: {report['met']['c2d_top1']}; "
+        f"total {report['total_time_s']:.0f} s <= {TARGETS['total_time_s_max']:.0f} s: "
+        f"{report['met']['total_time_s']}"
+    )
+    print(f"report: {out / 'metrics.json'}")
     return report
 
 
