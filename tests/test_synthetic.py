@@ -247,6 +247,29 @@ def test_list_files_and_decoding_through_the_data_package(tiny_video_dir: Path) 
         assert (video[0, :, 4, y1, x1] * 255 - m["background"]).abs().max() < 30
 
 
+@pytest.mark.video_io
+def test_codec_carries_nothing_across_frames(tmp_path: Path) -> None:
+    """Changing the early cue's colour leaves every later decoded frame bit-identical."""
+    av = pytest.importorskip("av")
+    from nonlocalnet.data.synthetic import write_mp4
+
+    spec = SyntheticVideoSpec()
+    video, meta = make_video_sample(spec, 1, np.random.default_rng(7))
+    other = video.copy()
+    c1 = meta["colours"][0]
+    mask = (video[:2] == np.array(PALETTE[c1], dtype=np.uint8)).all(-1)  # (2, H, W) early cue
+    other[:2][mask] = PALETTE[(c1 + 1) % spec.num_colours]
+    decoded = []
+    for i, frames in enumerate((video, other)):
+        write_mp4(tmp_path / f"{i}.mp4", frames)
+        with av.open(str(tmp_path / f"{i}.mp4")) as container:
+            decoded.append(
+                np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+            )
+    assert not np.array_equal(decoded[0][:2], decoded[1][:2])  # the early frames differ
+    assert np.array_equal(decoded[0][2:], decoded[1][2:])  # the rest is untouched
+
+
 def test_image_version(tmp_path: Path) -> None:
     pytest.importorskip("PIL")
     from PIL import Image

@@ -17,8 +17,9 @@ How the data are drawn, so that nothing but the relation carries the label:
   either label*: each colour, on its own, says nothing about the label;
 - corner, position jitter, number, size, grey level, place and timing of the distractors and the
   background level are drawn independently of the label (and of the colours);
-- the mp4 files are encoded intra-only (every frame a key frame), so compression artefacts of a
-  frame do not depend on the other frames.
+- the mp4 files are encoded intra-only (every frame a key frame) at a constant quantiser, so
+  the decoded pixels of a frame do not depend on the other frames (tested: changing the early
+  cue leaves the decoded later frames bit-identical).
 
 Why a C2D network cannot beat chance (in expectation over the data): a C2D processes frames
 independently (1×k×k kernels) and mixes time only in pooling windows of a few frames; the
@@ -40,8 +41,10 @@ a fixed half of the palette" is right (1/2 + 1 - h(h-1)/(K(K-1)))/2 of the time 
 cues). It costs cross-entropy, so training has no pull towards it, and it needs colour features
 that break the palette symmetry. What a C2D *can* do is memorise its training clips (positions, distractors), which does
 not carry over to held-out clips. A space-time non-local block lets the feature at the late cue
-attend to the early cue (e.g. through a θ/φ embedding of colour), so one block suffices to relate
-them; a C2D with such a block is no longer additive over the two cues.
+attend to the early cue (its weights f(x_i, x_j) depend on both features, e.g. on their colours),
+so one block suffices to relate them; a C2D with such a block is no longer additive over the two
+cues. (In the demo, the late cue's query puts ~10× the uniform share of its attention on the early
+cue; see ``benchmarks/results_demo.md``.)
 
 Image version
 -------------
@@ -110,6 +113,11 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 # corners: 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right; 3 - q is opposite to q.
 _CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (is_bottom, is_right)
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+
+#: x264 settings: every frame a key frame (g=1, no B-frames) at a constant quantiser (qp, so no
+#: rate control carries the complexity of one frame over to the next): each frame is coded on
+#: its own. Part of the cache key.
+_X264_OPTIONS = {"qp": "12", "g": "1", "bf": "0", "preset": "veryfast"}
 
 
 @dataclass(frozen=True)
@@ -218,7 +226,10 @@ def _check_geometry(size: int, radius: int, margin: int, jitter: int, distractor
 
 
 def _spec_key(kind: str, spec: Any) -> str:
-    blob = json.dumps({"kind": kind, **dataclasses.asdict(spec)}, sort_keys=True)
+    fields = {"kind": kind, **dataclasses.asdict(spec)}
+    if kind == "video":
+        fields["x264"] = _X264_OPTIONS
+    blob = json.dumps(fields, sort_keys=True)
     return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
@@ -349,8 +360,9 @@ def make_image_sample(
 def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: int = 8) -> None:
     """Encode uint8 RGB frames ``(T, H, W, 3)`` as an intra-only H.264 mp4 (yuv420p).
 
-    Every frame is a key frame (``g=1``), so no frame is predicted from another: the codec cannot
-    carry information across frames. H and W must be even (4:2:0 chroma).
+    Every frame is a key frame coded at a constant quantiser (``g=1``, ``qp=12``), so no frame is
+    predicted from another and no rate control links them: the codec cannot carry information
+    across frames. H and W must be even (4:2:0 chroma).
     """
     import av  # optional dependency (extra "video")
 
@@ -364,7 +376,7 @@ def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: int = 8) ->
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "12", "g": "1", "bf": "0", "preset": "veryfast"}
+        stream.options = dict(_X264_OPTIONS)
         for array in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
         container.mux(stream.encode())
