@@ -197,17 +197,25 @@ class PeakMemory:
         return max(peak - self.base, 0) / 1024.0
 
 
-def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
-    """Measured float32 ``torch.mm`` rate in GFLOP/s (median of ``reps`` products of n×n)."""
+def matmul_rates(n: int = 2048, reps: int = 5) -> tuple[float, float]:
+    """Float32 ``torch.mm`` rate in GFLOP/s of wall time and of process CPU time (median of
+    ``reps`` products of n×n matrices)."""
     a = torch.randn(n, n)
     b = torch.randn(n, n)
     torch.mm(a, b)
-    times = []
+    wall, cpu = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         torch.mm(a, b)
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times) / 1e9
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    flops = 2 * n**3 / 1e9
+    return flops / statistics.median(wall), flops / statistics.median(cpu)
+
+
+def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+    """Measured float32 ``torch.mm`` rate in GFLOP/s (median of ``reps`` products of n×n)."""
+    return matmul_rates(n, reps)[0]
 
 
 def _build(case: Case, impl: str) -> torch.nn.Module:
@@ -369,16 +377,17 @@ def run_case(case: Case, timeout: float, default_malloc: bool = False) -> Row:
     return row
 
 
-def _matmul_in_subprocess(n: int, timeout: float, threads: int | None) -> float:
+def _matmul_in_subprocess(n: int, timeout: float, threads: int | None) -> tuple[float, float]:
     set_threads = f"torch.set_num_threads({threads}); " if threads else ""
     code = (
-        f"import torch; {set_threads}from nonlocalnet.bench import matmul_gflops; "
-        f"print(matmul_gflops({n}))"
+        f"import torch; {set_threads}from nonlocalnet.bench import matmul_rates; "
+        f"print(*matmul_rates({n}))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, check=True
     )
-    return float(proc.stdout.strip().splitlines()[-1])
+    wall, cpu = proc.stdout.strip().splitlines()[-1].split()
+    return float(wall), float(cpu)
 
 
 def run_nl(args: argparse.Namespace) -> dict[str, Any]:
@@ -386,10 +395,39 @@ def run_nl(args: argparse.Namespace) -> dict[str, Any]:
     c, ci, sizes, big = QUICK if args.quick else FULL
     pairwise = args.pairwise or list(PAIRWISE)
     min_time = 0.2 if args.quick else 2.0
-    mm = _matmul_in_subprocess(256 if args.quick else 2048, args.timeout, args.threads)
-    log.info("float32 matmul rate: %.1f GFLOP/s", mm)
+    mm, mm_cpu = _matmul_in_subprocess(256 if args.quick else 2048, args.timeout, args.threads)
+    log.info("float32 matmul rate: %.1f GFLOP/s (%.1f per CPU second)", mm, mm_cpu)
     rows: list[Row] = []
-    for size in sizes:
+
+    def results(complete: bool) -> dict[str, Any]:
+        return {
+            "suite": "nl",
+            "channels": c,
+            "inner_channels": ci,
+            "batch": 1,
+            "threads": rows[0].extra.get("threads") if rows else None,
+            "matmul_gflops": mm,
+            "matmul_gflops_cpu": mm_cpu,
+            "complete": complete,
+            "rows": [asdict(r) for r in rows],
+        }
+
+    def add(row: Row) -> None:
+        log.info(
+            "%s %s N=%d: %.1f ms (CPU %.1f ms), %.1f MiB",
+            row.pairwise,
+            row.impl,
+            row.N,
+            row.fwd_bwd_ms,
+            row.extra.get("cpu_ms", float("nan")),
+            row.peak_extra_mib,
+        )
+        rows.append(row)
+        if args.json is not None:  # partial results survive an interrupted run
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results(False), indent=2))
+
+    for size in () if args.large_only else sizes:
         for pw in pairwise:
             for impl in IMPLS:
                 n = size[0] * size[1]
@@ -403,30 +441,11 @@ def run_nl(args: argparse.Namespace) -> dict[str, Any]:
                     impl == "fast" and n <= CHECK_MAX_N,
                     args.threads,
                 )
-                row = run_case(case, args.timeout, args.default_malloc)
-                log.info(
-                    "%s %s N=%d: %.1f ms, %.1f MiB",
-                    pw,
-                    impl,
-                    row.N,
-                    row.fwd_bwd_ms,
-                    row.peak_extra_mib,
-                )
-                rows.append(row)
+                add(run_case(case, args.timeout, args.default_malloc))
     if not args.no_large and "embedded_gaussian" in pairwise:
         case = Case("embedded_gaussian", "fast", big, c, ci, min_time, False, args.threads)
-        row = run_case(case, args.timeout, args.default_malloc)
-        log.info("large row N=%d: %.1f ms, %.1f MiB", row.N, row.fwd_bwd_ms, row.peak_extra_mib)
-        rows.append(row)
-    return {
-        "suite": "nl",
-        "channels": c,
-        "inner_channels": ci,
-        "batch": 1,
-        "threads": rows[0].extra.get("threads") if rows else None,
-        "matmul_gflops": mm,
-        "rows": [asdict(r) for r in rows],
-    }
+        add(run_case(case, args.timeout, args.default_malloc))
+    return results(True)
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -488,6 +507,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--no-large", action="store_true", help="skip the embedded_gaussian 256×256 row"
+    )
+    parser.add_argument(
+        "--large-only", action="store_true", help="only the embedded_gaussian 256×256 row"
     )
     parser.add_argument(
         "--default-malloc",
