@@ -14,14 +14,26 @@ from collections.abc import Sequence
 
 #: subcommand -> module implementing it.
 COMMANDS: dict[str, str] = {
-    "bench": "nonlocalnet.bench",
-    "flops": "nonlocalnet.models.flops",
+    "demo": "nonlocalnet.engine.demo",
     "train": "nonlocalnet.engine.train",
     "eval": "nonlocalnet.engine.evaluate",
-    "demo": "nonlocalnet.engine.demo",
+    "models": "nonlocalnet.models.listing",
+    "flops": "nonlocalnet.models.flops",
+    "bench": "nonlocalnet.bench",
     "visualize": "nonlocalnet.viz.visualize",
     "analyze": "nonlocalnet.viz.analyze",
-    "models": "nonlocalnet.models.listing",
+}
+
+#: one line per subcommand for the top-level help (the modules are imported only when used).
+SUMMARIES: dict[str, str] = {
+    "demo": "the built-in long-range benchmark: C2D vs NL-C2D on generated clips",
+    "train": "train a model from a YAML config (resumable, DDP under torchrun)",
+    "eval": "evaluate a checkpoint (multi-view video, image top-k, segmentation mIoU)",
+    "models": "list the model zoo",
+    "flops": "parameters and multiply-adds of a model, per stage and per block",
+    "bench": "speed and memory of the blocks, fast vs reference",
+    "visualize": "draw what a trained block attends to",
+    "analyze": "GCNet's query-independence analysis of a trained model",
 }
 
 
@@ -34,7 +46,7 @@ def _build_parser(command: str | None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in COMMANDS.items():
         if name != command:
-            sub.add_parser(name, help=f"(see `nonlocalnet {name} --help`)")
+            sub.add_parser(name, help=SUMMARIES[name])
             continue
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
