@@ -245,3 +245,19 @@ def test_bad_tokens() -> None:
         NLF.aggregate("dot_product", q, k[..., :2], v)
     with pytest.raises(ValueError, match=r"\(B, N, 1\)"):
         NLF.aggregate("concatenation", q, k, v)
+
+
+def test_blocked_cpu_softmax_kernel_option(monkeypatch) -> None:
+    """CPU_SOFTMAX_KERNEL="blocked" routes equal widths to the query-blocked path: same numbers,
+    forward and backward, and no fused kernel."""
+    q, k, v = _tokens("embedded_gaussian", 2, 9, 7, 4, 4)
+    grad = torch.randn(2, 9, 4, dtype=DT)
+    want = NLF.softmax_aggregate(q, k, v, scale=0.7, impl="reference")
+    g_want = torch.autograd.grad(want, (q, k, v), grad)
+    monkeypatch.setattr(NLF, "CPU_SOFTMAX_KERNEL", "blocked")
+    monkeypatch.setattr(NLF, "ATTENTION_CHUNK_ELEMENTS", 2 * 7)  # blocks of 2 queries
+    kernels = _sdpa_kernels(lambda: NLF.softmax_aggregate(q, k, v, scale=0.7))
+    assert not any("flash_attention" in name for name in kernels), kernels
+    got = NLF.softmax_aggregate(q, k, v, scale=0.7)
+    g_got = torch.autograd.grad(got, (q, k, v), grad)
+    assert _rel(_flat(got, *g_got), _flat(want, *g_want)) <= 1e-12

@@ -451,3 +451,12 @@ def test_fast_path_never_materialises_the_map(pairwise, monkeypatch) -> None:
     assert _map_shaped_ops(fast, x, 42, 12) == []
     ref = _make(pairwise, 2, sub=True, zero_init=False, impl="reference")
     assert _map_shaped_ops(ref, x, 42, 12) != []  # the check does see a materialised map
+
+
+@pytest.mark.parametrize(("dims", "extent"), LAYOUTS)
+@pytest.mark.parametrize(("sub", "pos"), [(False, "after"), (True, "before")])
+def test_fast_equals_reference_blocked_softmax(dims, extent, sub, pos, monkeypatch) -> None:
+    """The optional query-blocked CPU kernel for equal widths (embedded_gaussian)."""
+    monkeypatch.setattr(nonlocalnet.functional, "CPU_SOFTMAX_KERNEL", "blocked")
+    monkeypatch.setattr(nonlocalnet.functional, "ATTENTION_CHUNK_ELEMENTS", 16)
+    test_fast_equals_reference("embedded_gaussian", dims, extent, sub, pos, None)

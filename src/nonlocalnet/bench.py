@@ -55,6 +55,8 @@ from typing import Any
 
 import torch
 
+from nonlocalnet._checks import check_choice
+
 log = logging.getLogger(__name__)
 
 HELP = "benchmark the non-local block: fast vs reference, time and peak memory"
@@ -96,6 +98,7 @@ class Case:
     check: bool = False
     threads: int | None = None
     memory_only: bool = False
+    cpu_softmax: str = "sdpa"
 
 
 @dataclass
@@ -249,6 +252,10 @@ def measure(case: Case) -> Row:
     """Time and peak extra memory of one case, in this process."""
     if case.threads:
         torch.set_num_threads(case.threads)
+    from nonlocalnet import functional
+
+    check_choice("cpu_softmax", case.cpu_softmax, ("sdpa", "blocked"))
+    functional.CPU_SOFTMAX_KERNEL = case.cpu_softmax  # this process only
     h, w = case.size
     n = h * w
     # Warm up kernels, thread pools and allocator on a tiny input of the same block kind.
@@ -302,6 +309,7 @@ def measure(case: Case) -> Row:
             "memory_method": mem.method,
             "threads": torch.get_num_threads(),
             "cpu_ms": statistics.median(cpu) * 1e3,
+            "cpu_softmax": case.cpu_softmax,
         },
     )
     if case.check and not case.memory_only:
@@ -440,10 +448,21 @@ def run_nl(args: argparse.Namespace) -> dict[str, Any]:
                     min_time,
                     impl == "fast" and n <= CHECK_MAX_N,
                     args.threads,
+                    cpu_softmax=args.cpu_softmax,
                 )
                 add(run_case(case, args.timeout, args.default_malloc))
     if not args.no_large and "embedded_gaussian" in pairwise:
-        case = Case("embedded_gaussian", "fast", big, c, ci, min_time, False, args.threads)
+        case = Case(
+            "embedded_gaussian",
+            "fast",
+            big,
+            c,
+            ci,
+            min_time,
+            False,
+            args.threads,
+            cpu_softmax=args.cpu_softmax,
+        )
         add(run_case(case, args.timeout, args.default_malloc))
     return results(True)
 
@@ -507,6 +526,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--no-large", action="store_true", help="skip the embedded_gaussian 256×256 row"
+    )
+    parser.add_argument(
+        "--cpu-softmax",
+        choices=("sdpa", "blocked"),
+        default="sdpa",
+        help="fast softmax kernel on the CPU for equal widths (functional.CPU_SOFTMAX_KERNEL)",
     )
     parser.add_argument(
         "--large-only", action="store_true", help="only the embedded_gaussian 256×256 row"

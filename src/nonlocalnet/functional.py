@@ -159,7 +159,10 @@ def softmax_aggregate(
     if impl == "reference":
         return torch.bmm(pairwise_weights("gaussian", query, key, scale=scale), value)
     c_q, c_v = query.shape[-1], value.shape[-1]
-    if c_v != c_q and query.device.type == "cpu":
+    on_cpu = query.device.type == "cpu"
+    if on_cpu and CPU_SOFTMAX_KERNEL == "blocked":
+        return chunked_softmax_aggregate(query, key, value, scale=scale)
+    if c_v != c_q and on_cpu:
         # The fused CPU kernel needs equal head dims for q/k and v; otherwise it silently falls
         # back to the materialising math kernel. Zero-padding would be exact but wastes up to
         # half its products (gaussian: C-wide logits, C/2-wide values); blocks of queries cost
@@ -188,6 +191,13 @@ def _sdpa(query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
 
 #: Logits (queries × keys) per block of :func:`chunked_softmax_aggregate`: 16 MiB in float32.
 ATTENTION_CHUNK_ELEMENTS = 1 << 22
+
+#: Fast softmax path on the CPU when queries and values have the same width: ``"sdpa"`` (the
+#: fused kernel; default) or ``"blocked"`` (:func:`chunked_softmax_aggregate`, which calls
+#: the BLAS per block of queries). Unequal widths always take the blocked path on the CPU.
+#: Single-threaded, the fused kernel was ~10% faster; with 2 threads on a loaded machine it lost
+#: 2-3× to the blocked path (spinning threads), so ``nonlocalnet bench --cpu-softmax`` compares.
+CPU_SOFTMAX_KERNEL = "sdpa"
 
 
 def chunked_softmax_aggregate(
