@@ -33,8 +33,8 @@ Two implementations of each:
     memory on CPU and CUDA);
   - dot product: linear attention computed right to left, ``q (kᵀ v) / M``: O((N + M)·C_q·C_v);
   - concatenation: Σ_j ReLU(a_i + b_j) v_j = a_i · Σ_{j∈J_i} v_j + Σ_{j∈J_i} b_j v_j with
-    J_i = {j : b_j > −a_i}. Sorting b makes every J_i a suffix of the sorted keys, so suffix sums
-    of v and of b·v, indexed by a binary search (:func:`torch.searchsorted`), give every y_i in
+    J_i = {j : b_j > −a_i}. Sorting b in decreasing order makes every J_i a prefix of the sorted
+    keys, so prefix sums of v and of b·v, indexed by a binary search (:func:`torch.searchsorted`), give every y_i in
     O((N + M)·log M·C_v). Exact, and differentiable by autograd through sort and gather
     (at a_i + b_j = 0 the key is left out, matching ReLU'(0) = 0).
 
@@ -317,7 +317,7 @@ def concatenation_aggregate(a: Tensor, b: Tensor, value: Tensor, *, impl: str = 
         a: ``(B, N, 1)`` query terms w_θᵀθ(x_i).
         b: ``(B, M, 1)`` key terms w_φᵀφ(x_j).
         value: ``(B, M, C_v)``.
-        impl: ``"fast"`` (sort + suffix sums + binary search) or ``"reference"``.
+        impl: ``"fast"`` (sort + prefix sums + binary search) or ``"reference"``.
 
     Returns:
         ``(B, N, C_v)``.
@@ -332,21 +332,26 @@ def concatenation_aggregate(a: Tensor, b: Tensor, value: Tensor, *, impl: str = 
         return torch.bmm(pairwise_weights("concatenation", a, b), value)
     m = b.shape[1]
     out_dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), value.dtype)
-    # The suffix sums below subtract large partial sums (a_i Σ v + Σ b v): accumulate half and
+    # The prefix sums below add large partial sums (a_i Σ v + Σ b v): accumulate half and
     # bfloat16 inputs in float32, as fused attention kernels do.
     acc = torch.promote_types(out_dtype, torch.float32)
     a, b, value = a.to(acc), b.to(acc), value.to(acc)
-    b_sorted, order = torch.sort(b.squeeze(-1), dim=1)  # (B, M), ascending
-    v_sorted = torch.gather(value, 1, order.unsqueeze(-1).expand_as(value))  # (B, M, C_v)
-    bv_sorted = b_sorted.unsqueeze(-1) * v_sorted  # (B, M, C_v)
-    # Suffix sums with a trailing zero row: suffix[:, k] = Σ_{j >= k} (sorted), k = 0..M.
-    both = torch.cat([v_sorted, bv_sorted], dim=-1)  # (B, M, 2·C_v)
-    both = F.pad(both, (0, 0, 0, 1))  # (B, M + 1, 2·C_v)
-    suffix = torch.flip(torch.cumsum(torch.flip(both, dims=[1]), dim=1), dims=[1])  # (B, M+1, 2C_v)
-    # First sorted key with b_j > -a_i; keys with b_j == -a_i contribute ReLU(0) = 0.
-    cut = torch.searchsorted(b_sorted.contiguous(), (-a.squeeze(-1)).contiguous(), right=True)
-    picked = torch.gather(suffix, 1, cut.unsqueeze(-1).expand(-1, -1, suffix.shape[-1]))
-    sum_v, sum_bv = picked.chunk(2, dim=-1)  # (B, N, C_v) each
+    # Keys sorted by decreasing b: every J_i = {j : b_j > -a_i} is a prefix of that order, so
+    # prefix sums (along the last, contiguous dim of a (B, C_v, M) layout: several times faster
+    # than along M in (B, M, C_v)) indexed by |J_i| give Σ_{J_i} v_j and Σ_{J_i} b_j v_j.
+    b_sorted, order = torch.sort(b.squeeze(-1), dim=1, descending=True)  # (B, M)
+    v_t = value.transpose(1, 2)  # (B, C_v, M)
+    v_sorted = torch.gather(v_t, 2, order.unsqueeze(1).expand_as(v_t))  # (B, C_v, M)
+    bv_sorted = v_sorted * b_sorted.unsqueeze(1)  # (B, C_v, M)
+    # A leading zero column: prefix[..., k] = Σ of the first k sorted keys, k = 0..M.
+    prefix_v = torch.cumsum(F.pad(v_sorted, (1, 0)), dim=-1)  # (B, C_v, M + 1)
+    prefix_bv = torch.cumsum(F.pad(bv_sorted, (1, 0)), dim=-1)  # (B, C_v, M + 1)
+    # |J_i| = #{j : -b_j < a_i}; -b_sorted is ascending. Keys with b_j == -a_i are left out
+    # (they contribute ReLU(0) = 0, and ReLU'(0) = 0).
+    count = torch.searchsorted((-b_sorted).contiguous(), a.squeeze(-1).contiguous())  # (B, N)
+    index = count.unsqueeze(1).expand(-1, v_t.shape[1], -1)  # (B, C_v, N)
+    sum_v = torch.gather(prefix_v, 2, index).transpose(1, 2)  # (B, N, C_v)
+    sum_bv = torch.gather(prefix_bv, 2, index).transpose(1, 2)  # (B, N, C_v)
     return ((a * sum_v + sum_bv) / m).to(out_dtype)  # (B, N, C_v)
 
 

@@ -215,6 +215,9 @@ class NonLocalNd(nn.Module):
         value = self.g(xk)
         if sub and self.sub_sample_position == "after":
             value = self._pool(value)
+        v = self._to_tokens(value, size)  # (B', M, C')
+        if self.pairwise == "concatenation" and self.impl == "fast":
+            return (*self._concat_terms(x, xk, size), v)
         if self.pairwise == "gaussian":
             query, key = x, (self._pool(x) if sub else x)
         else:
@@ -224,12 +227,34 @@ class NonLocalNd(nn.Module):
         q = self._to_tokens(query)  # (B', N, d)
         # gaussian without sub-sampling: keys are the queries; one tensor, laid out once
         k = q if key is query else self._to_tokens(key, size)  # (B', M, d)
-        v = self._to_tokens(value, size)  # (B', M, C')
         if self.pairwise == "concatenation":
             w = self.concat_project.weight.reshape(2 * self.inner_channels, 1)  # (2C', 1)
             q = q @ w[: self.inner_channels]  # (B', N, 1): a_i = w_θᵀ θ(x_i)
             k = k @ w[self.inner_channels :]  # (B', M, 1): b_j = w_φᵀ φ(x_j)
         return q, k, v
+
+    def _concat_terms(self, x: Tensor, xk: Tensor, size: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """a_i and b_j of the concatenation form without the C'-wide θ/φ maps (fast path).
+
+        a_i = w_θᵀ(W_θ x_i + b_θ) = (W_θᵀ w_θ)ᵀ x_i + w_θᵀ b_θ: a C-wide product per position
+        replaces the θ convolution. The same holds for b_j unless φ's output is max-pooled
+        (``sub_sample_position="after"``), which does not commute with the projection.
+        """
+        c, c_in = self.inner_channels, self.channels
+        w = self.concat_project.weight.reshape(2, c)  # (2, C'): rows w_θ, w_φ
+
+        def folded(t: Tensor, conv: nn.Module, w_f: Tensor, tokens_size) -> Tensor:
+            weight = w_f @ conv.weight.reshape(c, c_in)  # (C,)
+            bias = w_f @ conv.bias if conv.bias is not None else 0.0
+            return self._to_tokens(t, tokens_size) @ weight.unsqueeze(-1) + bias  # (B', ·, 1)
+
+        a = folded(x, self.theta, w[0], None)  # (B', N, 1)
+        if self.sub_sample and self.sub_sample_position == "after":
+            phi = self._to_tokens(self._pool(self.phi(x)), size)  # (B', M, C')
+            b = phi @ w[1].unsqueeze(-1)  # (B', M, 1)
+        else:
+            b = folded(xk, self.phi, w[1], size)  # (B', M, 1)
+        return a, b
 
     def nonlocal_op(self, x: Tensor) -> Tensor:
         """y = 1/C(x) Σ_j f(x_i, x_j) g(x_j), before W_z: ``(B, C', *S)``."""
