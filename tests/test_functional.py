@@ -193,6 +193,46 @@ def test_chunked_softmax_equals_reference(chunk: int, shared: bool) -> None:
         NLF.chunked_softmax_aggregate(q, k, v, scale=1.0, chunk=0)
 
 
+@pytest.mark.parametrize(("n", "tile"), [(7, 1), (10, 3), (12, 4), (9, 9), (5, 64)])
+def test_symmetric_softmax_equals_reference(n: int, tile: int) -> None:
+    """Keys = queries: tiles I <= J of the symmetric logits serve both halves of the map."""
+    x = torch.randn(2, n, 5, dtype=DT, requires_grad=True)
+    v = torch.randn(2, n, 3, dtype=DT, requires_grad=True)
+    grad = torch.randn(2, n, 3, dtype=DT)
+    got = NLF.symmetric_softmax_aggregate(x, v, scale=0.8, tile=tile)
+    want = NLF.softmax_aggregate(x, x, v, scale=0.8, impl="reference")
+    g_got = torch.autograd.grad(got, (x, v), grad)
+    g_want = torch.autograd.grad(want, (x, v), grad)
+    assert _rel(_flat(got, *g_got), _flat(want, *g_want)) <= 1e-13
+    with pytest.raises(ValueError, match="tile"):
+        NLF.symmetric_softmax_aggregate(x, v, scale=1.0, tile=0)
+
+
+def test_shared_keys_use_symmetric_tiles(monkeypatch) -> None:
+    """softmax_aggregate(x, x, v) on the CPU takes the symmetric kernel: (tile, tile) logit
+    blocks, never the (N, N) map, forward and backward."""
+    monkeypatch.setattr(NLF, "SYMMETRIC_TILE", 8)
+    x = torch.randn(1, 40, 6, dtype=DT, requires_grad=True)
+    v = torch.randn(1, 40, 3, dtype=DT, requires_grad=True)
+
+    def fwd_bwd() -> None:
+        NLF.softmax_aggregate(x, x, v, scale=0.5).sum().backward()
+
+    shapes = _shapes(fwd_bwd)
+    assert [1, 8, 8] in shapes
+    assert not any(s[-2:] == [40, 40] for s in shapes)
+
+
+def test_symmetric_softmax_large_logits_and_low_precision() -> None:
+    x, v = torch.randn(1, 9, 6) * 40, torch.randn(1, 9, 3)
+    want = NLF.softmax_aggregate(x.double(), x.double(), v.double(), scale=1.0, impl="reference")
+    got = NLF.symmetric_softmax_aggregate(x, v, scale=1.0, tile=4)
+    assert _rel(got.double(), want) <= 1e-5
+    got16 = NLF.symmetric_softmax_aggregate(x, v.bfloat16(), scale=1.0, tile=4)
+    assert got16.dtype == torch.bfloat16
+    assert _rel(got16.double(), want) <= 1e-2
+
+
 def test_chunked_softmax_large_logits_and_low_precision() -> None:
     """Logits far beyond exp's range stay finite; bfloat16 inputs are accumulated in float32."""
     q, k, v = torch.randn(1, 9, 6) * 40, torch.randn(1, 8, 6) * 40, torch.randn(1, 8, 3)

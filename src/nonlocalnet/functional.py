@@ -61,6 +61,7 @@ __all__ = [
     "dot_product_aggregate",
     "pairwise_weights",
     "softmax_aggregate",
+    "symmetric_softmax_aggregate",
 ]
 
 PAIRWISE = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
@@ -160,6 +161,10 @@ def softmax_aggregate(
         return torch.bmm(pairwise_weights("gaussian", query, key, scale=scale), value)
     c_q, c_v = query.shape[-1], value.shape[-1]
     on_cpu = query.device.type == "cpu"
+    if on_cpu and key is query:
+        # Self-attention on one tensor (gaussian without sub-sampling): the logits are symmetric,
+        # so each tile of them serves two tiles of the map.
+        return symmetric_softmax_aggregate(query, value, scale=scale)
     if on_cpu and CPU_SOFTMAX_KERNEL == "blocked":
         return chunked_softmax_aggregate(query, key, value, scale=scale)
     if c_v != c_q and on_cpu:
@@ -287,6 +292,116 @@ class _ChunkedSoftmaxAttention(torch.autograd.Function):
         if ctx.shared:  # key is query: its gradient is the sum, returned once
             return (dq + dk).to(dq_t), None, dv.to(dv_t), None, None
         return dq.to(dq_t), dk.to(dk_t), dv.to(dv_t), None, None
+
+
+#: Side of the square logit tiles of :func:`symmetric_softmax_aggregate` (4 MiB in float32).
+SYMMETRIC_TILE = 1024
+
+
+def symmetric_softmax_aggregate(
+    x: Tensor, value: Tensor, *, scale: float, tile: int | None = None
+) -> Tensor:
+    """Σ_j softmax_j(s · x_iᵀ x_j) v_j when the keys are the queries, exact, by tiles.
+
+    The logits S = s·X Xᵀ are symmetric, so one ``tile × tile`` block S_IJ (I ≤ J) gives both
+    the (I, J) and the (J, I) blocks of the map. An online softmax (running max and sum per
+    row, as in flash attention) accumulates the output without the N×N map; the backward pass
+    recomputes each S_IJ once and sends the gradient of both blocks through it,
+    dX_I += s·G X_J and dX_J += s·Gᵀ X_I with G = dS_IJ + dS_JIᵀ. Products: 2·N²·(2·C + 3·C_v)
+    in all against 2·N²·(3·C + 3·C_v) for the materialised map (gaussian: C = 512, C_v = 256).
+
+    Args:
+        x: ``(B, N, C)`` queries, which are also the keys.
+        value: ``(B, N, C_v)``.
+        scale: logit scale s.
+        tile: side of the logit tiles; :data:`SYMMETRIC_TILE` by default.
+
+    Returns:
+        ``(B, N, C_v)``.
+    """
+    tile = SYMMETRIC_TILE if tile is None else tile
+    if tile < 1:
+        raise ValueError(f"tile must be >= 1, got {tile}")
+    if value.shape[:2] != x.shape[:2]:
+        raise ValueError(
+            f"value must have the positions of x, got x {tuple(x.shape)} and value "
+            f"{tuple(value.shape)}"
+        )
+    return _SymmetricSoftmaxAttention.apply(x, value, float(scale), int(tile))
+
+
+def _online_update(state: list[Tensor], s: Tensor, v: Tensor) -> None:
+    """Fold one block of logits ``s`` (B, n_i, n_j) and values ``v`` (B, n_j, C_v) into rows i."""
+    m, l, o = state
+    m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))  # (B, n_i, 1)
+    alpha = torch.exp(m - m_new)  # (B, n_i, 1): rescales what was accumulated
+    p = torch.exp(s - m_new)  # (B, n_i, n_j)
+    state[0] = m_new
+    state[1] = l * alpha + p.sum(dim=-1, keepdim=True)
+    state[2] = torch.baddbmm(o * alpha, p, v)  # (B, n_i, C_v)
+
+
+class _SymmetricSoftmaxAttention(torch.autograd.Function):
+    """softmax(s·x xᵀ) v over tiles I ≤ J of the symmetric logits; backward recomputes them."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, value: Tensor, scale: float, tile: int):
+        out_dtype = value.dtype
+        acc = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            xa = x.to(acc).contiguous()
+            va = value.to(acc).contiguous()
+            xs, vs = xa.split(tile, dim=1), va.split(tile, dim=1)
+            states = [
+                [
+                    torch.full((*xi.shape[:2], 1), -math.inf, dtype=acc, device=x.device),
+                    xi.new_zeros((*xi.shape[:2], 1)),
+                    xi.new_zeros((*xi.shape[:2], va.shape[-1])),
+                ]
+                for xi in xs
+            ]
+            for i, xi in enumerate(xs):
+                for j in range(i, len(xs)):
+                    s = torch.bmm(xi, xs[j].transpose(1, 2)).mul_(scale)  # (B, n_i, n_j)
+                    _online_update(states[i], s, vs[j])
+                    if j != i:
+                        _online_update(states[j], s.transpose(1, 2), vs[i])  # S_JI = S_IJᵀ
+            out = torch.cat([o / l for _, l, o in states], dim=1)  # (B, N, C_v)
+            lse = torch.cat([m + torch.log(l) for m, l, _ in states], dim=1)  # (B, N, 1)
+        ctx.save_for_backward(xa, va, out, lse)
+        ctx.scale, ctx.tile, ctx.dtypes = scale, tile, (x.dtype, value.dtype)
+        return out.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        xa, va, out, lse = ctx.saved_tensors
+        scale, tile = ctx.scale, ctx.tile
+        with torch.autocast(xa.device.type, enabled=False):
+            do = grad_out.to(xa.dtype).contiguous()  # (B, N, C_v)
+            delta = (do * out).sum(dim=-1, keepdim=True)  # (B, N, 1): rowsum(dO ∘ O)
+            dx, dv = torch.zeros_like(xa), torch.zeros_like(va)
+            xs, vs, dos = xa.split(tile, 1), va.split(tile, 1), do.split(tile, 1)
+            lses, deltas = lse.split(tile, 1), delta.split(tile, 1)
+            dxs, dvs = dx.split(tile, 1), dv.split(tile, 1)  # views: updated in place
+
+            def block_grad(s: Tensor, i: int, j: int) -> Tensor:
+                # rows i, keys j: dV_j += Pᵀ dO_i; returns dS = P ∘ (dO_i V_jᵀ - δ_i)
+                p = (s - lses[i]).exp_()  # (B, n_i, n_j): normalised weights
+                dvs[j].baddbmm_(p.transpose(1, 2), dos[i])
+                return torch.bmm(dos[i], vs[j].transpose(1, 2)).sub_(deltas[i]).mul_(p)
+
+            for i, xi in enumerate(xs):
+                for j in range(i, len(xs)):
+                    s = torch.bmm(xi, xs[j].transpose(1, 2)).mul_(scale)  # (B, n_i, n_j)
+                    g = block_grad(s, i, j)  # dS_IJ
+                    if j != i:
+                        g += block_grad(s.transpose(1, 2), j, i).transpose(1, 2)  # + dS_JIᵀ
+                        dxs[j].baddbmm_(g.transpose(1, 2), xi, alpha=scale)
+                    else:
+                        g = g + g.transpose(1, 2)  # both places of each diagonal-tile logit
+                    dxs[i].baddbmm_(g, xs[j], alpha=scale)
+        x_t, v_t = ctx.dtypes
+        return dx.to(x_t), dv.to(v_t), None, None
 
 
 def dot_product_aggregate(

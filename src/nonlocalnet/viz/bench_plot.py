@@ -22,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import NullFormatter
 
 __all__ = ["FIGSIZE", "bench_figure", "plot_bench", "roofline_ms", "series_of"]
 
@@ -93,6 +94,7 @@ def bench_figure(results: Mapping[str, Any], title: str | None = None) -> plt.Fi
             f"plot_bench: matmul_gflops must be > 0, got {results.get('matmul_gflops')!r}"
         )
     groups = series_of(rows)
+    sizes = sorted({int(r["N"]) for r in rows})
     fig, (ax_t, ax_m, ax_r) = plt.subplots(1, 3, figsize=FIGSIZE, dpi=DPI)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colour_of: dict[tuple[str, str], str] = {}
@@ -124,6 +126,9 @@ def bench_figure(results: Mapping[str, Any], title: str | None = None) -> plt.Fi
     ):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        # Ticks at the measured sizes: minor labels of a short log axis run into each other.
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(sizes, [str(n) for n in sizes])
         ax.set_xlabel("N (query positions)")
         ax.set_ylabel(ylabel)
         ax.set_title(head)
