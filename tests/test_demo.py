@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -121,7 +122,9 @@ def test_configs_must_share_the_budget(tmp_path: Path) -> None:
         shutil.copy(_find_config(name, None), tmp_path / name)
     load_demo_configs(config_dir=tmp_path)  # the shipped pair is consistent
     path = tmp_path / DEFAULT_CONFIGS["nl_c2d"]
-    path.write_text(path.read_text().replace("lr: 0.1", "lr: 0.2"))
+    text, changed = re.subn(r"^  lr: .*$", "  lr: 0.2", path.read_text(), flags=re.M)
+    assert changed == 1
+    path.write_text(text)
     with pytest.raises(ValueError, match=r"differ in optim\.lr"):
         load_demo_configs(config_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match=r"demo_c2d\.yaml"):

@@ -44,7 +44,7 @@ not carry over to held-out clips. A space-time non-local block lets the feature 
 attend to the early cue (its weights f(x_i, x_j) depend on both features, e.g. on their colours),
 so one block suffices to relate them; a C2D with such a block is no longer additive over the two
 cues. (In the demo, the late cue's query puts ~10× the uniform share of its attention on the early
-cue; see ``benchmarks/results_demo.md``.)
+cue; see ``benchmarks/RESULTS.md (section 5)``.)
 
 Image version
 -------------

@@ -19,7 +19,7 @@ decode from the start) and stops after its last one. Frame indices come from pre
 timestamps, frame 0 being the first decoded frame. When the metadata is missing it decodes every
 frame once. A stream that ends well before its declared length (a truncated download) counts as
 unreadable. Frames are returned as ``uint8`` ``(T, H, W, 3)`` RGB; the default single decoder
-thread suits DataLoader workers (see benchmarks/results_data.md). ``cache_frames=True`` keeps
+thread suits DataLoader workers (see benchmarks/RESULTS.md, section 4). ``cache_frames=True`` keeps
 decoded videos in memory for small data sets.
 
 :class:`VideoDataset` yields dicts::

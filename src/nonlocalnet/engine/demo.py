@@ -26,7 +26,7 @@ the official initialisation (θ and φ drawn with std 0.01), θ(x_i)·φ(x_j) st
 bilinear form is learned one direction at a time; under SGD the held-out accuracy stalls on
 plateaus at exactly the accuracies of comparing only one colour "bit" across the gap (80% for 6
 colours, 83% for 3), and a few hundred steps are not enough to leave them (see
-``benchmarks/results_demo.md``). The Gaussian f = exp(x_i·x_j) has no θ/φ to grow and leaves the
+``benchmarks/RESULTS.md (section 5)``). The Gaussian f = exp(x_i·x_j) has no θ/φ to grow and leaves the
 plateaus much sooner; 1000 steps leave margin (at 600 steps one run reached 100%, another stalled
 at 88% on the plateau where the three reddish colours look alike).
 """
