@@ -13,15 +13,7 @@ from nonlocalnet.cli import main
 from nonlocalnet.models import create_model
 from nonlocalnet.models.flops import count_flops, parse_input_size
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convolutions run far faster on one thread when the machine's cores are shared
-    (OpenMP threads of several processes contend); restored after this module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("position", ["after", "before"])

@@ -10,15 +10,7 @@ import torch
 from nonlocalnet.models import create_model, create_resnet
 from nonlocalnet.models.resnet import FrozenBatchNorm
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convolutions run far faster on one thread when the machine's cores are shared
-    (OpenMP threads of several processes contend); restored after this module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -9,14 +9,7 @@ import torch.nn.functional as F
 from nonlocalnet.asymmetric import AFNB, APNB
 from nonlocalnet.models import create_model, create_segmentation_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convolutions run far faster on one thread when the machine's cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = {

@@ -17,15 +17,7 @@ from nonlocalnet.models import (
 )
 from nonlocalnet.models.video_resnet import official_inflation_pattern
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convolutions run far faster on one thread when the machine's cores are shared
-    (OpenMP threads of several processes contend); restored after this module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _params(model) -> int:

@@ -16,15 +16,7 @@ from nonlocalnet.models import (
 )
 from nonlocalnet.models.segmentation import SegmentationModel
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convolutions run far faster on one thread when the machine's cores are shared
-    (OpenMP threads of several processes contend); restored after this module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL_INPUT = {"image": (3, 64, 64), "video": (3, 8, 64, 64), "segmentation": (3, 64, 64)}
