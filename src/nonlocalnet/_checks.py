@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -69,3 +69,29 @@ def check_tokens(x: torch.Tensor, name: str, rank: int = 3) -> None:
         raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
     if any(s == 0 for s in x.shape):
         raise ValueError(f"{name} has an empty dimension: shape {tuple(x.shape)}")
+
+
+def query_index(
+    n: int, queries: Sequence[int] | torch.Tensor | None, device: torch.device | None = None
+) -> torch.Tensor:
+    """Flattened query positions for ``attention_map``, as a long tensor.
+
+    Args:
+        n: number of query positions.
+        queries: indices in [0, n), or None for all n.
+        device: device of the result.
+
+    Raises:
+        ValueError: no index, or an index outside [0, n).
+    """
+    if queries is None:
+        return torch.arange(n, device=device)
+    idx = torch.as_tensor(queries, dtype=torch.long, device=device).reshape(-1)
+    if idx.numel() == 0:
+        raise ValueError("attention_map: queries is empty")
+    if int(idx.min()) < 0 or int(idx.max()) >= n:
+        raise ValueError(
+            f"attention_map: query indices must lie in [0, {n}), got range "
+            f"[{int(idx.min())}, {int(idx.max())}]"
+        )
+    return idx

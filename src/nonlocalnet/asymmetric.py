@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nonlocalnet._checks import check_choice, check_feature_map
+from nonlocalnet._checks import check_choice, check_feature_map, query_index
 from nonlocalnet.functional import IMPLS, pairwise_weights, softmax_aggregate
 
 __all__ = ["AFNB", "APNB", "PyramidPooling"]
@@ -53,20 +53,6 @@ def _check_positive_int(owner: str, name: str, value: object) -> None:
 def _check_dropout(owner: str, p: object) -> None:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
         raise ValueError(f"{owner}: dropout must be a probability in [0, 1), got {p!r}")
-
-
-def _query_index(n: int, queries: Sequence[int] | Tensor | None, device: torch.device) -> Tensor:
-    if queries is None:
-        return torch.arange(n, device=device)
-    idx = torch.as_tensor(queries, dtype=torch.long, device=device).reshape(-1)
-    if idx.numel() == 0:
-        raise ValueError("attention_map: queries is empty")
-    if int(idx.min()) < 0 or int(idx.max()) >= n:
-        raise ValueError(
-            f"attention_map: query indices must lie in [0, {n}), got range "
-            f"[{int(idx.min())}, {int(idx.max())}]"
-        )
-    return idx
 
 
 class PyramidPooling(nn.Module):
@@ -176,7 +162,7 @@ class _PyramidAttention(nn.Module):
         return y.transpose(1, 2).reshape(batch, self.value_channels, *size)  # (B, V, *S)
 
     def _map(self, q: Tensor, k: Tensor, queries: Sequence[int] | Tensor | None) -> Tensor:
-        idx = _query_index(q.shape[1], queries, q.device)
+        idx = query_index(q.shape[1], queries, q.device)
         return pairwise_weights("gaussian", q[:, idx], k, scale=self.scale)  # (B, Nq, S)
 
 

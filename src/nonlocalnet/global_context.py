@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nonlocalnet._checks import check_choice, check_feature_map
+from nonlocalnet._checks import check_choice, check_feature_map, query_index
 from nonlocalnet.functional import IMPLS, softmax_aggregate
 
 __all__ = [
@@ -106,14 +106,7 @@ def _map_rows(w: Tensor, queries: Sequence[int] | Tensor | None) -> Tensor:
     n = w.shape[-1]
     if queries is None:
         return w
-    idx = torch.as_tensor(queries, dtype=torch.long).reshape(-1)
-    if idx.numel() == 0:
-        raise ValueError("attention_map: queries is empty")
-    if int(idx.min()) < 0 or int(idx.max()) >= n:
-        raise ValueError(
-            f"attention_map: query indices must lie in [0, {n}), got range "
-            f"[{int(idx.min())}, {int(idx.max())}]"
-        )
+    idx = query_index(n, queries)
     return w.expand(-1, idx.numel(), -1)  # (B, Nq, N), a view
 
 

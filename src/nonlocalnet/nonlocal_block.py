@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nonlocalnet._checks import check_choice, check_feature_map
+from nonlocalnet._checks import check_choice, check_feature_map, query_index
 from nonlocalnet.functional import IMPLS, PAIRWISE, aggregate, default_scale, pairwise_weights
 
 __all__ = ["EXTENTS", "NonLocal1d", "NonLocal2d", "NonLocal3d", "NonLocalNd"]
@@ -296,17 +296,7 @@ class NonLocalNd(nn.Module):
         """
         q, k, _ = self.embed(x)
         n = q.shape[1]
-        if queries is None:
-            idx = torch.arange(n, device=q.device)
-        else:
-            idx = torch.as_tensor(queries, dtype=torch.long, device=q.device).reshape(-1)
-            if idx.numel() == 0:
-                raise ValueError("attention_map: queries is empty")
-            if int(idx.min()) < 0 or int(idx.max()) >= n:
-                raise ValueError(
-                    f"attention_map: query indices must lie in [0, {n}), got range "
-                    f"[{int(idx.min())}, {int(idx.max())}]"
-                )
+        idx = query_index(n, queries, q.device)
         if chunk_size < 1:
             raise ValueError(f"attention_map: chunk_size must be >= 1, got {chunk_size}")
         rows = [
