@@ -1,11 +1,12 @@
 # Two entry points: `make demo` and `make test`. Both create (once) and reuse a
-# virtual environment in the checkout. TORCH_VERSION pins torch so that the
-# local CPU wheel is used instead of a newer CUDA build.
-TORCH_VERSION ?= 2.13.0
+# virtual environment in the checkout. TORCH_VERSION and TORCHVISION_VERSION pin the
+# pair installed first, so that pip never resolves another torch for the extras.
+TORCH_VERSION ?= 2.14.1
+TORCHVISION_VERSION ?= 0.29.1
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(TORCH_VERSION)
+STAMP := $(VENV)/.installed-$(TORCH_VERSION)-$(TORCHVISION_VERSION)
 
 .PHONY: demo test test-slow lint bench venv clean
 
@@ -14,8 +15,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip >/dev/null
-	$(PY) -m pip install "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -e ".[train,dev]"
+	$(PY) -m pip install "torch==$(TORCH_VERSION)" "torchvision==$(TORCHVISION_VERSION)"
+	$(PY) -m pip install -e ".[train,detection,dev]" "torch==$(TORCH_VERSION)" "torchvision==$(TORCHVISION_VERSION)"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nonlocalnet import GlobalContext, NonLocal1d, NonLocal2d, SimplifiedNonLocal, SqueezeExcite
-from nonlocalnet.global_context import attention_pool
+from nonlocalnet.layers.global_context import attention_pool
 
 SIZES = {1: (7,), 2: (4, 5), 3: (2, 3, 4)}
 

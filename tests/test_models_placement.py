@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from nonlocalnet import NonLocal2d, NonLocal3d
-from nonlocalnet.global_context import GlobalContext
+from nonlocalnet.layers.global_context import GlobalContext
 from nonlocalnet.models import (
     check_identity,
     check_placement,

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nonlocalnet.asymmetric import AFNB, APNB
+from nonlocalnet.layers.asymmetric import AFNB, APNB
 from nonlocalnet.models import create_model, create_segmentation_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,7 +16,7 @@ from nonlocalnet import (
     SimplifiedNonLocal,
     SqueezeExcite,
 )
-from nonlocalnet.registry import create_block, list_blocks, register_block, resolve_block
+from nonlocalnet.layers.registry import create_block, list_blocks, register_block, resolve_block
 
 REQUIRED = ["nl", "nl_gaussian", "nl_dot", "nl_concat", "snl", "gc", "gc_mul", "se", "apnb"]
 

@@ -11,9 +11,9 @@ from PIL import Image
 from torch import nn
 
 from nonlocalnet import NonLocal2d, NonLocal3d
-from nonlocalnet.asymmetric import AFNB, APNB
+from nonlocalnet.layers.asymmetric import AFNB, APNB
 from nonlocalnet.functional import pairwise_weights
-from nonlocalnet.global_context import GlobalContext
+from nonlocalnet.layers.global_context import GlobalContext
 from nonlocalnet.viz.attention import (
     DPI,
     attention_blocks,

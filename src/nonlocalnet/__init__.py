@@ -5,10 +5,22 @@ The block library (this package's top level) depends on torch alone.
 
 from nonlocalnet import functional
 from nonlocalnet.analysis import QueryIndependence, query_independence
-from nonlocalnet.asymmetric import AFNB, APNB, PyramidPooling
-from nonlocalnet.global_context import GlobalContext, SimplifiedNonLocal, SqueezeExcite
-from nonlocalnet.nonlocal_block import NonLocal1d, NonLocal2d, NonLocal3d, NonLocalNd
-from nonlocalnet.registry import create_block, list_blocks, register_block, resolve_block
+from nonlocalnet.layers import (
+    AFNB,
+    APNB,
+    GlobalContext,
+    NonLocal1d,
+    NonLocal2d,
+    NonLocal3d,
+    NonLocalNd,
+    PyramidPooling,
+    SimplifiedNonLocal,
+    SqueezeExcite,
+    create_block,
+    list_blocks,
+    register_block,
+    resolve_block,
+)
 
 __version__ = "0.1.0"
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nonlocalnet.nonlocal_block import NonLocalNd
+from nonlocalnet.layers.nonlocal_block import NonLocalNd
 
 __all__ = ["QueryIndependence", "cosine_distance", "query_independence"]
 

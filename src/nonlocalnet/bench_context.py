@@ -92,7 +92,7 @@ def _kwargs(case: Case) -> dict[str, Any]:
 
 def build(case: Case, device: str | torch.device) -> torch.nn.Module:
     """The case's block, in eval mode."""
-    from nonlocalnet.registry import create_block
+    from nonlocalnet.layers.registry import create_block
 
     return create_block(case.block, case.channels, device=device, **_kwargs(case)).eval()
 

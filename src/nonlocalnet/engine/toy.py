@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nonlocalnet.nonlocal_block import NonLocal2d, NonLocal3d
+from nonlocalnet.layers.nonlocal_block import NonLocal2d, NonLocal3d
 
 __all__ = ["TOY_MODELS", "RandomDataset", "ToyClassifier", "ToySegmenter"]
 

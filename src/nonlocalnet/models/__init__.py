@@ -5,6 +5,7 @@ depths; :func:`insert_blocks` puts any block after any named submodule of any mo
 :func:`check_identity` verifies that freshly inserted blocks leave the output unchanged.
 """
 
+from nonlocalnet.models.builders import add_blocks, create_resnet
 from nonlocalnet.models.placement import (
     check_identity,
     check_placement,
@@ -16,7 +17,7 @@ from nonlocalnet.models.placement import (
     place_blocks,
     without_blocks,
 )
-from nonlocalnet.models.resnet import ResNet, create_resnet
+from nonlocalnet.models.resnet import ResNet
 from nonlocalnet.models.segmentation import SegmentationModel, create_segmentation_model
 from nonlocalnet.models.video_resnet import (
     create_video_resnet,
@@ -29,6 +30,7 @@ __all__ = [
     "ModelInfo",
     "ResNet",
     "SegmentationModel",
+    "add_blocks",
     "check_identity",
     "check_placement",
     "create_model",

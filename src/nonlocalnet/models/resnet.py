@@ -6,30 +6,29 @@ and parameter shapes: ``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsam
 ResNets of Wang et al. (C2D, I3D; see :mod:`nonlocalnet.models.video_resnet`) with the same
 keys, so inflating a 2D checkpoint is a per-key operation.
 
-Attention blocks are added after construction (see :mod:`nonlocalnet.models.placement`), so the
-backbone's initialisation never touches their zero-initialised layers. A bottleneck has an
+Attention blocks are added after construction (:mod:`nonlocalnet.models.builders`,
+:mod:`nonlocalnet.models.placement`), so the backbone's initialisation never touches their
+zero-initialised layers. A bottleneck has an
 optional ``gc`` submodule (GCNet: after ``bn3``, before the residual addition); it is ``None``
 until a block is placed there, and then adds ``layerN.i.gc.*`` keys only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from nonlocalnet._checks import check_choice
+from nonlocalnet.layers._dims import BATCH_NORM, CONV
 
 __all__ = [
     "BasicBlock",
     "Bottleneck",
     "FrozenBatchNorm",
     "ResNet",
-    "add_blocks",
-    "create_resnet",
 ]
 
 #: torchvision's depths.
@@ -44,8 +43,6 @@ DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
 #: the papers' stage names (res2..res5 in NL, c2..c5 in GCNet) of ``layer1``..``layer4``.
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
 
-_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
-_BN = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 NORMS = ("bn", "frozen_bn")
 
 
@@ -85,7 +82,7 @@ class FrozenBatchNorm(nn.Module):
 
 
 def _norm(norm: str, dims: int, channels: int) -> nn.Module:
-    return FrozenBatchNorm(channels) if norm == "frozen_bn" else _BN[dims](channels)
+    return FrozenBatchNorm(channels) if norm == "frozen_bn" else BATCH_NORM[dims](channels)
 
 
 def _conv(
@@ -406,7 +403,7 @@ class ResNet(nn.Module):
 
         k1 = _triple(conv1_kernel, "conv1_kernel", dims)
         s1 = _triple(conv1_stride, "conv1_stride", dims)
-        self.conv1 = _CONV[dims](
+        self.conv1 = CONV[dims](
             in_channels,
             stem_channels,
             k1,
@@ -586,117 +583,3 @@ class ResNet(nn.Module):
 
 def _first(v: int | Sequence[int]) -> int:
     return v if isinstance(v, int) else int(v[0])
-
-
-def create_resnet(
-    *,
-    depth: int = 50,
-    num_classes: int = 1000,
-    in_channels: int = 3,
-    replace_stride_with_dilation: Sequence[bool] = (False, False, False),
-    output_stride: int | None = None,
-    zero_init_residual: bool = False,
-    norm: str = "bn",
-    grad_checkpointing: bool = False,
-    block: str | None = None,
-    layers: Sequence[int] | None = None,
-    widths: Sequence[int] = (64, 128, 256, 512),
-    stem_channels: int = 64,
-    dropout: float = 0.0,
-    nonlocal_placement: Sequence[Sequence[int]] | None = None,
-    nonlocal_kwargs: Mapping[str, Any] | None = None,
-    gc_placement: Sequence[Sequence[int]] | None = None,
-    gc_kwargs: Mapping[str, Any] | None = None,
-    default_input: Sequence[int] = (3, 224, 224),
-) -> ResNet:
-    """Build a 2D ResNet (torchvision's keys), optionally with NL and/or GC blocks.
-
-    The backbone is initialised first; blocks are added afterwards and keep their own zero
-    initialisation (NL after residual blocks in ``layerN.i.after``, GC inside bottlenecks in
-    ``layerN.i.gc``).
-
-    Args:
-        depth: 18, 34, 50, 101 or 152 (ignored when ``block`` and ``layers`` are given).
-        num_classes: classes of ``fc`` (0: no head).
-        in_channels: input channels.
-        replace_stride_with_dilation: see :class:`ResNet`.
-        output_stride: 8, 16 or 32: shortcut for ``replace_stride_with_dilation``.
-        zero_init_residual: zero the last BN gamma of each residual block.
-        norm: ``"bn"`` or ``"frozen_bn"``.
-        grad_checkpointing: recompute residual blocks in backward.
-        block: ``"basic"`` or ``"bottleneck"``, with ``layers``, for custom (tiny) networks.
-        layers: blocks per stage, with ``block``.
-        widths: stage widths.
-        stem_channels: ``conv1`` channels.
-        dropout: dropout before ``fc``.
-        nonlocal_placement: per stage, residual blocks followed by a ``NonLocal2d``.
-        nonlocal_kwargs: keyword arguments of :class:`~nonlocalnet.NonLocal2d`.
-        gc_placement: per stage, residual blocks holding a ``GlobalContext`` before the
-            residual addition.
-        gc_kwargs: keyword arguments of :class:`~nonlocalnet.global_context.GlobalContext`.
-        default_input: (C, H, W) stored on the model as ``default_input``.
-
-    Returns:
-        The initialised network.
-    """
-    if block is None or layers is None:
-        if depth not in DEPTHS:
-            raise ValueError(f"depth must be one of {sorted(DEPTHS)}, got {depth!r}")
-        block, layers = DEPTHS[depth]
-    if output_stride is not None:
-        rsd = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}
-        if output_stride not in rsd:
-            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
-        replace_stride_with_dilation = rsd[output_stride]
-    model = ResNet(
-        block,
-        layers,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        replace_stride_with_dilation=replace_stride_with_dilation,
-        zero_init_residual=zero_init_residual,
-        norm=norm,
-        grad_checkpointing=grad_checkpointing,
-        widths=widths,
-        stem_channels=stem_channels,
-        dropout=dropout,
-    )
-    model.default_input = tuple(default_input)
-    add_blocks(
-        model,
-        dims=2,
-        nonlocal_placement=nonlocal_placement,
-        nonlocal_kwargs=nonlocal_kwargs,
-        gc_placement=gc_placement,
-        gc_kwargs=gc_kwargs,
-    )
-    return model
-
-
-def add_blocks(
-    model: ResNet,
-    *,
-    dims: int,
-    nonlocal_placement: Sequence[Sequence[int]] | None = None,
-    nonlocal_kwargs: Mapping[str, Any] | None = None,
-    gc_placement: Sequence[Sequence[int]] | None = None,
-    gc_kwargs: Mapping[str, Any] | None = None,
-) -> None:
-    """Insert NL blocks after, and GC blocks inside, the listed residual blocks (in place)."""
-    from nonlocalnet import NonLocal2d, NonLocal3d
-    from nonlocalnet.global_context import GlobalContext
-    from nonlocalnet.models.placement import insert_context_blocks, place_blocks
-
-    if nonlocal_placement is not None and any(len(p) for p in nonlocal_placement):
-        nl_cls = NonLocal2d if dims == 2 else NonLocal3d
-        nl_kw = dict(nonlocal_kwargs or {})
-        if dims == 3:
-            nl_kw.setdefault("sub_sample", True)
-        place_blocks(model, nonlocal_placement, lambda c: nl_cls(c, **nl_kw))
-    elif nonlocal_kwargs:
-        raise ValueError("nonlocal_kwargs given without nonlocal_placement")
-    if gc_placement is not None and any(len(p) for p in gc_placement):
-        gc_kw = dict(gc_kwargs or {})
-        insert_context_blocks(model, gc_placement, lambda c: GlobalContext(c, dims=dims, **gc_kw))
-    elif gc_kwargs:
-        raise ValueError("gc_kwargs given without gc_placement")

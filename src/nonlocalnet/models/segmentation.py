@@ -123,7 +123,7 @@ class ANNHead(nn.Module):
         dropout: float = 0.05,
     ):
         super().__init__()
-        from nonlocalnet.asymmetric import AFNB, APNB
+        from nonlocalnet.layers.asymmetric import AFNB, APNB
 
         self.fusion = AFNB(
             low_channels,
@@ -268,7 +268,7 @@ def create_segmentation_model(
             c5, head_channels, num_classes, NonLocal2d(head_channels, **kw), dropout
         )
     elif head == "gc":
-        from nonlocalnet.global_context import GlobalContext
+        from nonlocalnet.layers.global_context import GlobalContext
 
         head_module = BlockHead(
             c5, head_channels, num_classes, GlobalContext(head_channels, **kw), dropout

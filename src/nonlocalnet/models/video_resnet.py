@@ -29,8 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from nonlocalnet._checks import check_choice
+from nonlocalnet.models.builders import add_blocks
 from nonlocalnet.models.placement import Placement
-from nonlocalnet.models.resnet import DEPTHS, ResNet, add_blocks
+from nonlocalnet.models.resnet import DEPTHS, ResNet
 
 __all__ = [
     "INFLATIONS",

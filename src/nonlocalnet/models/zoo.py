@@ -1,6 +1,6 @@
 """Model zoo: the networks of the three papers by name, ``create_model(name, **overrides)``.
 
-Every entry is a builder (:func:`~nonlocalnet.models.resnet.create_resnet`,
+Every entry is a builder (:func:`~nonlocalnet.models.builders.create_resnet`,
 :func:`~nonlocalnet.models.video_resnet.create_video_resnet`,
 :func:`~nonlocalnet.models.segmentation.create_segmentation_model`) with fixed arguments. An
 override is any keyword of that builder, or a shortcut for the inserted blocks: ``pairwise``,
@@ -23,8 +23,9 @@ from typing import Any
 
 from torch import nn
 
+from nonlocalnet.models.builders import create_resnet
 from nonlocalnet.models.placement import gc_placement, nl_preset
-from nonlocalnet.models.resnet import DEPTHS, create_resnet
+from nonlocalnet.models.resnet import DEPTHS
 from nonlocalnet.models.segmentation import create_segmentation_model
 from nonlocalnet.models.video_resnet import create_video_resnet
 

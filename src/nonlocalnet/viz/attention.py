@@ -235,7 +235,7 @@ def _pyramid_bins(block: nn.Module, size: Sequence[int]) -> list[tuple[int, ...]
     if not bins:
         raise ValueError(
             f"{type(block).__name__}: expected a 'pyramid' submodule with 'bins' "
-            "(nonlocalnet.asymmetric.PyramidPooling)"
+            "(nonlocalnet.layers.asymmetric.PyramidPooling)"
         )
     if len(size) == 3:  # bins in space; time kept (T cells of one frame) or pooled to 1
         t = 1 if getattr(pyramid, "pool_time", False) else size[0]

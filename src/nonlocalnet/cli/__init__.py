@@ -1,7 +1,8 @@
-"""The ``nonlocalnet`` command line.
+"""The ``nonlocalnet`` command line: the only part of the package that parses arguments.
 
-Each subcommand lives in its own module, imported only when it is used, which defines
-``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
+Each subcommand is a thin module of this package, imported only when it is used, which defines
+``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int`` and calls the library
+(``engine``, ``models``, ``viz``, ``apps``).
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ from collections.abc import Sequence
 
 #: subcommand -> module implementing it.
 COMMANDS: dict[str, str] = {
-    "demo": "nonlocalnet.engine.demo",
-    "train": "nonlocalnet.engine.train",
-    "eval": "nonlocalnet.engine.evaluate",
-    "models": "nonlocalnet.models.listing",
-    "flops": "nonlocalnet.models.flops",
-    "bench": "nonlocalnet.bench",
-    "visualize": "nonlocalnet.viz.visualize",
-    "analyze": "nonlocalnet.viz.analyze",
+    "demo": "nonlocalnet.cli.demo",
+    "train": "nonlocalnet.cli.train",
+    "eval": "nonlocalnet.cli.eval",
+    "models": "nonlocalnet.cli.models",
+    "flops": "nonlocalnet.cli.flops",
+    "visualize": "nonlocalnet.cli.visualize",
+    "analyze": "nonlocalnet.cli.analyze",
 }
 
 #: one line per subcommand for the top-level help (the modules are imported only when used).
@@ -31,7 +31,6 @@ SUMMARIES: dict[str, str] = {
     "eval": "evaluate a checkpoint (multi-view video, image top-k, segmentation mIoU)",
     "models": "list the model zoo",
     "flops": "parameters and multiply-adds of a model, per stage and per block",
-    "bench": "speed and memory of the blocks, fast vs reference",
     "visualize": "draw what a trained block attends to",
     "analyze": "GCNet's query-independence analysis of a trained model",
 }
@@ -74,7 +73,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Bad input from the user: one clear line, no traceback.
         print(f"nonlocalnet {args.command}: error: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

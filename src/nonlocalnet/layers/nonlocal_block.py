@@ -18,27 +18,25 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nonlocalnet._checks import check_choice, check_feature_map, query_index
 from nonlocalnet.functional import IMPLS, PAIRWISE, aggregate, default_scale, pairwise_weights
+from nonlocalnet.layers._dims import BATCH_NORM, CONV, MAX_POOL, check_dims, check_positive_int
 
 __all__ = ["EXTENTS", "NonLocal1d", "NonLocal2d", "NonLocal3d", "NonLocalNd"]
 
 EXTENTS = ("spacetime", "space", "time")
 SUB_SAMPLE_POSITIONS = ("after", "before")
 
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
-_POOL_WINDOW = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}
+#: max-pooling window (= stride) of the key/value side, per dims: never in time.
+POOL_WINDOW = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}
 
 
 class NonLocalNd(nn.Module):
-    """Non-local block for inputs with ``spatial_dims`` dimensions after (B, C).
+    """Non-local block for inputs with ``dims`` dimensions after (B, C).
 
-    Use :class:`NonLocal1d`, :class:`NonLocal2d` or :class:`NonLocal3d`.
+    :class:`NonLocal1d`, :class:`NonLocal2d` and :class:`NonLocal3d` fix ``dims``.
 
     Args:
         channels: input and output channels C.
@@ -57,13 +55,12 @@ class NonLocalNd(nn.Module):
             norm, W_z's weight and bias.
         impl: ``"fast"`` (never materialises the N×M map) or ``"reference"`` (the formula
             taken literally).
+        dims: number of dimensions after (B, C): 1, 2 or 3.
         extent: which positions attend to which, for 3d inputs: ``"spacetime"`` (all T·H·W),
             ``"space"`` (within each frame) or ``"time"`` (across frames at each pixel).
         device: device of the parameters.
         dtype: dtype of the parameters.
     """
-
-    spatial_dims: int = 0
 
     def __init__(
         self,
@@ -77,31 +74,28 @@ class NonLocalNd(nn.Module):
         zero_init: bool = True,
         impl: str = "fast",
         *,
+        dims: int = 2,
         extent: str = "spacetime",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        if self.spatial_dims not in _CONV:
-            raise TypeError(f"{name}: use NonLocal1d, NonLocal2d or NonLocal3d")
-        if not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"{name}: channels must be a positive int, got {channels!r}")
+        check_dims(dims)
+        check_positive_int(name, "channels", channels)
         if inner_channels is None:
             inner_channels = max(channels // 2, 1)
-        if not isinstance(inner_channels, int) or inner_channels < 1:
-            raise ValueError(
-                f"{name}: inner_channels must be a positive int, got {inner_channels!r}"
-            )
+        check_positive_int(name, "inner_channels", inner_channels)
         check_choice("pairwise", pairwise, PAIRWISE)
         check_choice("sub_sample_position", sub_sample_position, SUB_SAMPLE_POSITIONS)
         check_choice("impl", impl, IMPLS)
         check_choice("extent", extent, EXTENTS)
-        if extent != "spacetime" and self.spatial_dims != 3:
+        if extent != "spacetime" and dims != 3:
             raise ValueError(f"{name}: extent {extent!r} needs 3d (B, C, T, H, W) inputs")
         dot_dim = channels if pairwise == "gaussian" else inner_channels
         self.scale = default_scale(pairwise, dot_dim, use_scale)  # validates use_scale
 
+        self.dims = dims
         self.channels = channels
         self.inner_channels = inner_channels
         self.pairwise = pairwise
@@ -112,7 +106,7 @@ class NonLocalNd(nn.Module):
         self.impl = impl
         self.extent = extent
 
-        conv = _CONV[self.spatial_dims]
+        conv = CONV[dims]
         kw = {"kernel_size": 1, "device": device, "dtype": dtype}
         self.g = conv(channels, inner_channels, **kw)
         if pairwise != "gaussian":
@@ -123,9 +117,7 @@ class NonLocalNd(nn.Module):
             self.concat_project = conv(2 * inner_channels, 1, bias=False, **kw)
         self.conv_out = conv(inner_channels, channels, **kw)  # W_z
         if norm is True:
-            self.norm: nn.Module | None = _BN[self.spatial_dims](
-                channels, device=device, dtype=dtype
-            )
+            self.norm: nn.Module | None = BATCH_NORM[dims](channels, device=device, dtype=dtype)
         elif norm is False or norm is None:
             self.norm = None
         elif callable(norm):
@@ -164,8 +156,8 @@ class NonLocalNd(nn.Module):
     # -- layout -------------------------------------------------------------------------------
 
     def _pool(self, t: Tensor) -> Tensor:
-        window = _POOL_WINDOW[self.spatial_dims]
-        return _POOL[self.spatial_dims](t, window, window, ceil_mode=True)
+        window = POOL_WINDOW[self.dims]
+        return MAX_POOL[self.dims](t, window, window, ceil_mode=True)
 
     def _to_tokens(self, t: Tensor, size: Sequence[int] | None = None) -> Tensor:
         """(B, C, *S) -> (B', N, C), B' and N as the extent folds them.
@@ -195,7 +187,7 @@ class NonLocalNd(nn.Module):
 
     def _check(self, x: Tensor) -> None:
         check_feature_map(
-            x, spatial_dims=self.spatial_dims, channels=self.channels, owner=type(self).__name__
+            x, spatial_dims=self.dims, channels=self.channels, owner=type(self).__name__
         )
 
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -307,28 +299,43 @@ class NonLocalNd(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"pairwise={self.pairwise!r}, scale={self.scale:.4g}, sub_sample={self.sub_sample}, "
+            f"{self.channels}, dims={self.dims}, pairwise={self.pairwise!r}, "
+            f"scale={self.scale:.4g}, sub_sample={self.sub_sample}, "
             f"sub_sample_position={self.sub_sample_position!r}, extent={self.extent!r}, "
             f"impl={self.impl!r}"
         )
 
 
-class NonLocal1d(NonLocalNd):
+class _FixedDims(NonLocalNd):
+    """:class:`NonLocalNd` with ``dims`` fixed by the class."""
+
+    fixed_dims = 2
+
+    def __init__(self, channels: int, *args: object, **kwargs: object) -> None:
+        if "dims" in kwargs:
+            raise TypeError(
+                f"{type(self).__name__}: dims is fixed to {self.fixed_dims}; "
+                f"use NonLocalNd(..., dims={kwargs['dims']!r})"
+            )
+        super().__init__(channels, *args, dims=self.fixed_dims, **kwargs)  # type: ignore[arg-type]
+
+
+class NonLocal1d(_FixedDims):
     """Non-local block for ``(B, C, L)`` sequences. Arguments as :class:`NonLocalNd`."""
 
-    spatial_dims = 1
+    fixed_dims = 1
 
 
-class NonLocal2d(NonLocalNd):
+class NonLocal2d(_FixedDims):
     """Non-local block for ``(B, C, H, W)`` images. Arguments as :class:`NonLocalNd`."""
 
-    spatial_dims = 2
+    fixed_dims = 2
 
 
-class NonLocal3d(NonLocalNd):
+class NonLocal3d(_FixedDims):
     """Non-local block for ``(B, C, T, H, W)`` videos, with ``extent`` spacetime/space/time.
 
     Arguments as :class:`NonLocalNd`.
     """
 
-    spatial_dims = 3
+    fixed_dims = 3

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from nonlocalnet._checks import check_choice, check_feature_map, query_index
 from nonlocalnet.functional import IMPLS, softmax_aggregate
+from nonlocalnet.layers._dims import CONV, check_dims, check_positive_int
 
 __all__ = [
     "FUSIONS",
@@ -44,16 +45,8 @@ __all__ = [
     "attention_pool",
 ]
 
-DIMS = (1, 2, 3)
 POOLINGS = ("att", "avg")
 FUSIONS = ("add", "mul")
-
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-
-
-def _check_positive_int(owner: str, name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
 
 
 def _reduced_channels(owner: str, channels: int, ratio: float) -> int:
@@ -161,14 +154,14 @@ class SimplifiedNonLocal(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        _check_positive_int(name, "channels", channels)
-        check_choice("dims", dims, DIMS)
+        check_positive_int(name, "channels", channels)
+        check_dims(dims)
         check_choice("impl", impl, IMPLS)
         self.channels = channels
         self.dims = dims
         self.zero_init = zero_init
         self.impl = impl
-        conv = _CONV[dims]
+        conv = CONV[dims]
         kw = {"kernel_size": 1, "device": device, "dtype": dtype}
         self.conv_mask = conv(channels, 1, **kw)
         self.conv_value = conv(channels, channels, **kw)
@@ -234,7 +227,7 @@ def _transform(
 
     Without layer_norm an ``nn.Identity`` keeps the convs at indices 0 and 3.
     """
-    conv = _CONV[dims]
+    conv = CONV[dims]
     kw = {"kernel_size": 1, "device": device, "dtype": dtype}
     norm: nn.Module = (
         _LayerNormFp32([planes] + [1] * dims, device=device, dtype=dtype)
@@ -296,10 +289,10 @@ class GlobalContext(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        _check_positive_int(name, "channels", channels)
+        check_positive_int(name, "channels", channels)
         planes = _reduced_channels(name, channels, ratio)
         check_choice("pooling", pooling, POOLINGS)
-        check_choice("dims", dims, DIMS)
+        check_dims(dims)
         check_choice("impl", impl, IMPLS)
         if isinstance(fusion, str):
             fusion = (fusion,)
@@ -320,7 +313,7 @@ class GlobalContext(nn.Module):
         self.zero_init = zero_init
         self.impl = impl
         self.dims = dims
-        conv = _CONV[dims]
+        conv = CONV[dims]
         if pooling == "att":
             self.conv_mask = conv(channels, 1, kernel_size=1, device=device, dtype=dtype)
         self.transform_add = (
@@ -435,14 +428,14 @@ class SqueezeExcite(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        _check_positive_int(name, "channels", channels)
+        check_positive_int(name, "channels", channels)
         planes = _reduced_channels(name, channels, ratio)
-        check_choice("dims", dims, DIMS)
+        check_dims(dims)
         self.channels = channels
         self.ratio = ratio
         self.planes = planes
         self.dims = dims
-        conv = _CONV[dims]
+        conv = CONV[dims]
         kw = {"kernel_size": 1, "device": device, "dtype": dtype}
         self.fc1 = conv(channels, planes, **kw)
         self.fc2 = conv(planes, channels, **kw)

@@ -29,30 +29,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nonlocalnet._checks import check_choice, check_feature_map, query_index
 from nonlocalnet.functional import IMPLS, pairwise_weights, softmax_aggregate
+from nonlocalnet.layers._dims import (
+    ADAPTIVE_AVG_POOL,
+    BATCH_NORM,
+    CONV,
+    DROPOUT,
+    check_dims,
+    check_dropout,
+    check_positive_int,
+)
 
 __all__ = ["AFNB", "APNB", "PyramidPooling"]
 
-DIMS = (1, 2, 3)
 DEFAULT_BINS = (1, 3, 6, 8)
-
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_DROPOUT = {1: nn.Dropout1d, 2: nn.Dropout2d, 3: nn.Dropout3d}
-
-
-def _check_positive_int(owner: str, name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
-
-
-def _check_dropout(owner: str, p: object) -> None:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-        raise ValueError(f"{owner}: dropout must be a probability in [0, 1), got {p!r}")
 
 
 class PyramidPooling(nn.Module):
@@ -73,11 +66,11 @@ class PyramidPooling(nn.Module):
         self, bins: Sequence[int] = DEFAULT_BINS, *, dims: int = 2, pool_time: bool = False
     ) -> None:
         super().__init__()
-        check_choice("dims", dims, DIMS)
+        check_dims(dims)
         if isinstance(bins, int) or not isinstance(bins, Sequence) or len(bins) == 0:
             raise ValueError(f"PyramidPooling: bins must be a non-empty sequence, got {bins!r}")
         for b in bins:
-            _check_positive_int("PyramidPooling", "each bin", b)
+            check_positive_int("PyramidPooling", "each bin", b)
         self.bins = tuple(bins)
         self.dims = dims
         self.pool_time = pool_time
@@ -94,16 +87,14 @@ class PyramidPooling(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, *S)`` -> ``(B, C, S)`` samples, bins in order, each flattened row major."""
         check_feature_map(x, spatial_dims=self.dims, channels=None, owner="PyramidPooling")
+        pool = ADAPTIVE_AVG_POOL[self.dims]
         if self.dims == 1:
-            pooled = [F.adaptive_avg_pool1d(x, b) for b in self.bins]  # (B, C, b) each
+            pooled = [pool(x, b) for b in self.bins]  # (B, C, b) each
         elif self.dims == 2:
-            pooled = [F.adaptive_avg_pool2d(x, b).flatten(2) for b in self.bins]  # (B, C, b²)
+            pooled = [pool(x, b).flatten(2) for b in self.bins]  # (B, C, b²)
         else:
             t = 1 if self.pool_time else x.shape[2]
-            pooled = [
-                F.adaptive_avg_pool3d(x, (t, b, b)).flatten(2)  # (B, C, t·b²)
-                for b in self.bins
-            ]
+            pooled = [pool(x, (t, b, b)).flatten(2) for b in self.bins]  # (B, C, t·b²)
         return torch.cat(pooled, dim=2)  # (B, C, S)
 
     def extra_repr(self) -> str:
@@ -114,8 +105,8 @@ def _conv_bn_relu(
     dims: int, c_in: int, c_out: int, device: torch.device | str | None, dtype: torch.dtype | None
 ) -> nn.Sequential:
     return nn.Sequential(
-        _CONV[dims](c_in, c_out, kernel_size=1, device=device, dtype=dtype),
-        _BN[dims](c_out, device=device, dtype=dtype),
+        CONV[dims](c_in, c_out, kernel_size=1, device=device, dtype=dtype),
+        BATCH_NORM[dims](c_out, device=device, dtype=dtype),
         nn.ReLU(inplace=True),
     )
 
@@ -133,6 +124,28 @@ class _PyramidAttention(nn.Module):
     f_value: nn.Module
     conv_out: nn.Module
     pyramid: PyramidPooling
+
+    def _setup(
+        self,
+        widths: dict[str, int],
+        *,
+        dropout: float,
+        zero_init: bool,
+        impl: str,
+        dims: int,
+    ) -> None:
+        """Validate and store the constructor arguments both blocks share."""
+        name = type(self).__name__
+        for n, v in widths.items():
+            check_positive_int(name, n, v)
+        check_dropout(name, dropout)
+        check_dims(dims)
+        check_choice("impl", impl, IMPLS)
+        for n, v in widths.items():
+            setattr(self, n, v)
+        self.zero_init = zero_init
+        self.impl = impl
+        self.dims = dims
 
     def reset_parameters(self) -> None:
         """PyTorch defaults (as the official code), then ``conv_out`` zeroed."""
@@ -207,29 +220,23 @@ class APNB(_PyramidAttention):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        name = type(self).__name__
         if out_channels is None:
             out_channels = channels
-        for n, v in (
-            ("channels", channels),
-            ("out_channels", out_channels),
-            ("key_channels", key_channels),
-            ("value_channels", value_channels),
-        ):
-            _check_positive_int(name, n, v)
-        _check_dropout(name, dropout)
-        check_choice("dims", dims, DIMS)
-        check_choice("impl", impl, IMPLS)
-        self.channels = channels
-        self.out_channels = out_channels
-        self.key_channels = key_channels
-        self.value_channels = value_channels
+        self._setup(
+            {
+                "channels": channels,
+                "out_channels": out_channels,
+                "key_channels": key_channels,
+                "value_channels": value_channels,
+            },
+            dropout=dropout,
+            zero_init=zero_init,
+            impl=impl,
+            dims=dims,
+        )
         self.share_query_key = share_query_key
-        self.zero_init = zero_init
-        self.impl = impl
-        self.dims = dims
         kw = {"kernel_size": 1, "device": device, "dtype": dtype}
-        conv = _CONV[dims]
+        conv = CONV[dims]
         self.pyramid = PyramidPooling(bins, dims=dims, pool_time=pool_time)
         self.f_key = _conv_bn_relu(dims, channels, key_channels, device, dtype)
         self.f_query = (
@@ -241,9 +248,9 @@ class APNB(_PyramidAttention):
         self.conv_out = conv(value_channels, channels, **kw)
         self.fusion = nn.Sequential(
             conv(2 * channels, out_channels, **kw),
-            _BN[dims](out_channels, device=device, dtype=dtype),
+            BATCH_NORM[dims](out_channels, device=device, dtype=dtype),
             nn.ReLU(inplace=True),
-            _DROPOUT[dims](dropout),
+            DROPOUT[dims](dropout),
         )
         self.reset_parameters()
 
@@ -328,28 +335,21 @@ class AFNB(_PyramidAttention):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        name = type(self).__name__
-        for n, v in (
-            ("low_channels", low_channels),
-            ("high_channels", high_channels),
-            ("out_channels", out_channels),
-            ("key_channels", key_channels),
-            ("value_channels", value_channels),
-        ):
-            _check_positive_int(name, n, v)
-        _check_dropout(name, dropout)
-        check_choice("dims", dims, DIMS)
-        check_choice("impl", impl, IMPLS)
-        self.low_channels = low_channels
-        self.high_channels = high_channels
-        self.out_channels = out_channels
-        self.key_channels = key_channels
-        self.value_channels = value_channels
-        self.zero_init = zero_init
-        self.impl = impl
-        self.dims = dims
+        self._setup(
+            {
+                "low_channels": low_channels,
+                "high_channels": high_channels,
+                "out_channels": out_channels,
+                "key_channels": key_channels,
+                "value_channels": value_channels,
+            },
+            dropout=dropout,
+            zero_init=zero_init,
+            impl=impl,
+            dims=dims,
+        )
         kw = {"kernel_size": 1, "device": device, "dtype": dtype}
-        conv = _CONV[dims]
+        conv = CONV[dims]
         self.pyramid = PyramidPooling(bins, dims=dims, pool_time=pool_time)
         self.f_key = _conv_bn_relu(dims, low_channels, key_channels, device, dtype)
         self.f_query = _conv_bn_relu(dims, high_channels, key_channels, device, dtype)
@@ -357,8 +357,8 @@ class AFNB(_PyramidAttention):
         self.conv_out = conv(value_channels, out_channels, **kw)
         self.fusion = nn.Sequential(
             conv(out_channels + high_channels, out_channels, **kw),
-            _BN[dims](out_channels, device=device, dtype=dtype),
-            _DROPOUT[dims](dropout),
+            BATCH_NORM[dims](out_channels, device=device, dtype=dtype),
+            DROPOUT[dims](dropout),
         )
         self.reset_parameters()
 

@@ -4,12 +4,11 @@
     >>> block = create_block("nl_dot", 512, dims=3)        # NonLocal3d(512, pairwise="dot_product")
     >>> make = resolve_block("snl", dims=1)                # a constructor: make(channels) -> block
 
-Every block takes its channel count first. Keyword arguments override the preset's defaults
-(``create_block("gc", 256, ratio=1/4)``). ``dims`` (1, 2 or 3) picks NonLocal1d/2d/3d for the NL
-presets and is passed as ``dims=`` to the others.
+Every block takes its channel count first and ``dims`` (1, 2 or 3) as a keyword. Keyword
+arguments override the preset's defaults (``create_block("gc", 256, ratio=1/4)``).
 
-:class:`~nonlocalnet.asymmetric.AFNB` takes two inputs and two channel counts, so it is not a
-preset; build it directly.
+:class:`~nonlocalnet.layers.asymmetric.AFNB` takes two inputs and two channel counts, so it is
+not a preset; build it directly.
 
 This module depends on torch alone.
 """
@@ -22,25 +21,13 @@ from typing import Any
 
 from torch import nn
 
-from nonlocalnet._checks import check_choice
-from nonlocalnet.asymmetric import APNB
-from nonlocalnet.global_context import GlobalContext, SimplifiedNonLocal, SqueezeExcite
-from nonlocalnet.nonlocal_block import NonLocal1d, NonLocal2d, NonLocal3d
+from nonlocalnet.layers.asymmetric import APNB
+from nonlocalnet.layers.global_context import GlobalContext, SimplifiedNonLocal, SqueezeExcite
+from nonlocalnet.layers.nonlocal_block import NonLocalNd
 
 __all__ = ["create_block", "list_blocks", "register_block", "resolve_block"]
 
 BlockFactory = Callable[..., nn.Module]
-
-_NONLOCAL = {1: NonLocal1d, 2: NonLocal2d, 3: NonLocal3d}
-
-
-def _nonlocal(pairwise: str) -> BlockFactory:
-    def make(channels: int, *, dims: int = 2, **kwargs: Any) -> nn.Module:
-        check_choice("dims", dims, tuple(_NONLOCAL))
-        return _NONLOCAL[dims](channels, **{"pairwise": pairwise, **kwargs})
-
-    make.__doc__ = f"NonLocal{{dims}}d with pairwise={pairwise!r}."
-    return make
 
 
 def _preset(cls: type[nn.Module], **defaults: Any) -> BlockFactory:
@@ -53,10 +40,10 @@ def _preset(cls: type[nn.Module], **defaults: Any) -> BlockFactory:
 
 #: name -> factory(channels, *, dims=2, **kwargs), in the order :func:`list_blocks` gives.
 _REGISTRY: dict[str, BlockFactory] = {
-    "nl": _nonlocal("embedded_gaussian"),
-    "nl_gaussian": _nonlocal("gaussian"),
-    "nl_dot": _nonlocal("dot_product"),
-    "nl_concat": _nonlocal("concatenation"),
+    "nl": _preset(NonLocalNd, pairwise="embedded_gaussian"),
+    "nl_gaussian": _preset(NonLocalNd, pairwise="gaussian"),
+    "nl_dot": _preset(NonLocalNd, pairwise="dot_product"),
+    "nl_concat": _preset(NonLocalNd, pairwise="concatenation"),
     "snl": _preset(SimplifiedNonLocal),
     "gc": _preset(GlobalContext, ratio=1 / 16, pooling="att", fusion=("add",)),
     "gc_r4": _preset(GlobalContext, ratio=1 / 4, pooling="att", fusion=("add",)),

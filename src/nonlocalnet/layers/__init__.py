@@ -1,0 +1,33 @@
+"""Attention blocks, one module per family (as timm's ``layers/``), and the block factory.
+
+* :mod:`~nonlocalnet.layers.nonlocal_block`: the non-local block (NL paper), all four pairwise
+  functions;
+* :mod:`~nonlocalnet.layers.global_context`: SNL, GC and SE (GCNet paper);
+* :mod:`~nonlocalnet.layers.asymmetric`: the pyramid sampler, APNB and AFNB (ANN paper);
+* :mod:`~nonlocalnet.layers.registry`: ``create_block(name, channels, dims=...)``.
+
+Every block takes its channel count first and ``dims`` (1, 2 or 3) as a keyword; the layers
+import only :mod:`nonlocalnet.functional`, the checks of :mod:`nonlocalnet._checks` and each other.
+"""
+
+from nonlocalnet.layers.asymmetric import AFNB, APNB, PyramidPooling
+from nonlocalnet.layers.global_context import GlobalContext, SimplifiedNonLocal, SqueezeExcite
+from nonlocalnet.layers.nonlocal_block import NonLocal1d, NonLocal2d, NonLocal3d, NonLocalNd
+from nonlocalnet.layers.registry import create_block, list_blocks, register_block, resolve_block
+
+__all__ = [
+    "AFNB",
+    "APNB",
+    "GlobalContext",
+    "NonLocal1d",
+    "NonLocal2d",
+    "NonLocal3d",
+    "NonLocalNd",
+    "PyramidPooling",
+    "SimplifiedNonLocal",
+    "SqueezeExcite",
+    "create_block",
+    "list_blocks",
+    "register_block",
+    "resolve_block",
+]
