@@ -30,7 +30,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
 
 bench: $(STAMP)
-	$(VENV)/bin/nonlocalnet bench
+	$(PY) benchmarks/bench_blocks.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -24,7 +24,18 @@ import time
 import torch
 
 from nonlocalnet.models import create_model
-from nonlocalnet.models.flops import count_flops, parse_input_size
+from nonlocalnet.models.flops import count_flops
+
+
+def input_size(text: str) -> tuple[int, ...]:
+    """``"3x8x112x112"`` → ``(3, 8, 112, 112)`` (an argparse ``type``)."""
+    try:
+        size = tuple(int(s) for s in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 3x8x112x112, got {text!r}") from None
+    if any(s < 1 for s in size):
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return size
 
 
 def step_times(
@@ -55,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="c2d_r50")
     parser.add_argument("--model", default="nl_c2d_r50")
-    parser.add_argument("--input", default="3x8x112x112", help="C x T x H x W")
+    parser.add_argument("--input", type=input_size, default="3x8x112x112", help="C x T x H x W")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=3)
@@ -66,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    size = (args.batch, *parse_input_size(args.input))
+    size = (args.batch, *args.input)
     names = [args.base, args.model]
     all_times = step_times(names, size, warmup=args.warmup, repeat=args.repeat)
     rows = {}
@@ -85,7 +96,7 @@ def main() -> None:
     time_ratio = model["median_s"] / base["median_s"]
     min_ratio = model["min_s"] / base["min_s"]
     print(
-        f"training step, batch {args.batch}, {args.input}, torch {torch.__version__}, "
+        f"training step, batch {args.batch}, {'x'.join(map(str, args.input))}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
     )
     print("| model | GMACs (fwd) | step time (s, median) | min (s) | steps (s) |")

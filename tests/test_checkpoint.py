@@ -80,14 +80,14 @@ def test_rng_state_round_trip_through_a_weights_only_file(tmp_path: Path) -> Non
 
 
 TOY = {
-    "model": {"name": "toy_video", "kwargs": {"norm": True, "width": 4}},
+    "model": {"name": "toy:toy_video", "kwargs": {"norm": True, "width": 4}},
     "data": {
         "task": "video",
-        "format": "random",
+        "format": "toy:datasets",
         "num_classes": 3,
         "num_frames": 2,
         "train_crop": 6,
-        "num_samples": 8,
+        "kwargs": {"num_samples": 8},
         "num_workers": 0,
     },
     "train": {
@@ -115,7 +115,7 @@ def test_training_checkpoint_contents_and_load_model(tmp_path: Path) -> None:
 
     model, cfg = load_model(tmp_path / "checkpoint_00000003.pt")
     assert not model.training
-    assert cfg["model"]["name"] == "toy_video" and cfg["data"]["num_classes"] == 3
+    assert cfg["model"]["name"] == "toy:toy_video" and cfg["data"]["num_classes"] == 3
     weights = load_file(str(tmp_path / "model.safetensors"))
     for key, value in model.state_dict().items():
         assert torch.equal(value, weights[key]), key

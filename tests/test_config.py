@@ -105,7 +105,7 @@ def test_wrong_type_names_key_expected_and_got(data: dict, message: str) -> None
         ({"train": {"steps": 0}}, r"train\.steps: expected a positive integer, got 0"),
         ({"data": {"train_jitter": [320, 256]}}, r"data\.train_jitter: expected \[min, max\]"),
         ({"schedule": {"milestones": [5, 2]}}, r"schedule\.milestones: expected increasing"),
-        ({"data": {"max_skip_fraction": 1.5}}, r"data\.max_skip_fraction: expected a fraction"),
+        ({"data": {"max_skip_fraction": 1.5}}, r"data\.max_skip_fraction: expected a number in \[0, 1\]"),
     ],
 )
 def test_bad_values_are_named(data: dict, message: str) -> None:

@@ -341,7 +341,7 @@ def test_dataset_train_sample(videos: Path, tmp_path: Path) -> None:
     lst = write_list(tmp_path / "l.txt", f"{videos / 'a.mp4'} 3\n{videos / 'b.mp4'} 1\n")
     ds = VideoDataset.from_list_file(lst, num_frames=4, stride=2, seed=7, **SMALL)
     sample = ds[0]
-    assert set(sample) == {"video", "label", "index", "path", "skipped", "unreadable"}
+    assert set(sample) == {"video", "label", "index", "path", "skipped", "unreadable", "unreadable_index"}
     assert sample["video"].shape == (3, 4, 40, 40) and sample["video"].dtype == torch.float32
     assert (sample["label"], sample["index"], sample["skipped"]) == (3, 0, 0)
     ids = _ids_from_normalised(sample["video"])
@@ -399,10 +399,15 @@ def test_corrupted_videos_skipped_logged_and_counted(
     strict = SkipTracker(max_skip_fraction=0.25)
     with pytest.raises(
         RuntimeError,
-        match=r"3 of 7 videos \(42\.9%\) could not be read, more than max_skip_fraction=0\.25",
+        match=r"3 of 7 samples \(42\.9%\) could not be read, more than max_skip_fraction=0\.25",
     ):
         strict.update(batch)
     assert "2 files" in tracker.summary() and "garbage.mp4" in tracker.summary()
+    # counted by distinct entries: the same bad files read again (a later epoch) count once
+    distinct = SkipTracker(max_skip_fraction=0.6, num_entries=len(ds))
+    distinct.update(batch)
+    distinct.update(collate_videos([ds[i] for i in range(4)]))
+    assert (distinct.num_skipped, distinct.num_reads) == (2, 4)
     check_skip_fraction(1, 10, 0.1)  # at the limit: fine
 
 

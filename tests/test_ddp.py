@@ -14,19 +14,21 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+TESTS = Path(__file__).resolve().parent  # holds toy.py, imported by the configs
+
 pytestmark = pytest.mark.distributed
 
 # No BatchNorm (its statistics are per process under DDP) and no dropout (each process draws its
 # own masks): with those, 2 x batch 2 and 1 x batch 4 compute the same mean gradient.
 CONFIG = {
-    "model": {"name": "toy_video", "kwargs": {"nonlocal_block": True, "width": 6}},
+    "model": {"name": "toy:toy_video", "kwargs": {"nonlocal_block": True, "width": 6}},
     "data": {
         "task": "video",
-        "format": "random",
+        "format": "toy:datasets",
         "num_classes": 3,
         "num_frames": 2,
         "train_crop": 6,
-        "num_samples": 7,  # odd: the 2-process evaluation pads one sample and must drop it
+        "kwargs": {"num_samples": 7},  # odd: the 2-process evaluation pads one sample and must drop it
         "num_workers": 0,
     },
     "optim": {"lr": 0.2, "weight_decay": 1.0e-3},
@@ -45,6 +47,7 @@ CONFIG = {
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nonlocalnet.engine.demo import (
+from nonlocalnet.apps.demo import (
     DEFAULT_CONFIGS,
     _find_config,
     attention_on_early_cue,
@@ -136,7 +136,7 @@ def test_cli_parses_demo_arguments() -> None:
 
     args = _build_parser("demo").parse_args(["demo", "--out", "x", "train.steps=3"])
     assert args.out == "x" and args.overrides == ["train.steps=3"]
-    assert args._module.__name__ == "nonlocalnet.engine.demo"
+    assert args._module.__name__ == "nonlocalnet.cli.demo"
 
 
 @pytest.mark.slow

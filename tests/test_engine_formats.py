@@ -16,7 +16,7 @@ from nonlocalnet.engine import config_from_dict, evaluate, train
 def _cfg(model: str, data: dict[str, Any], **train_kw: Any) -> Any:
     return config_from_dict(
         {
-            "model": {"name": model, "kwargs": {"width": 4} if model.startswith("toy") else {}},
+            "model": {"name": model, "kwargs": {"width": 4} if model.startswith("toy:") else {}},
             "data": {"num_workers": 0, **data},
             "optim": {"lr": 0.05},
             "train": {"steps": 2, "batch_size": 2, "log_every": 1, "checkpoint_every": 2,

@@ -16,15 +16,16 @@ from nonlocalnet.engine import config_from_dict, evaluate, train
 from nonlocalnet.engine.optim import param_groups
 from nonlocalnet.engine.sampling import EvalBatchSampler, SeededDataset, StepBatchSampler
 from nonlocalnet.engine.schedules import lr_factor
-from nonlocalnet.engine.toy import RandomDataset, ToyClassifier
-from nonlocalnet.engine.train import compute_loss, precise_bn
+from nonlocalnet.engine.step import compute_loss
+from nonlocalnet.engine.train import precise_bn
+from toy import RandomDataset, ToyClassifier
 
 
 def _config(**sections: dict[str, Any]) -> Any:
     base: dict[str, dict[str, Any]] = {
-        "model": {"name": "toy_video", "kwargs": {"width": 4}},
-        "data": {"task": "video", "format": "random", "num_classes": 3, "num_frames": 2,
-                 "train_crop": 6, "num_samples": 12, "num_workers": 0},
+        "model": {"name": "toy:toy_video", "kwargs": {"width": 4}},
+        "data": {"task": "video", "format": "toy:datasets", "num_classes": 3, "num_frames": 2,
+                 "train_crop": 6, "kwargs": {"num_samples": 12}, "num_workers": 0},
         "optim": {"lr": 0.1},
         "train": {"steps": 4, "batch_size": 4, "log_every": 2, "checkpoint_every": 4,
                   "progress": False},
@@ -226,11 +227,11 @@ def test_bfloat16_autocast_on_cpu_and_float16_refused(tmp_path: Path) -> None:
 
 
 def test_image_and_segmentation_tasks(tmp_path: Path) -> None:
-    image = _config(model={"name": "toy_image"}, data={"task": "image"}, train={"steps": 2})
+    image = _config(model={"name": "toy:toy_image"}, data={"task": "image"}, train={"steps": 2})
     out = train(image, out_dir=tmp_path / "image")
     assert out["val_num_samples"] == 12 and "val_top1" in out
     seg = _config(
-        model={"name": "toy_seg", "kwargs": {}},
+        model={"name": "toy:toy_seg", "kwargs": {}},
         data={"task": "segmentation", "train_crop": 8},
         train={"steps": 3, "precise_bn_batches": 2},
     )
@@ -257,7 +258,7 @@ def test_too_many_unreadable_videos_stop_the_run(tmp_path: Path, monkeypatch: An
         "build_datasets",
         lambda config, val=True: (Unreadable("video", num_samples=8, size=6, num_frames=2), None),
     )
-    with pytest.raises(RuntimeError, match=r"4 of 8 videos could not be decoded"):
+    with pytest.raises(RuntimeError, match=r"of \d+ samples \(50\.0%\) could not be read"):
         train(_config(train={"log_every": 1, "eval_every": -1}), out_dir=tmp_path)
 
 

@@ -287,17 +287,53 @@ def test_bad_tokens() -> None:
         NLF.aggregate("concatenation", q, k, v)
 
 
-def test_blocked_cpu_softmax_kernel_option(monkeypatch) -> None:
-    """CPU_SOFTMAX_KERNEL="blocked" routes equal widths to the query-blocked path: same numbers,
-    forward and backward, and no fused kernel."""
+def test_blocked_kernel_option(monkeypatch) -> None:
+    """kernel="blocked" routes equal widths to the query-blocked path: same numbers, forward and
+    backward, and no fused kernel."""
     q, k, v = _tokens("embedded_gaussian", 2, 9, 7, 4, 4)
     grad = torch.randn(2, 9, 4, dtype=DT)
     want = NLF.softmax_aggregate(q, k, v, scale=0.7, impl="reference")
     g_want = torch.autograd.grad(want, (q, k, v), grad)
-    monkeypatch.setattr(NLF, "CPU_SOFTMAX_KERNEL", "blocked")
     monkeypatch.setattr(NLF, "ATTENTION_CHUNK_ELEMENTS", 2 * 7)  # blocks of 2 queries
-    kernels = _sdpa_kernels(lambda: NLF.softmax_aggregate(q, k, v, scale=0.7))
+
+    def blocked() -> torch.Tensor:
+        return NLF.aggregate("embedded_gaussian", q, k, v, scale=0.7, kernel="blocked")
+
+    kernels = _sdpa_kernels(blocked)
     assert not any("flash_attention" in name for name in kernels), kernels
-    got = NLF.softmax_aggregate(q, k, v, scale=0.7)
+    assert [2, 2, 7] in _shapes(blocked)  # (B, 2, M): the logits of one block of 2 queries
+    got = blocked()
     g_got = torch.autograd.grad(got, (q, k, v), grad)
     assert _rel(_flat(got, *g_got), _flat(want, *g_want)) <= 1e-12
+
+
+@pytest.mark.parametrize(("c_q", "c_v"), [(4, 4), (6, 3), (3, 5)])
+@pytest.mark.parametrize("shared", [False, True])
+def test_every_kernel_equals_the_reference(c_q: int, c_v: int, shared: bool) -> None:
+    """Each kernel, unequal widths and keys that are the queries included, forward and
+    backward; "sdpa" takes the fused kernel even where "auto" would not."""
+    q, k, v = _tokens("gaussian", 2, 9, 9 if shared else 7, c_q, c_v)
+    if shared:
+        k = q
+    grad = torch.randn(2, 9, c_v, dtype=DT)
+    want = NLF.softmax_aggregate(q, k, v, scale=0.6, impl="reference")
+    g_want = torch.autograd.grad(want, (q, v) if shared else (q, k, v), grad)
+    for kernel in NLF.SOFTMAX_KERNELS:
+        got = NLF.softmax_aggregate(q, k, v, scale=0.6, kernel=kernel)
+        g_got = torch.autograd.grad(got, (q, v) if shared else (q, k, v), grad)
+        assert _rel(_flat(got, *g_got), _flat(want, *g_want)) <= 1e-12, kernel
+    q32, k32, v32 = (t.detach().float() for t in (q, k, v))
+    k32 = q32 if shared else k32
+    kernels = _sdpa_kernels(lambda: NLF.softmax_aggregate(q32, k32, v32, scale=0.6, kernel="sdpa"))
+    assert any("flash_attention" in name for name in kernels), kernels
+
+
+def test_bad_kernel_is_named() -> None:
+    q, k, v = _tokens("embedded_gaussian", 1, 4, 3, 2, 2)
+    with pytest.raises(ValueError, match="kernel"):
+        NLF.softmax_aggregate(q, k, v, scale=1.0, kernel="flash")
+    with pytest.raises(ValueError, match="impl='reference' takes kernel='auto'"):
+        NLF.softmax_aggregate(q, k, v, scale=1.0, impl="reference", kernel="sdpa")
+    with pytest.raises(ValueError, match="kernel applies to the softmax forms"):
+        NLF.aggregate("dot_product", q, k, v, kernel="blocked")
+    assert not hasattr(NLF, "CPU_SOFTMAX_KERNEL")  # a kernel is an argument, not a global

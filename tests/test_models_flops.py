@@ -1,4 +1,5 @@
-"""Multiply-add counting: analytic NL counts, fused attention, the paper's Table 2e ratios."""
+"""Multiply-add counting: analytic NL counts, fused attention, the paper's Table 2e ratios, the
+generic counter and the ``nonlocalnet flops`` command."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import json
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from nonlocalnet import NonLocal3d
 from nonlocalnet.cli import main
-from nonlocalnet.models import create_model
-from nonlocalnet.models.flops import count_flops, parse_input_size
+from nonlocalnet.cli.flops import parse_input_size
+from nonlocalnet.models import create_model, flops
+from nonlocalnet.models.flops import count_flops, count_macs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,3 +94,36 @@ def test_flops_subcommand(capsys):
     assert line["stages"]["head"][0] == 64 * 4 + 4
     assert main(["flops", "c2d_tiny", "--input", "3by8"]) == 2
     assert parse_input_size("3x32x224x224") == (3, 32, 224, 224)
+
+
+def test_count_macs_of_modules_and_callables():
+    lin = nn.Linear(8, 4)
+    x = torch.randn(2, 8)
+    assert count_macs(lin, x) == 2 * 8 * 4
+    conv = nn.Conv2d(3, 5, 3, padding=1, bias=False)
+    assert count_macs(conv, torch.randn(1, 3, 6, 6)) == 6 * 6 * 5 * 3 * 9
+    # a training step: forward + the weight gradient (x needs no gradient)
+    assert count_macs(lambda t: lin(t).sum().backward(), x) == 2 * (2 * 8 * 4)
+    # with the input gradient too: three products of the same size
+    xg = torch.randn(2, 8, requires_grad=True)
+    assert count_macs(lambda t: lin(t).sum().backward(), xg) == 3 * (2 * 8 * 4)
+    # several inputs, any callable; elementwise work is not counted
+    a, b = torch.randn(3, 4), torch.randn(4, 6)
+    assert count_macs(lambda p, q: (p @ q).relu().sum(), a, b) == 3 * 4 * 6
+    with pytest.raises(TypeError, match="must be a module or a callable, got int"):
+        count_macs(3, x)
+
+
+def test_count_macs_agrees_with_count_flops_and_counts_fused_attention():
+    block = NonLocal3d(16, pairwise="embedded_gaussian", sub_sample=True, device="meta").eval()
+    x = torch.zeros(1, 16, 4, 8, 8, device="meta")
+    with torch.no_grad():
+        macs = count_macs(block, x)
+    assert macs == count_flops(block, tuple(x.shape)).macs
+    N, M, Cp = 4 * 8 * 8, 4 * 4 * 4, 8
+    assert macs > 2 * N * M * Cp  # the attention products are in the count
+
+
+def test_flops_module_counts_only():
+    assert not hasattr(flops, "add_arguments") and not hasattr(flops, "run")
+    assert set(flops.__all__) == {"FlopReport", "count_flops", "count_macs"}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,3 +231,42 @@ def test_gc_in_video_bottlenecks():
     assert isinstance(with_gc.layer2[1].gc.transform_add[0], nn.Conv3d)
     with_gc.load_state_dict(plain.state_dict(), strict=False)
     assert check_identity(plain, with_gc, torch.randn(1, 3, 8, 32, 32))
+
+
+def _model_imports() -> dict[str, set[str]]:
+    """Module of ``nonlocalnet.models`` -> the modules of ``nonlocalnet.models`` it imports
+    (at module level or inside functions)."""
+    import nonlocalnet.models as pkg
+
+    graph = {}
+    for path in Path(pkg.__file__).parent.glob("*.py"):
+        name = f"nonlocalnet.models.{path.stem}"
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+                found |= {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+        graph[name] = {m for m in found if m.startswith("nonlocalnet.models.")} - {name}
+    return graph
+
+
+def test_no_import_cycle_in_models():
+    graph = _model_imports()
+    graph = {k: {m for m in v if m in graph} for k, v in graph.items()}
+    # the backbone does not know about placement or the builders; placement only of the backbone
+    assert graph["nonlocalnet.models.resnet"] == set()
+    assert graph["nonlocalnet.models.placement"] == {"nonlocalnet.models.resnet"}
+    done: set[str] = set()
+
+    def visit(node: str, path: tuple[str, ...]) -> None:
+        assert node not in path, f"import cycle: {' -> '.join((*path, node))}"
+        if node in done:
+            return
+        for nxt in graph[node]:
+            visit(nxt, (*path, node))
+        done.add(node)
+
+    for node in graph:
+        visit(node, ())

@@ -149,3 +149,43 @@ def test_bad_input():
         create_resnet(block="basic", layers=(1, 0, 1, 1))
     with pytest.raises(ValueError, match="unknown norm"):
         create_resnet(norm="gn")
+
+
+@pytest.mark.parametrize(
+    ("name", "spatial"),
+    [
+        ("resnet_tiny", [(16, 16), (8, 8), (4, 4), (2, 2)]),
+        # c2d_tiny on 8x32x32: res2 at 8 frames (before pool2), 4 frames from res3 on
+        ("c2d_tiny", [(8, 8, 8), (4, 4, 4), (4, 2, 2), (4, 1, 1)]),
+    ],
+)
+def test_forward_stages_are_the_stage_outputs(name, spatial):
+    model = create_model(name).eval()
+    seen = {}
+    for k, stage in enumerate(model.stages()):
+        stage.register_forward_hook(lambda m, a, o, k=k: seen.setdefault(k, o))
+    x = torch.randn(2, *model.default_input)
+    with torch.no_grad():
+        stages = model.forward_stages(x)
+        features = model.forward_features(x)
+        logits = model(x)
+    assert [tuple(s.shape[2:]) for s in stages] == spatial
+    assert [s.shape[1] for s in stages] == [8, 16, 32, 64]
+    assert all(stages[k] is seen[k] for k in range(4))  # the stage outputs themselves
+    assert torch.equal(features, stages[-1])
+    torch.testing.assert_close(logits, model.forward_head(stages[-1]), rtol=0, atol=0)
+
+
+def test_forward_stages_with_grad_checkpointing():
+    kw = {"block": "basic", "layers": (2, 1, 2, 1), "widths": (4, 8, 8, 8), "num_classes": 0}
+    a = create_resnet(**kw)
+    b = create_resnet(grad_checkpointing=True, **kw)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    sa, sb = a.forward_stages(x), b.forward_stages(x)
+    for ta, tb in zip(sa, sb, strict=True):
+        torch.testing.assert_close(ta, tb)
+    sum(t.square().sum() for t in sa).backward()
+    sum(t.square().sum() for t in sb).backward()
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=n)

@@ -99,3 +99,26 @@ def test_bad_input_and_options():
         create_segmentation_model(output_stride=32, **TINY)
     with pytest.raises(ValueError, match="takes no head_kwargs"):
         create_segmentation_model(head="fcn", head_kwargs={"ratio": 0.25}, **TINY)
+
+
+def test_backbone_runs_through_forward_stages():
+    """The network takes stages 4 and 5 from ``ResNet.forward_stages`` (so the backbone's own
+    options, such as gradient checkpointing, apply)."""
+    model = create_segmentation_model(head="ann", **TINY).train()
+    calls = []
+    stages = model.backbone.forward_stages
+    model.backbone.forward_stages = lambda x: calls.append(x.shape) or stages(x)
+    x = torch.randn(1, 3, 32, 32)
+    out = model(x)
+    assert calls == [x.shape]
+    del model.backbone.forward_stages
+    checkpointed = create_segmentation_model(head="ann", **TINY).train()
+    checkpointed.load_state_dict(model.state_dict())
+    checkpointed.backbone.grad_checkpointing = True
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(1)
+    b = checkpointed(x)
+    for k in ("out", "aux"):
+        torch.testing.assert_close(a[k], b[k])
+    assert out["out"].shape == (1, 4, 32, 32)

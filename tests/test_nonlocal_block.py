@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import nonlocalnet.functional
+import nonlocalnet.layers.nonlocal_block
 from nonlocalnet import NonLocal1d, NonLocal2d, NonLocal3d
 from nonlocalnet.functional import PAIRWISE
 
@@ -456,7 +457,15 @@ def test_fast_path_never_materialises_the_map(pairwise, monkeypatch) -> None:
 @pytest.mark.parametrize(("dims", "extent"), LAYOUTS)
 @pytest.mark.parametrize(("sub", "pos"), [(False, "after"), (True, "before")])
 def test_fast_equals_reference_blocked_softmax(dims, extent, sub, pos, monkeypatch) -> None:
-    """The optional query-blocked CPU kernel for equal widths (embedded_gaussian)."""
-    monkeypatch.setattr(nonlocalnet.functional, "CPU_SOFTMAX_KERNEL", "blocked")
+    """The query-blocked softmax kernel for equal widths (embedded_gaussian), inside the block."""
+    aggregate = nonlocalnet.functional.aggregate
+    kernels: list[str] = []
+
+    def blocked(*args, impl: str, **kwargs):
+        kernels.append("blocked" if impl == "fast" else "auto")
+        return aggregate(*args, impl=impl, kernel=kernels[-1], **kwargs)
+
+    monkeypatch.setattr(nonlocalnet.layers.nonlocal_block, "aggregate", blocked)
     monkeypatch.setattr(nonlocalnet.functional, "ATTENTION_CHUNK_ELEMENTS", 16)
     test_fast_equals_reference("embedded_gaussian", dims, extent, sub, pos, None)
+    assert "blocked" in kernels

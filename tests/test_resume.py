@@ -18,20 +18,22 @@ from safetensors.torch import load_file
 
 from nonlocalnet.engine.checkpoint import latest_checkpoint, load_checkpoint
 
+TESTS = Path(__file__).resolve().parent  # holds toy.py, imported by the configs
+
 # Tiny video model with BatchNorm, dropout and a non-local block, random data with a random flip:
 # every source of randomness the resume has to reproduce (data order, augmentation, dropout).
 CONFIG = {
     "model": {
-        "name": "toy_video",
+        "name": "toy:toy_video",
         "kwargs": {"norm": True, "dropout": 0.3, "nonlocal_block": True, "width": 4},
     },
     "data": {
         "task": "video",
-        "format": "random",
+        "format": "toy:datasets",
         "num_classes": 3,
         "num_frames": 2,
         "train_crop": 6,
-        "num_samples": 10,  # not a multiple of the batch: epochs straddle steps
+        "kwargs": {"num_samples": 10},  # not a multiple of the batch: epochs straddle steps
         "num_workers": 1,
     },
     "optim": {"lr": 0.05, "weight_decay": 1.0e-3},
@@ -60,6 +62,7 @@ def _command(config: Path, out: Path, *extra: str) -> list[str]:
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
     return env
 
 
@@ -146,4 +149,4 @@ def test_resume_without_checkpoint_starts_from_scratch_and_bad_path_errors(
     out = train(config_from_dict(cfg), out_dir=tmp_path / "run", resume=True)
     assert out["step"] == 2
     with pytest.raises(FileNotFoundError, match=r"nope\.pt"):
-        train(config_from_dict(cfg), out_dir=tmp_path / "run", resume=str(tmp_path / "nope.pt"))
+        train(config_from_dict(cfg), out_dir=tmp_path / "run", resume_from=str(tmp_path / "nope.pt"))

@@ -15,16 +15,16 @@ from nonlocalnet import NonLocal2d
 from nonlocalnet.cli import main
 from nonlocalnet.engine.checkpoint import save_checkpoint
 from nonlocalnet.models import create_model
-from nonlocalnet.viz.analyze import COLUMNS, analyze_model
+from nonlocalnet.viz.analyze import COLUMNS, analyze_model, dataset_samples, wrap_title
 
 RANDOM_DATA = {
     "task": "video",
-    "format": "random",
+    "format": "toy:datasets",
     "num_classes": 10,
     "num_frames": 8,
     "train_crop": 32,
     "test_crop": 32,
-    "num_samples": 4,
+    "kwargs": {"num_samples": 4},
 }
 
 
@@ -84,7 +84,8 @@ def test_analyze_cli_on_the_checkpoints_validation_set(tmp_path: Path, capsys) -
     argv = ["analyze", "--checkpoint", str(ckpt), "--samples", "2", "--pairs", "100"]
     assert main([*argv, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| layer2.0.after | NonLocal3d | 2 |" in printed
+    block_type = type(create_model("nl_c2d_tiny").get_submodule("layer2.0.after")).__name__
+    assert f"| layer2.0.after | {block_type} | 2 |" in printed
     with (out / "query_independence.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["block"] for r in rows] == ["layer2.0.after", "layer3.0.after"]
@@ -104,3 +105,46 @@ def test_analyze_without_attention_blocks_names_them(tmp_path: Path, capsys) -> 
     assert main(["analyze", "--checkpoint", str(ckpt)]) == 2
     err = capsys.readouterr().err
     assert "no NonLocal/SNL/GC/APNB/AFNB blocks" in err and "layer1 (" in err
+
+
+def test_analyze_cli_on_files_in_a_folder(tmp_path: Path, capsys) -> None:
+    ckpt = _checkpoint(tmp_path / "nl.pt", "nl_c2d_tiny", zero_theta=True)
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(2)
+    for i in range(3):
+        pixels = torch.randint(0, 256, (40, 48, 3), generator=g, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(folder / f"im{i}.png")
+    (folder / "notes.txt").write_text("not an input")
+    out = tmp_path / "report"
+    argv = ["analyze", "--checkpoint", str(ckpt), "--data", str(folder), "--samples", "2"]
+    assert main([*argv, "--pairs", "50", "--out", str(out)]) == 0
+    assert "on inputs: 2 samples, 50 pairs each" in capsys.readouterr().out
+    report = json.loads((out / "query_independence.json").read_text())
+    assert report["data"] == "inputs" and report["samples"] == 2 and report["pairs"] == 50
+    for row in report["blocks"]:
+        assert row["samples"] == 2
+        assert row["attention_mean"] == pytest.approx(0.0, abs=1e-6)
+        assert row["input_mean"] > 0.01
+    assert main(["analyze", "--checkpoint", str(ckpt), "--data", str(tmp_path / "none")]) == 2
+    assert "--data: " in capsys.readouterr().err
+
+
+def test_dataset_samples_take_the_first_view_and_skip_unreadable() -> None:
+    views = torch.arange(2 * 3 * 2 * 4 * 4).reshape(2, 3, 2, 4, 4)  # (views, C, T, H, W)
+    clip = torch.ones(3, 2, 4, 4, dtype=torch.uint8)
+    items = [{"video": views, "label": 0}, {"video": None, "label": 1}, {"video": clip}]
+    got = list(dataset_samples(items, video=True))
+    assert len(got) == 2 and all(x.dtype == torch.float32 for x in got)
+    torch.testing.assert_close(got[0], views[0].float())
+    torch.testing.assert_close(got[1], clip.float())
+    image = torch.full((3, 4, 4), 2.0)
+    (x,) = dataset_samples([{"image": image}], video=False)
+    torch.testing.assert_close(x, image)
+
+
+def test_wrap_title_breaks_after_separators() -> None:
+    a, b, c = "a" * 40, "b" * 40, "c" * 40
+    assert wrap_title(f"{a}: {b}; {c}", 90) == f"{a}: {b};\n{c}"
+    assert wrap_title(f"{a}: {b}", 50) == f"{a}:\n{b}"
+    assert wrap_title("x" * 100, 90) == "x" * 100  # nowhere to break

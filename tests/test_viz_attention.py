@@ -11,8 +11,8 @@ from PIL import Image
 from torch import nn
 
 from nonlocalnet import NonLocal2d, NonLocal3d
-from nonlocalnet.layers.asymmetric import AFNB, APNB
 from nonlocalnet.functional import pairwise_weights
+from nonlocalnet.layers.asymmetric import AFNB, APNB
 from nonlocalnet.layers.global_context import GlobalContext
 from nonlocalnet.viz.attention import (
     DPI,
@@ -128,7 +128,7 @@ def test_query_independent_and_pyramid_blocks(tmp_path) -> None:
     res = attention_figure(
         _image_model(gc), torch.randn(3, 12, 16), num_queries=2, k=4, out_dir=tmp_path / "gc"
     )
-    assert res.attention.kind == "query-independent"
+    assert res.attention.kind == "query_independent"
     a, b = res.topk
     assert a[0].tolist() == b[0].tolist()  # the same keys for every query
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from PIL import Image
 
-from nonlocalnet.viz.bench_plot import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_plot import (
     DPI,
     FIGSIZE,
     bench_figure,

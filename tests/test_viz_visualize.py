@@ -1,4 +1,5 @@
-"""``nonlocalnet visualize`` end to end on a tiny hand-set checkpoint."""
+"""Attention figures: ``draw_model_attention`` on a built model, ``nonlocalnet visualize`` end to
+end on a tiny hand-set checkpoint."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
+from nonlocalnet import NonLocal2d
 from nonlocalnet.cli import main
+from nonlocalnet.cli.visualize import parse_query
 from nonlocalnet.engine.checkpoint import load_model, save_checkpoint
 from nonlocalnet.models import create_model
 from nonlocalnet.viz.attention import DPI, grid_figsize
-from nonlocalnet.viz.visualize import load_input
+from nonlocalnet.viz.visualize import draw_model_attention, load_input
 
 DATA = {
     "task": "video",
@@ -127,3 +131,46 @@ def test_bad_query_and_input_type(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "unknown input type '.txt'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["visualize", "--checkpoint", str(ckpt), "--input", str(notes), "--queries", "1"])
+
+
+def test_draw_model_attention_on_an_image_model(tmp_path: Path) -> None:
+    """The library call on a built (not zoo) image model: top-k of the reference map, JSON file."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), NonLocal2d(8))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in model[1].parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    x = torch.randn(3, 12, 12, generator=g)
+    out = tmp_path / "figs"
+    summary = draw_model_attention(
+        model, x, queries=[(8, 4)], k=5, out_dir=out, input_name="a/b.png", meta={"run": "r1"}
+    )
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["run", "model", "input", "input_shape", "blocks"]
+    assert summary["model"] == "Sequential" and summary["input"] == "a/b.png"
+    assert summary["input_shape"] == [3, 12, 12]
+    (entry,) = summary["blocks"]
+    assert (entry["block"], entry["type"], entry["kind"]) == ("1", "NonLocal2d", "pairwise")
+    (query,) = entry["queries"]
+    # conv k3 s2 p1: feature (i, j) is centred on pixel (2i, 2j) of the 6x6 grid.
+    assert query["feature_position"] == [4, 2] and query["pixel"] == [8.0, 4.0]
+    with torch.no_grad():
+        feats = model[0](x[None])  # (1, 8, 6, 6)
+        model[1].impl = "reference"
+        row = model[1].attention_map(feats)[0, 4 * 6 + 2]  # (36,)
+    ref = torch.topk(row, 5)
+    assert query["topk_keys"] == ref.indices.tolist()
+    np.testing.assert_allclose(query["topk_weights"], ref.values.numpy(), rtol=1e-5)
+    assert query["topk_pixels"] == [[2.0 * (m // 6), 2.0 * (m % 6)] for m in query["topk_keys"]]
+    assert [Path(f).name for f in query["files"]] == ["1_q0_arrows.png", "1_q0_heatmap.png"]
+    assert all(Path(f).is_file() for f in query["files"])
+    with pytest.raises(ValueError, match="unknown block '0'; expected one of '1'"):
+        draw_model_attention(model, x, blocks=["0"], out_dir=out)
+
+
+def test_parse_query() -> None:
+    assert parse_query("1,2.5,3") == (1.0, 2.5, 3.0)
+    assert parse_query("4,5") == (4.0, 5.0)
+    for bad in ("1", "1,2,3,4", "a,b"):
+        with pytest.raises(ValueError, match=f"expected t,y,x or y,x in input pixels, got '{bad}'"):
+            parse_query(bad)

@@ -37,8 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nonlocalnet.layers.nonlocal_block import NonLocalNd
-
 __all__ = ["QueryIndependence", "cosine_distance", "query_independence"]
 
 
@@ -78,13 +76,6 @@ def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
     return torch.where((a64 == b64).all(dim=-1), torch.zeros_like(d), d).clamp(0.0, 2.0)
 
 
-def _tokens(block: nn.Module, t: Tensor) -> Tensor:
-    """``(B, C, *S)`` -> ``(B', N, C)``, folded as the block's attention map folds queries."""
-    if isinstance(block, NonLocalNd):
-        return block._to_tokens(t)  # (B', N, C)
-    return t.flatten(2).transpose(1, 2)  # (B, N, C)
-
-
 @torch.no_grad()
 def query_independence(
     block: nn.Module,
@@ -97,9 +88,10 @@ def query_independence(
     """GCNet's analysis of how much a block's attention depends on the query.
 
     Args:
-        block: a block with ``attention_map(*inputs, queries=...)`` and ``residual(*inputs)``:
-            any NonLocal1d/2d/3d (all pairwise forms and extents), SimplifiedNonLocal,
-            GlobalContext, APNB, or AFNB. Put it in the mode you want analysed (``eval()``).
+        block: a block with ``attention_map(*inputs, queries=...)``, ``residual(*inputs)`` and
+            ``layout(*sizes)``: any NonLocalNd (all pairwise forms and extents),
+            SimplifiedNonLocal, GlobalContext, APNB, or AFNB. Put it in the mode you want
+            analysed (``eval()``).
         x: the block's input ``(B, C, *S)``, or a tuple of its inputs (AFNB: ``(low, high)``;
             the queries, and so the "input features", are those of the last one).
         num_pairs: number of query pairs (i ≠ j, same sample) to average over.
@@ -111,10 +103,10 @@ def query_independence(
         The three average distances.
 
     Raises:
-        TypeError: the block has no ``attention_map``/``residual``.
+        TypeError: the block has no ``attention_map``/``residual``/``layout``.
         ValueError: fewer than 2 query positions, or ``num_pairs``/``chunk_pairs`` < 1.
     """
-    for attr in ("attention_map", "residual"):
+    for attr in ("attention_map", "residual", "layout"):
         if not callable(getattr(block, attr, None)):
             raise TypeError(
                 f"query_independence: the block must have an {attr}() method (NL, SNL, GC, "
@@ -127,7 +119,8 @@ def query_independence(
     if not inputs or not all(isinstance(t, Tensor) for t in inputs):
         raise TypeError("query_independence: x must be a tensor or a sequence of tensors")
 
-    feats = _tokens(block, inputs[-1])  # (B', N, C)
+    layout = block.layout(*(t.shape[2:] for t in inputs))
+    feats = layout.fold(inputs[-1])  # (B', N, C), as the attention map folds its queries
     folds, n = feats.shape[0], feats.shape[1]
     if n < 2:
         raise ValueError(
@@ -138,7 +131,7 @@ def query_independence(
     if out.shape[2:] != inputs[-1].shape[2:]:
         # SNL/GC: one (B, C, 1, ...) vector, the same at every position.
         out = out.expand(*out.shape[:2], *inputs[-1].shape[2:])  # (B, C, *S)
-    out_tokens = _tokens(block, out)  # (B', N, C_out)
+    out_tokens = layout.fold(out)  # (B', N, C_out)
 
     dev = feats.device
     fold = torch.randint(folds, (num_pairs,), generator=generator)

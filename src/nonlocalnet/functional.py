@@ -30,7 +30,8 @@ Two implementations of each:
 * ``impl="fast"`` never materialises that matrix:
 
   - softmax forms: :func:`torch.nn.functional.scaled_dot_product_attention` (fused, O(N) extra
-    memory on CPU and CUDA);
+    memory on CPU and CUDA), or exact query-blocked / symmetric-tile kernels where the fused CPU
+    kernel would materialise the map; ``kernel=`` (:data:`SOFTMAX_KERNELS`) picks one;
   - dot product: linear attention computed right to left, ``q (kᵀ v) / M``: O((N + M)·C_q·C_v);
   - concatenation: Σ_j ReLU(a_i + b_j) v_j = a_i · Σ_{j∈J_i} v_j + Σ_{j∈J_i} b_j v_j with
     J_i = {j : b_j > −a_i}. Sorting b in decreasing order makes every J_i a prefix of the sorted
@@ -54,6 +55,7 @@ from nonlocalnet._checks import check_choice, check_tokens
 __all__ = [
     "IMPLS",
     "PAIRWISE",
+    "SOFTMAX_KERNELS",
     "aggregate",
     "chunked_softmax_aggregate",
     "concatenation_aggregate",
@@ -67,6 +69,8 @@ __all__ = [
 PAIRWISE = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
 IMPLS = ("fast", "reference")
 SOFTMAX_PAIRWISE = ("gaussian", "embedded_gaussian")
+#: Kernels of the fast softmax path (see :func:`softmax_aggregate`).
+SOFTMAX_KERNELS = ("auto", "sdpa", "blocked")
 
 
 def default_scale(pairwise: str, dim: int, use_scale: bool | None) -> float:
@@ -141,32 +145,75 @@ def pairwise_weights(pairwise: str, query: Tensor, key: Tensor, *, scale: float 
     return F.relu(query + key.transpose(1, 2)) / m  # (B, N, M)
 
 
+def _check_kernel(kernel: str, impl: str) -> None:
+    """Reject an unknown softmax kernel, or one named for the reference path.
+
+    Args:
+        kernel: one of :data:`SOFTMAX_KERNELS`.
+        impl: ``"fast"`` or ``"reference"``.
+
+    Raises:
+        ValueError: unknown ``kernel``, or a kernel other than ``"auto"`` with
+            ``impl="reference"`` (which always materialises the map).
+    """
+    check_choice("kernel", kernel, SOFTMAX_KERNELS)
+    if kernel != "auto" and impl == "reference":
+        raise ValueError(
+            f"kernel picks a fast softmax kernel; impl='reference' takes kernel='auto', "
+            f"got kernel={kernel!r}"
+        )
+
+
 def softmax_aggregate(
-    query: Tensor, key: Tensor, value: Tensor, *, scale: float, impl: str = "fast"
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    scale: float,
+    impl: str = "fast",
+    kernel: str = "auto",
 ) -> Tensor:
     """Σ_j softmax_j(s · q_iᵀ k_j) v_j.
+
+    Kernels of the fast path (``kernel``):
+
+    * ``"auto"``: on the CPU, :func:`symmetric_softmax_aggregate` when ``key is query`` (the
+      logits are symmetric), :func:`chunked_softmax_aggregate` when the value width differs
+      from the query width (the fused CPU kernel would fall back to the materialising math
+      kernel), the fused kernel otherwise; on other devices the fused kernel, the narrower side
+      zero-padded (exact) when the widths differ.
+    * ``"sdpa"``: the fused kernel on every device, the narrower side zero-padded.
+    * ``"blocked"``: :func:`chunked_softmax_aggregate` on every device (one BLAS product per
+      block of queries). Single-threaded on the CPU the fused kernel was ~10% faster; with 2
+      threads on a loaded machine it lost 2-3× to the blocked one (spinning threads).
 
     Args:
         query: ``(B, N, C_q)``.
         key: ``(B, M, C_q)``.
         value: ``(B, M, C_v)``.
         scale: logit scale s (pass 1.0 for unscaled).
-        impl: ``"fast"`` (fused attention) or ``"reference"`` (materialised map).
+        impl: ``"fast"`` (no materialised map) or ``"reference"`` (materialised map).
+        kernel: one of :data:`SOFTMAX_KERNELS`, for ``impl="fast"``; ``"auto"`` for the reference.
 
     Returns:
         ``(B, N, C_v)``.
+
+    Raises:
+        ValueError: unknown ``impl``/``kernel``, or a kernel other than ``"auto"`` with the
+            reference.
     """
     check_choice("impl", impl, IMPLS)
+    _check_kernel(kernel, impl)
     if impl == "reference":
         return torch.bmm(pairwise_weights("gaussian", query, key, scale=scale), value)
+    if kernel == "blocked":
+        return chunked_softmax_aggregate(query, key, value, scale=scale)
     c_q, c_v = query.shape[-1], value.shape[-1]
-    on_cpu = query.device.type == "cpu"
+    on_cpu = query.device.type == "cpu" and kernel == "auto"
     if on_cpu and key is query:
         # Self-attention on one tensor (gaussian without sub-sampling): the logits are symmetric,
         # so each tile of them serves two tiles of the map.
         return symmetric_softmax_aggregate(query, value, scale=scale)
-    if on_cpu and CPU_SOFTMAX_KERNEL == "blocked":
-        return chunked_softmax_aggregate(query, key, value, scale=scale)
     if c_v != c_q and on_cpu:
         # The fused CPU kernel needs equal head dims for q/k and v; otherwise it silently falls
         # back to the materialising math kernel. Zero-padding would be exact but wastes up to
@@ -174,7 +221,7 @@ def softmax_aggregate(
         # only what the formula needs.
         return chunked_softmax_aggregate(query, key, value, scale=scale)
     if c_v != c_q:
-        # Other devices: zero-pad the narrower side (exact) for the fused kernels.
+        # Zero-pad the narrower side (exact) for the fused kernels.
         if c_v < c_q:
             out = _sdpa(query, key, F.pad(value, (0, c_q - c_v)), scale)
             return out[..., :c_v]
@@ -196,13 +243,6 @@ def _sdpa(query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
 
 #: Logits (queries × keys) per block of :func:`chunked_softmax_aggregate`: 16 MiB in float32.
 ATTENTION_CHUNK_ELEMENTS = 1 << 22
-
-#: Fast softmax path on the CPU when queries and values have the same width: ``"sdpa"`` (the
-#: fused kernel; default) or ``"blocked"`` (:func:`chunked_softmax_aggregate`, which calls
-#: the BLAS per block of queries). Unequal widths always take the blocked path on the CPU.
-#: Single-threaded, the fused kernel was ~10% faster; with 2 threads on a loaded machine it lost
-#: 2-3× to the blocked path (spinning threads), so ``nonlocalnet bench --cpu-softmax`` compares.
-CPU_SOFTMAX_KERNEL = "sdpa"
 
 
 def chunked_softmax_aggregate(
@@ -478,6 +518,7 @@ def aggregate(
     *,
     scale: float = 1.0,
     impl: str = "fast",
+    kernel: str = "auto",
 ) -> Tensor:
     """y_i = 1/C(x) Σ_j f(q_i, k_j) v_j for any pairwise function of the NL paper.
 
@@ -488,22 +529,32 @@ def aggregate(
         value: ``(B, M, C_v)``.
         scale: logit scale of the softmax forms (see :func:`default_scale`).
         impl: ``"fast"`` or ``"reference"``.
+        kernel: fast softmax kernel (see :func:`softmax_aggregate`); the forms without a
+            softmax and the reference path take ``"auto"``.
 
     Returns:
         ``(B, N, C_v)``.
 
     Raises:
-        ValueError: unknown ``pairwise``/``impl``, mismatched shapes, empty dimensions.
+        ValueError: unknown ``pairwise``/``impl``/``kernel``, a kernel other than ``"auto"``
+            for a form without a softmax or for the reference, mismatched shapes, empty
+            dimensions.
         TypeError: non-tensor or non-floating inputs.
     """
     check_choice("pairwise", pairwise, PAIRWISE)
     check_choice("impl", impl, IMPLS)
+    _check_kernel(kernel, impl)
+    if kernel != "auto" and pairwise not in SOFTMAX_PAIRWISE:
+        raise ValueError(
+            f"kernel applies to the softmax forms (gaussian, embedded_gaussian), "
+            f"got kernel={kernel!r} with pairwise={pairwise!r}"
+        )
     _check_qkv(query, key, value, same_dim=True)
     # (skipped while torch.compile traces: Dynamo may see scale as a symbolic float)
     if not torch.compiler.is_compiling() and not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     if pairwise in SOFTMAX_PAIRWISE:
-        return softmax_aggregate(query, key, value, scale=scale, impl=impl)
+        return softmax_aggregate(query, key, value, scale=scale, impl=impl, kernel=kernel)
     if pairwise == "dot_product":
         return dot_product_aggregate(query, key, value, impl=impl)
     return concatenation_aggregate(query, key, value, impl=impl)

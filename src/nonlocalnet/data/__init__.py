@@ -7,6 +7,7 @@ handling of unreadable videos. PyAV and Pillow are imported only when a file is 
 
 from .image import IMAGE_EXTENSIONS, ImageFolderDataset, load_image, load_mask
 from .samplers import RandomClipSampler, UniformClipSampler, clip_indices, clip_span
+from .samples import SkipTracker, check_skip_fraction, collate_samples, read_or_skip
 from .segmentation import (
     CITYSCAPES_CLASSES,
     SegmentationDataset,
@@ -14,19 +15,15 @@ from .segmentation import (
     folder_pairs,
 )
 from .video import (
-    SkipTracker,
     VideoDataset,
     VideoDecodeError,
     VideoReader,
     VideoRecord,
-    check_skip_fraction,
-    collate_samples,
     collate_videos,
     parse_kinetics_csv,
     parse_list_file,
     read_clips,
     scan_class_folders,
-    worker_init_fn,
 )
 
 __all__ = [
@@ -53,6 +50,6 @@ __all__ = [
     "parse_kinetics_csv",
     "parse_list_file",
     "read_clips",
+    "read_or_skip",
     "scan_class_folders",
-    "worker_init_fn",
 ]

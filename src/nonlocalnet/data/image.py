@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from .._checks import check_choice
 from ._seeding import SampleSeeder
+from .samples import read_or_skip
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, image_test_transform, image_train_transform
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -158,8 +159,15 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def _read(self, index: int) -> dict[str, Any]:
         path, label = self.samples[index]
         g = self.seeder.generator(index) if self.mode == "train" else None
         image = self.transform(load_image(path), generator=g)
         return {"image": image, "label": label, "index": index, "path": path}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """The sample dict; an unreadable image is skipped (see :mod:`nonlocalnet.data.samples`)."""
+        return read_or_skip(
+            index, len(self.samples), self._read, lambda j: self.samples[j][0],
+            train=self.mode == "train", input_key="image",
+        )  # fmt: skip

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from .._checks import check_choice
 from ._seeding import SampleSeeder
 from .image import IMAGE_EXTENSIONS, load_image, load_mask
+from .samples import read_or_skip
 from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -132,6 +133,7 @@ class SegmentationDataset(Dataset):
         transform: replaces the default: ``transform(image_uint8, mask, generator=g)`` returning
             ``(image, mask)``.
         seed: sample randomness (see :mod:`nonlocalnet.data._seeding`).
+        flip_p: training flip probability.
     """
 
     def __init__(
@@ -148,6 +150,7 @@ class SegmentationDataset(Dataset):
         transform: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
         classes: Sequence[str] | None = None,
         seed: int | None = None,
+        flip_p: float = 0.5,
     ) -> None:
         check_choice("mode", mode, ("train", "test"))
         if not pairs:
@@ -163,7 +166,7 @@ class SegmentationDataset(Dataset):
             if mode == "train":
                 transform = segmentation_train_transform(
                     crop_size=crop_size, scale_range=scale_range, ignore_index=ignore_index,
-                    mean=mean, std=std,
+                    mean=mean, std=std, flip_p=flip_p,
                 )  # fmt: skip
             else:
                 transform = segmentation_test_transform(mean=mean, std=std)
@@ -200,6 +203,14 @@ class SegmentationDataset(Dataset):
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """The sample dict; an unreadable pair (a corrupt file, a mask of another size or with
+        values outside the classes, an RGB mask) is skipped (see :mod:`nonlocalnet.data.samples`)."""
+        return read_or_skip(
+            index, len(self.pairs), self._read, lambda j: self.pairs[j][0],
+            train=self.mode == "train", input_key="image",
+        )  # fmt: skip
+
+    def _read(self, index: int) -> dict[str, Any]:
         image_path, mask_path = self.pairs[index]
         image, mask = load_image(image_path), load_mask(mask_path)
         if image.shape[-2:] != mask.shape:

@@ -502,11 +502,12 @@ def segmentation_train_transform(
     ignore_index: int = 255,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    flip_p: float = 0.5,
 ) -> JointCompose:
     """Random scale → crop (padded with the ignore index) → flip → normalise the image."""
     return JointCompose(
         [JointRandomScale(scale_range), JointRandomCrop(crop_size, ignore_index=ignore_index),
-         JointHorizontalFlip()],
+         JointHorizontalFlip(flip_p)],
         Normalize(mean, std),
     )  # fmt: skip
 

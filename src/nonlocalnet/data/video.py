@@ -28,14 +28,16 @@ decoded videos in memory for small data sets.
               or (K * num_crops, C, T, S, S)  # test mode: views in clip-major, crop-minor order
      "label": int, "index": int, "path": str,
      "skipped": int,                      # unreadable videos replaced to produce this sample
-     "unreadable": list[str]}             # their paths
+     "unreadable": list[str],             # their paths
+     "unreadable_index": list[int]}       # and their indices
 
 A video that cannot be opened or decoded is logged (warning, with its path). In train mode it is
 replaced by the next index (``(index + 1) % len``, then the next...), so the batch stays full; in
 test mode it is *not* replaced (that would change the metric): the sample comes back with
 ``"video": None`` and :func:`collate_samples` drops it from the batch and lists its path in
-``batch["unreadable"]``. :class:`SkipTracker` accumulates those counts over batches and raises when
-more than ``max_skip_fraction`` of the reads failed.
+``batch["unreadable"]``. :class:`~nonlocalnet.data.samples.SkipTracker` accumulates those counts
+over batches and raises when more than ``max_skip_fraction`` of the entries read failed (the
+policy of every dataset here: :mod:`nonlocalnet.data.samples`).
 
 Randomness: with ``seed`` set, each sample's clip and crop come from a generator seeded by
 ``(seed, epoch, index)``: independent of the number of workers (call :meth:`VideoDataset.set_epoch`
@@ -57,11 +59,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
 from .._checks import check_choice
 from ._seeding import SampleSeeder
 from .samplers import RandomClipSampler, UniformClipSampler
+from .samples import SkipTracker, check_skip_fraction, collate_samples
 from .transforms import KINETICS_MEAN, KINETICS_STD, video_test_transform, video_train_transform
 
 logger = logging.getLogger(__name__)
@@ -91,6 +94,24 @@ class VideoRecord:
 
 
 # --- parsing ----------------------------------------------------------------------------------------
+
+
+def _text_lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
+    """``(line number, stripped line)`` of a UTF-8 text file (a byte-order mark is dropped).
+
+    Raises:
+        ValueError: the file is not UTF-8 text, naming the file and the first bad line.
+    """
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        lineno = data[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"{what} {path}:{lineno}: not UTF-8 text (byte {data[err.start]:#x}); save it as UTF-8"
+        ) from None
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        yield lineno, raw.strip()
 
 
 def _require_file(path: str | os.PathLike[str], what: str) -> Path:
@@ -147,29 +168,34 @@ def parse_list_file(
     list_path = _require_file(list_file, "video list file")
     root_path = _require_dir(root, "video data root") if root is not None else list_path.parent
     records: list[VideoRecord] = []
-    with list_path.open(encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            where = f"{list_path}:{lineno}"
-            parts = line.rsplit(None, 1)
-            if len(parts) != 2:
-                raise ValueError(f"{where}: expected '<path> <label>', got {line!r}")
-            rel, label_text = parts
-            try:
-                label = int(label_text)
-            except ValueError:
-                raise ValueError(
-                    f"{where}: label must be an integer, got {label_text!r} in line {line!r} "
-                    "(expected '<path> <label>')"
-                ) from None
-            if label < 0:
-                raise ValueError(f"{where}: label must be >= 0, got {label}")
-            path = Path(rel) if os.path.isabs(rel) else root_path / rel
-            if check_files and not path.is_file():
-                raise FileNotFoundError(f"{where}: video file not found: {path}")
-            records.append(VideoRecord(str(path), label, where))
+    for lineno, line in _text_lines(list_path, "video list file"):
+        if not line or line.startswith("#"):
+            continue
+        where = f"{list_path}:{lineno}"
+        parts = line.rsplit(None, 1)
+        if len(parts) != 2:
+            raise ValueError(f"{where}: expected '<path> <label>', got {line!r}")
+        rel, label_text = parts
+        extra = rel.rsplit(None, 1)
+        if len(extra) == 2 and extra[1].lstrip("-").isdigit():
+            # '<path> <n> <label>': another list format (frame counts, start/end times)
+            raise ValueError(
+                f"{where}: expected '<path> <label>', got {len(line.split())} fields in {line!r} "
+                "(a path with spaces may not end in a number)"
+            )
+        try:
+            label = int(label_text)
+        except ValueError:
+            raise ValueError(
+                f"{where}: label must be an integer, got {label_text!r} in line {line!r} "
+                "(expected '<path> <label>')"
+            ) from None
+        if label < 0:
+            raise ValueError(f"{where}: label must be >= 0, got {label}")
+        path = Path(rel) if os.path.isabs(rel) else root_path / rel
+        if check_files and not path.is_file():
+            raise FileNotFoundError(f"{where}: video file not found: {path}")
+        records.append(VideoRecord(str(path), label, where))
     if not records:
         raise ValueError(f"video list file {list_path} has no entries")
     _check_labels(records, num_classes, str(list_path))
@@ -180,9 +206,8 @@ def read_class_list(path: str | os.PathLike[str]) -> list[str]:
     """Class names, one per line (blank lines and ``#`` comments ignored); index = line order."""
     p = _require_file(path, "class list file")
     names = [
-        s.strip() for s in p.read_text(encoding="utf-8").splitlines()
-        if s.strip() and not s.strip().startswith("#")
-    ]  # fmt: skip
+        line for _, line in _text_lines(p, "class list file") if line and not line.startswith("#")
+    ]
     if not names:
         raise ValueError(f"class list file {p} has no entries")
     if len(set(names)) != len(names):
@@ -228,41 +253,41 @@ def parse_kinetics_csv(
     root_path = _require_dir(root, "video data root")
     required = ("label", "youtube_id", "time_start", "time_end")
     rows: list[tuple[str, str, int, int, str]] = []
-    with csv_path.open(encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"Kinetics CSV file {csv_path} is empty")
-        header = [h.strip() for h in header]
-        missing_cols = [c for c in required if c not in header]
-        if missing_cols:
+    lines = [line for _, line in _text_lines(csv_path, "Kinetics CSV file")]
+    reader = csv.reader(lines)
+    header = next(reader, None)
+    if header is None:
+        raise ValueError(f"Kinetics CSV file {csv_path} is empty")
+    header = [h.strip() for h in header]
+    missing_cols = [c for c in required if c not in header]
+    if missing_cols:
+        raise ValueError(
+            f"{csv_path}:1: header must contain {','.join(required)}[,split], got {','.join(header)}"
+        )
+    col = {name: header.index(name) for name in header}
+    for row in reader:
+        lineno = reader.line_num
+        where = f"{csv_path}:{lineno}"
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != len(header):
+            raise ValueError(f"{where}: expected {len(header)} fields, got {len(row)}: {row!r}")
+        try:
+            start = int(float(row[col["time_start"]]))
+            end = int(float(row[col["time_end"]]))
+        except ValueError:
             raise ValueError(
-                f"{csv_path}:1: header must contain {','.join(required)}[,split], got {','.join(header)}"
-            )
-        col = {name: header.index(name) for name in header}
-        for row in reader:
-            lineno = reader.line_num
-            where = f"{csv_path}:{lineno}"
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != len(header):
-                raise ValueError(f"{where}: expected {len(header)} fields, got {len(row)}: {row!r}")
-            try:
-                start = int(float(row[col["time_start"]]))
-                end = int(float(row[col["time_end"]]))
-            except ValueError:
-                raise ValueError(
-                    f"{where}: time_start/time_end must be numbers, got "
-                    f"{row[col['time_start']]!r}, {row[col['time_end']]!r}"
-                ) from None
-            label = row[col["label"]].strip()
-            yid = row[col["youtube_id"]].strip()
-            if not label or not yid:
-                raise ValueError(f"{where}: empty label or youtube_id in {row!r}")
-            row_split = row[col["split"]].strip() if "split" in col else ""
-            if split is not None and row_split != split:
-                continue
-            rows.append((label, yid, start, end, where))
+                f"{where}: time_start/time_end must be numbers, got "
+                f"{row[col['time_start']]!r}, {row[col['time_end']]!r}"
+            ) from None
+        label = row[col["label"]].strip()
+        yid = row[col["youtube_id"]].strip()
+        if not label or not yid:
+            raise ValueError(f"{where}: empty label or youtube_id in {row!r}")
+        row_split = row[col["split"]].strip() if "split" in col else ""
+        if split is not None and row_split != split:
+            continue
+        rows.append((label, yid, start, end, where))
     if not rows:
         extra = f" with split {split!r}" if split is not None else ""
         raise ValueError(f"Kinetics CSV file {csv_path} has no rows{extra}")
@@ -754,6 +779,7 @@ class VideoDataset(Dataset):
                 f"index {index} out of range for a dataset of {len(self.records)} videos"
             )
         unreadable: list[str] = []
+        failed: list[int] = []
         for attempt in range(self.max_attempts):
             j = (index + attempt) % len(self.records)
             record = self.records[j]
@@ -764,13 +790,16 @@ class VideoDataset(Dataset):
                 unreadable.append(record.path)
                 self.num_skipped += 1
                 self.unreadable_paths.append(record.path)
+                failed.append(j)
                 if self.mode == "test":
                     return {"video": None, "index": index, "label": record.label,
-                            "path": record.path, "skipped": 1, "unreadable": unreadable}  # fmt: skip
+                            "path": record.path, "skipped": 1, "unreadable": unreadable,
+                            "unreadable_index": failed}  # fmt: skip
                 continue
             self.num_loaded += 1
             return {"video": video, "label": record.label, "index": j, "path": record.path,
-                    "skipped": attempt, "unreadable": unreadable}  # fmt: skip
+                    "skipped": attempt, "unreadable": unreadable,
+                    "unreadable_index": failed}  # fmt: skip
         raise VideoDecodeError(
             f"{len(unreadable)} consecutive unreadable videos starting at index {index} "
             f"({unreadable[0]} ... {unreadable[-1]}); check the data"
@@ -780,119 +809,7 @@ class VideoDataset(Dataset):
 # --- batching and skip accounting -----------------------------------------------------------------
 
 
-def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Collate dataset dicts (video, image or segmentation): tensors and ints stacked, strings
-    kept as lists.
-
-    Samples whose ``"video"`` is None (unreadable videos in test mode) are dropped; every sample's
-    ``"unreadable"`` paths are concatenated into ``batch["unreadable"]`` (always present). When no
-    sample is readable the batch has ``"video"`` of batch size 0 (``shape (0,)``) and empty
-    ``label``/``index``/``path``; callers skip such batches.
-    """
-    unreadable = [p for s in samples for p in s.get("unreadable", [])]
-    kept = [
-        {k: v for k, v in s.items() if k != "unreadable"}
-        for s in samples
-        if not ("video" in s and s["video"] is None)
-    ]
-    if kept:
-        batch = default_collate(kept)
-    else:
-        empty = torch.zeros(0, dtype=torch.long)
-        batch = {
-            "video": torch.zeros(0),
-            "label": empty,
-            "index": empty,
-            "path": [],
-            "skipped": empty,
-        }
-    batch["unreadable"] = unreadable
-    return batch
-
-
 collate_videos = collate_samples
-
-
-def check_skip_fraction(num_skipped: int, num_total: int, max_skip_fraction: float) -> None:
-    """Raise when more than ``max_skip_fraction`` of ``num_total`` reads were unreadable.
-
-    Raises:
-        RuntimeError: naming the counts and the threshold.
-    """
-    if num_total > 0 and num_skipped / num_total > max_skip_fraction:
-        raise RuntimeError(
-            f"{num_skipped} of {num_total} videos ({100 * num_skipped / num_total:.1f}%) could not "
-            f"be read, more than max_skip_fraction={max_skip_fraction}; check the data "
-            "(unreadable paths are logged as warnings)"
-        )
-
-
-class SkipTracker:
-    """Count unreadable videos over batches and fail past a fraction.
-
-    Feed it every collated batch (from any number of workers): ``tracker.update(batch)``. The
-    fraction is ``unreadable reads / (unreadable reads + loaded samples)``.
-
-    Args:
-        max_skip_fraction: the largest tolerated fraction of unreadable reads.
-        min_reads: do not fail before this many reads (a few bad files early on are not a trend).
-    """
-
-    def __init__(self, max_skip_fraction: float = 0.05, *, min_reads: int = 0) -> None:
-        if not 0.0 <= max_skip_fraction <= 1.0:
-            raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
-        self.max_skip_fraction = max_skip_fraction
-        self.min_reads = min_reads
-        self.num_loaded = 0
-        self.unreadable: list[str] = []
-
-    @property
-    def num_skipped(self) -> int:
-        return len(self.unreadable)
-
-    @property
-    def num_reads(self) -> int:
-        return self.num_loaded + self.num_skipped
-
-    def update(self, batch: dict[str, Any], *, check: bool = True) -> None:
-        """Add one collated batch's counts; then :meth:`check` unless ``check=False``."""
-        self.num_loaded += len(batch["label"])
-        self.unreadable += list(batch.get("unreadable", []))
-        if check and self.num_reads >= self.min_reads:
-            self.check()
-
-    def check(self) -> None:
-        """Raise ``RuntimeError`` if the unreadable fraction is above the limit."""
-        check_skip_fraction(self.num_skipped, self.num_reads, self.max_skip_fraction)
-
-    def summary(self) -> str:
-        """One line for the end-of-run report."""
-        if not self.unreadable:
-            return f"all {self.num_loaded} videos read"
-        unique = sorted(set(self.unreadable))
-        shown = ", ".join(unique[:5]) + (" ..." if len(unique) > 5 else "")
-        return (
-            f"{self.num_skipped} unreadable video reads skipped ({len(unique)} files: {shown}) "
-            f"out of {self.num_reads}"
-        )
-
-
-def worker_init_fn(worker_id: int) -> None:
-    """Seed Python's and NumPy's RNGs from ``torch.initial_seed()`` in a DataLoader worker.
-
-    The datasets here draw only from torch generators, so this matters only for user transforms
-    that use ``random`` or NumPy.
-    """
-    import random
-
-    seed = torch.initial_seed() % (2**32)
-    random.seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:  # pragma: no cover
-        pass
 
 
 __all__ = [
@@ -910,5 +827,4 @@ __all__ = [
     "read_class_list",
     "read_clips",
     "scan_class_folders",
-    "worker_init_fn",
 ]

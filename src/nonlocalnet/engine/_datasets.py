@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
 from nonlocalnet.engine.config import Config
 
@@ -60,6 +60,7 @@ def _video(config: Config, split: str) -> Dataset:
         test_crop_size=data.test_crop,
         mean=tuple(data.mean),
         std=tuple(data.std),
+        flip_p=0.5 if data.flip else 0.0,
         # Clips and crops from (seed, epoch, index): the engine sets the epoch of each sample.
         seed=config.train.seed,
         **extra,
@@ -80,7 +81,7 @@ def _video(config: Config, split: str) -> Dataset:
         return VideoDataset.from_folder(_path(config, name), **kwargs)
     raise ValueError(
         f"data.format: {data.format!r} is not a video format; expected one of list, csv, "
-        "folder, synthetic, random"
+        "folder, synthetic"
     )
 
 
@@ -89,7 +90,7 @@ def _image(config: Config, split: str) -> Dataset:
     from nonlocalnet.data.image import ImageFolderDataset
 
     data = config.data
-    if data.format not in ("folder", "random"):
+    if data.format != "folder":
         raise ValueError(f"data.format: {data.format!r} is not an image format; expected folder")
     train = split == "train"
     return ImageFolderDataset(
@@ -99,6 +100,7 @@ def _image(config: Config, split: str) -> Dataset:
         short_side=data.test_short_side,
         mean=tuple(data.mean),
         std=tuple(data.std),
+        flip_p=0.5 if data.flip else 0.0,
         seed=config.train.seed,
         **data.kwargs,
     )
@@ -120,6 +122,7 @@ def _segmentation(config: Config, split: str) -> Dataset:
         num_classes=data.num_classes,
         mean=tuple(data.mean),
         std=tuple(data.std),
+        flip_p=0.5 if data.flip else 0.0,
         seed=config.train.seed,
         **data.kwargs,
     )
@@ -146,9 +149,7 @@ def make_dataset(config: Config, split: str) -> Dataset:
 
 
 def collate_fn(config: Config) -> Callable[[list[dict[str, Any]]], Any]:
-    """Video batches drop unreadable test samples and list their paths; others default."""
-    if config.data.task == "video":
-        from nonlocalnet.data import collate_videos
+    """Batches drop unreadable test samples and list them (:mod:`nonlocalnet.data.samples`)."""
+    from nonlocalnet.data.samples import collate_samples
 
-        return collate_videos
-    return default_collate
+    return collate_samples

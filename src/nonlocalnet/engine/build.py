@@ -1,7 +1,13 @@
-"""Build the model and the datasets of a run from its config."""
+"""Build the model and the datasets of a run from its config.
+
+``model.name`` is a registered model (:func:`nonlocalnet.models.create_model`) or the import path
+``"package.module:function"`` of the user's own builder; ``data.format`` is a built-in reader or
+the import path ``"package.module:function"`` of a function ``(config, split) -> Dataset``.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -9,19 +15,36 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
-from nonlocalnet.engine.config import Config
+from nonlocalnet.engine.config import Config, is_import_path
 
-__all__ = ["build_datasets", "build_model", "build_model_from_dict", "collate_for"]
+__all__ = ["build_datasets", "build_model", "build_model_from_dict", "collate_for", "import_object"]
 
 logger = logging.getLogger(__name__)
+
+
+def import_object(path: str, what: str) -> Callable[..., Any]:
+    """The callable named by ``"package.module:attribute"``.
+
+    Raises:
+        ValueError: the module cannot be imported or has no such callable (naming both).
+    """
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(
+            f"{what}: cannot import module {module_name!r} of {path!r}: {err}"
+        ) from None
+    obj = getattr(module, attr, None)
+    if not callable(obj):
+        raise ValueError(f"{what}: module {module_name!r} has no callable {attr!r}")
+    return obj
 
 
 def build_model_from_dict(config: Mapping[str, Any]) -> nn.Module:
     """The model of a plain-dict config (``config["model"]``, ``config["data"]["num_classes"]``).
 
-    ``num_classes`` comes from the data section unless ``model.kwargs`` sets it. Names starting
-    with ``toy_`` are the engine's test models; all others go to
-    ``nonlocalnet.models.create_model``.
+    ``num_classes`` comes from the data section unless ``model.kwargs`` sets it.
     """
     model_cfg = config["model"]
     name = model_cfg["name"]
@@ -29,14 +52,8 @@ def build_model_from_dict(config: Mapping[str, Any]) -> nn.Module:
     num_classes = (config.get("data") or {}).get("num_classes")
     if num_classes is not None:
         kwargs.setdefault("num_classes", num_classes)
-    if name.startswith("toy_"):
-        from nonlocalnet.engine.toy import TOY_MODELS
-
-        if name not in TOY_MODELS:
-            raise ValueError(
-                f"model.name: unknown toy model {name!r}; expected one of {', '.join(TOY_MODELS)}"
-            )
-        return TOY_MODELS[name](**kwargs)
+    if is_import_path(name):
+        return import_object(name, "model.name")(**kwargs)
     from nonlocalnet.models import create_model
 
     return create_model(name, **kwargs)
@@ -63,30 +80,11 @@ def build_datasets(
     Returns:
         ``(train_set, val_set)``, None for a split not asked for.
     """
-    data = config.data
-    if data.format == "random":
-        from nonlocalnet.engine.toy import RandomDataset
-
-        common = dict(
-            num_samples=data.num_samples,
-            num_classes=data.num_classes,
-            size=data.train_crop,
-            num_frames=data.num_frames,
-            **data.kwargs,
-        )
-        views = config.eval.num_clips * config.eval.num_crops if data.task == "video" else 0
-        return (
-            RandomDataset(data.task, seed=config.train.seed, **common) if train else None,
-            RandomDataset(data.task, seed=config.train.seed + 1, views=views, **common)
-            if val
-            else None,
-        )
-    from nonlocalnet.engine import _datasets
-
-    return (
-        _datasets.make_dataset(config, "train") if train else None,
-        _datasets.make_dataset(config, "val") if val else None,
-    )
+    if is_import_path(config.data.format):
+        make = import_object(config.data.format, "data.format")
+    else:
+        from nonlocalnet.engine._datasets import make_dataset as make
+    return (make(config, "train") if train else None, make(config, "val") if val else None)
 
 
 def collate_for(config: Config) -> Callable[[list[dict[str, Any]]], Any]:

@@ -11,6 +11,7 @@ load in this module uses ``weights_only=True``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -24,11 +25,15 @@ from torch import nn
 
 __all__ = [
     "capture_rng_state",
+    "check_state_dict",
+    "clean_temp_files",
     "export_safetensors",
+    "is_disk_full",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "load_model",
+    "load_weights",
     "restore_rng_state",
     "save_checkpoint",
     "unwrap_model",
@@ -75,6 +80,53 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
+def clean_temp_files(run_dir: str | Path) -> list[Path]:
+    """Remove the temp files of writes that were killed midway (``.<name>.*.tmp``)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    stale = [p for p in run_dir.glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+        logger.info("removed the temp file of an interrupted write: %s", p)
+    return stale
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True if ``err`` or an exception it was raised from is ENOSPC (no space left on device)."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(e) or "[Errno 28]" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _reason(err: BaseException) -> str:
+    """What is wrong with a file ``torch.load(weights_only=True)`` refused, in one line.
+
+    Torch's own message advises loading with ``weights_only=False``, which would run any code
+    the file holds; that advice is never passed on.
+    """
+    text = str(err)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (
+            f"it holds a pickled Python object ({found.group(1)}), which is never unpickled: "
+            "only tensors and plain types load"
+        )
+    found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\. Please|\n|$)", text)
+    if found:
+        return found.group(1).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    keep = [line for line in lines if "weights_only" not in line]
+    return (keep or [type(err).__name__])[0]
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True`` (no arbitrary unpickling).
 
@@ -85,10 +137,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
+    if path.stat().st_size == 0:
+        raise ValueError(
+            f"checkpoint {str(path)!r} is empty (0 bytes): a write that never finished?"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises UnpicklingError/RuntimeError on foreign files
-        raise ValueError(f"checkpoint {str(path)!r} cannot be read safely: {err}") from None
+        raise ValueError(
+            f"checkpoint {str(path)!r} cannot be read safely: {_reason(err)}"
+        ) from None
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(
             f"checkpoint {str(path)!r}: expected a dict with a 'model' entry, got "
@@ -165,6 +223,84 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def _model_summary(config: dict[str, Any] | None) -> str | None:
+    """``"c2d_tiny with 2 classes"`` from a config dict, or None."""
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        return None
+    name = config["model"].get("name")
+    classes = (config["model"].get("kwargs") or {}).get("num_classes")
+    if classes is None:
+        classes = (config.get("data") or {}).get("num_classes")
+    return f"{name} with {classes} classes" if classes is not None else str(name)
+
+
+def check_state_dict(
+    model: nn.Module,
+    state: dict[str, Any],
+    *,
+    source: str,
+    stored_config: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+) -> None:
+    """Raise one clear ``ValueError`` unless ``state`` fits ``model`` key for key, shape for shape.
+
+    Args:
+        model: the model the weights are for.
+        state: the weights.
+        source: how to name where the weights come from (a path).
+        stored_config: the config the weights were trained with (a checkpoint's), if known.
+        config: the config ``model`` was built from, if known.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state
+        and hasattr(state[k], "shape")
+        and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    stored, built = _model_summary(stored_config), _model_summary(config)
+    if stored and built and stored != built:
+        raise ValueError(f"{source} is a {stored}; the config builds {built}")
+    parts = []
+    for what, keys in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("of another shape", shapes),
+    ):
+        if keys:
+            shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+            parts.append(f"{len(keys)} keys {what} ({shown})")
+    raise ValueError(
+        f"{source} does not fit the model{f' {built}' if built else ''}: " + "; ".join(parts)
+    )
+
+
+def load_weights(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The weights of a ``.safetensors`` file or of a checkpoint's ``model`` entry.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is neither.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return load_checkpoint(path, map_location)["model"]
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} not found")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file: {err}") from None
+
+
 def export_safetensors(model: nn.Module | dict[str, torch.Tensor], path: str | Path) -> None:
     """Write a model's weights (or a state dict) as a safetensors file, atomically."""
     from safetensors.torch import save
@@ -196,6 +332,7 @@ def load_model(
     if not isinstance(config, dict) or "model" not in config:
         raise ValueError(f"checkpoint {str(path)!r} has no stored config with a 'model' section")
     model = build_model_from_dict(config)
+    check_state_dict(model, state["model"], source=f"checkpoint {str(path)!r}")
     model.load_state_dict(state["model"])
     model.to(map_location).eval()
     return model, config

@@ -10,14 +10,23 @@ A config file has six sections, each a dataclass below::
     eval:     {batch_size: 1, num_clips: 10, num_crops: 3, ...}
 
 Every key is checked: an unknown key is an error naming its full dotted path and the keys that
-exist there, a value of the wrong type names the key, the expected type and the value that came.
-Overrides (``optim.lr=0.1 train.steps=100``) parse their value with ``yaml.safe_load`` and go
-through the same checks.
+exist there, a value of the wrong type names the key, the expected type and the value that came,
+and numbers must lie in their range (finite, positive where a count or a rate). Overrides
+(``optim.lr=0.1 train.steps=100``) parse their value with ``yaml.safe_load`` and go through the
+same checks.
+
+A file may start from others: ``_base_: kinetics_nl_c2d_r50_32x2.yaml`` (or a list, merged in
+order) names files relative to it; the file's own keys are merged over them, section by section
+and key by key (a mapping merges, any other value replaces), and the result is checked as one
+config. Relative paths inside a config (``data.root``, ``train.out_dir``, ``model.init``) are
+taken relative to the current directory, not to the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -29,6 +38,8 @@ from typing import Any
 from nonlocalnet._checks import check_choice
 
 __all__ = [
+    "DATA_FORMATS",
+    "RESUMABLE_KEYS",
     "Config",
     "DataConfig",
     "EvalConfig",
@@ -37,16 +48,45 @@ __all__ = [
     "ScheduleConfig",
     "TrainConfig",
     "apply_overrides",
+    "config_diff",
     "config_from_dict",
     "config_to_dict",
+    "is_import_path",
     "load_config",
     "save_config",
 ]
 
 
+#: the keys that may differ between a checkpoint's config and the config that resumes it: the
+#: length of the run and how often it logs, evaluates and checkpoints (none changes the weights
+#: of the steps both runs train), where it writes, and the data loader's worker count.
+RESUMABLE_KEYS = (
+    "train.steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.progress",
+    "train.out_dir",
+    "train.export_safetensors",
+    "data.num_workers",
+)
+
+#: the built-in dataset readers of ``data.format``.
+DATA_FORMATS = ("list", "csv", "folder", "cityscapes", "pairs", "synthetic")
+
+
+def is_import_path(name: str) -> bool:
+    """True for ``"package.module:attribute"``: a user's own model builder or dataset reader."""
+    module, sep, attr = name.partition(":")
+    return bool(sep and attr.isidentifier() and all(p.isidentifier() for p in module.split(".")))
+
+
 @dataclass
 class ModelConfig:
-    """Which network to build: ``nonlocalnet.models.create_model(name, **kwargs)``."""
+    """Which network to build: ``nonlocalnet.models.create_model(name, **kwargs)``, or the
+    user's builder ``function(**kwargs)`` when ``name`` is an import path
+    ``"package.module:function"``."""
 
     name: str = "c2d_tiny"
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -66,7 +106,8 @@ class DataConfig:
     - image: ``folder`` (``root/<split>/<class>/*``);
     - segmentation: ``cityscapes`` (``root/leftImg8bit/<split>``, ``root/gtFine/<split>``),
       ``pairs`` (``root/<split>/images`` and ``root/<split>/masks``, matched by file stem);
-    - any task: ``random`` (seeded tensors from :mod:`nonlocalnet.engine.toy`, for smoke tests).
+    - any task: the import path ``"package.module:function"`` of a function
+      ``(config, split) -> Dataset`` yielding the pipeline's dicts (the user's own reader).
 
     ``kwargs`` go to the dataset class (``VideoDataset``, ``ImageFolderDataset``,
     ``SegmentationDataset``).
@@ -85,6 +126,8 @@ class DataConfig:
     # Training: short side jittered in [min, max], random square crop, horizontal flip.
     train_jitter: list[int] = field(default_factory=lambda: [256, 320])
     train_crop: int = 224
+    # Random horizontal flip in training (off for data whose left and right differ).
+    flip: bool = True
     # Testing: short side resized, `num_crops` crops of `test_crop` per clip (eval section: K, crops).
     test_short_side: int = 256
     test_crop: int = 256
@@ -97,8 +140,6 @@ class DataConfig:
     # Fraction of unreadable videos tolerated before the run stops.
     max_skip_fraction: float = 0.05
     num_workers: int = 2
-    # `random` format only: number of samples per split.
-    num_samples: int = 64
     # Extra keyword arguments passed to the dataset reader.
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -187,11 +228,10 @@ class Config:
     def validate(self) -> Config:
         """Check values that types alone cannot (choices, ranges); return self."""
         check_choice("data.task", self.data.task, ("video", "image", "segmentation"))
-        check_choice(
-            "data.format",
-            self.data.format,
-            ("list", "csv", "folder", "cityscapes", "pairs", "random", "synthetic"),
-        )
+        if not is_import_path(self.data.format):
+            check_choice(
+                "data.format", self.data.format, (*DATA_FORMATS, "<package.module:function>")
+            )
         check_choice("schedule.name", self.schedule.name, ("step", "cosine", "poly", "constant"))
         check_choice("train.amp", self.train.amp, ("none", "bfloat16", "float16"))
         positive = {
@@ -209,13 +249,22 @@ class Config:
         for key, value in positive.items():
             if value <= 0:
                 raise ValueError(f"{key}: expected a positive integer, got {value}")
-        if self.optim.lr <= 0:
-            raise ValueError(f"optim.lr: expected a positive number, got {self.optim.lr}")
-        if not 0.0 <= self.data.max_skip_fraction <= 1.0:
+        for key, value in {
+            "train.seed": self.train.seed,
+            "train.keep_checkpoints": self.train.keep_checkpoints,
+            "train.precise_bn_batches": self.train.precise_bn_batches,
+            "schedule.warmup_steps": self.schedule.warmup_steps,
+            "data.num_workers": self.data.num_workers,
+            "eval.max_samples": self.eval.max_samples,
+        }.items():
+            if value < 0:
+                raise ValueError(f"{key}: expected an integer >= 0, got {value}")
+        if self.train.eval_every < -1:
             raise ValueError(
-                f"data.max_skip_fraction: expected a fraction in [0, 1], "
-                f"got {self.data.max_skip_fraction}"
+                f"train.eval_every: expected -1 (never), 0 (at the end) or a step count, "
+                f"got {self.train.eval_every}"
             )
+        _check_numbers(self)
         if (
             len(self.data.train_jitter) != 2
             or self.data.train_jitter[0] > self.data.train_jitter[1]
@@ -230,6 +279,53 @@ class Config:
         if any(k <= 0 for k in self.eval.topk):
             raise ValueError(f"eval.topk: expected positive integers, got {self.eval.topk}")
         return self
+
+
+def _check_range(key: str, value: float, low: float, high: float, closed: str = "[]") -> None:
+    """``value`` finite and in the interval (``closed``: which ends belong to it, "[)"...)."""
+    ok = math.isfinite(value)
+    ok = ok and (value >= low if closed[0] == "[" else value > low)
+    ok = ok and (value <= high if closed[1] == "]" else value < high)
+    if not ok:
+        hi = "inf" if math.isinf(high) else f"{high:g}"
+        raise ValueError(
+            f"{key}: expected a number in {closed[0]}{low:g}, {hi}{closed[1]}, got {value}"
+        )
+
+
+def _check_numbers(config: Config) -> None:
+    """Every float of the config finite and in its range."""
+    inf = math.inf
+    o, s, t, d = config.optim, config.schedule, config.train, config.data
+    _check_range("optim.lr", o.lr, 0, inf, "()")
+    _check_range("optim.momentum", o.momentum, 0, 1, "[)")
+    _check_range("optim.weight_decay", o.weight_decay, 0, inf, "[)")
+    _check_range("optim.clip_grad_norm", o.clip_grad_norm, 0, inf, "[)")
+    _check_range("schedule.gamma", s.gamma, 0, inf, "()")
+    _check_range("schedule.power", s.power, 0, inf, "()")
+    _check_range("schedule.min_lr", s.min_lr, 0, o.lr, "[]")
+    _check_range("schedule.warmup_factor", s.warmup_factor, 0, 1, "(]")
+    _check_range("train.aux_weight", t.aux_weight, 0, inf, "[)")
+    _check_range("data.max_skip_fraction", d.max_skip_fraction, 0, 1, "[]")
+    for i, v in enumerate(d.scale_range):
+        _check_range(f"data.scale_range[{i}]", v, 0, inf, "()")
+    for i, v in enumerate(d.mean):
+        _check_range(f"data.mean[{i}]", v, -inf, inf, "()")
+    for i, v in enumerate(d.std):
+        _check_range(f"data.std[{i}]", v, 0, inf, "()")
+
+
+def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (sections compared key by key)."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        path = f"{prefix}.{key}" if prefix else str(key)
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, Mapping) and isinstance(vb, Mapping) and prefix == "":
+            out += config_diff(va, vb, path)
+        elif va != vb:
+            out.append(path)
+    return out
 
 
 # ----------------------------------------------------------------------------- type checking
@@ -250,16 +346,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for arg in typing.get_args(tp):
             if arg is type(None):
                 if value is None:
                     return None
                 continue
-            try:
+            with contextlib.suppress(TypeError, ValueError):
                 return _coerce(key, value, arg)
-            except (TypeError, ValueError) as err:
-                errors.append(err)
         raise TypeError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
@@ -383,26 +476,55 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         FileNotFoundError: the file does not exist.
         ValueError, TypeError: unknown key, bad value or bad type, naming the key.
     """
-    import yaml
-
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} not found")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML: {err}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise TypeError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
-        data = loaded or {}
+        data = _read_with_bases(path, ())
     apply_overrides(data, overrides)
     try:
         return config_from_dict(data)
     except (ValueError, TypeError) as err:
         where = f"{path}: " if path is not None else ""
         raise type(err)(f"{where}{err}") from None
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``: mappings merge key by key, other values replace."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """A YAML config with its ``_base_`` files merged under it (relative to the file)."""
+    import yaml
+
+    if not path.is_file():
+        where = f" (a _base_ of {chain[-1]})" if chain else ""
+        raise FileNotFoundError(f"config file {str(path)!r} not found{where}")
+    resolved = path.resolve()
+    if resolved in chain:
+        raise ValueError(f"{path}: _base_ files include each other: {' -> '.join(map(str, chain))}")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise TypeError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
+    loaded = loaded or {}
+    bases = loaded.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise TypeError(f"{path}: _base_: expected a file name or a list of them, got {bases!r}")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = _merge(merged, _read_with_bases(path.parent / base, (*chain, resolved)))
+    return _merge(merged, loaded)
 
 
 def save_config(config: Config, path: str | Path) -> None:

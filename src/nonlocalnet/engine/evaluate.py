@@ -1,4 +1,4 @@
-"""``nonlocalnet eval``: evaluate a checkpoint on the validation set of a config.
+"""Evaluation of a model or a checkpoint on the validation set of a config.
 
 Video: top-1/top-5 with the multi-view protocol (each sample holds ``num_clips x num_crops``
 views, clip-major / crop-minor; softmax per view, averaged per video). Images: top-1/top-5 of one
@@ -9,11 +9,9 @@ sample index (padded duplicates merged) and confusion matrices summed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,26 +20,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from nonlocalnet.data.samples import SkipTracker
 from nonlocalnet.engine import checkpoint as ckpt
 from nonlocalnet.engine.build import build_datasets, build_model, collate_for
-from nonlocalnet.engine.config import Config, apply_overrides, config_from_dict, load_config
+from nonlocalnet.engine.config import Config, apply_overrides, config_from_dict
 from nonlocalnet.engine.distributed import DistInfo, init_distributed
 from nonlocalnet.engine.metrics import ConfusionMatrix, ScoreAccumulator, multiview_scores
 from nonlocalnet.engine.sampling import EvalBatchSampler
+from nonlocalnet.engine.step import autocast_context, model_output, resolve_device, split_batch
 
-__all__ = ["HELP", "add_arguments", "evaluate", "run", "run_evaluation"]
+__all__ = ["evaluate", "finite_metrics", "run_evaluation", "stored_config"]
 
 logger = logging.getLogger(__name__)
 
-HELP = "evaluate a checkpoint: video/image top-1/top-5 (multi-view), segmentation mIoU"
-
 
 def _logits(output: Any) -> torch.Tensor:
-    if isinstance(output, dict):
-        return output["out"]
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    return output
+    return model_output(output)[0]
 
 
 @torch.no_grad()
@@ -60,8 +54,6 @@ def run_evaluation(
         ``num_samples``; segmentation: ``mean_iou``, ``per_class_iou``, ``pixel_accuracy``
         (percent), ``num_pixels``. Skipped (unreadable) samples are counted in ``skipped``.
     """
-    from nonlocalnet.engine.train import autocast_context, count_skipped, split_batch
-
     dist_info = dist_info or DistInfo()
     device = torch.device(device)
     task = config.data.task
@@ -82,9 +74,9 @@ def run_evaluation(
     autocast = autocast_context(config.train.amp, device)
     scores = ScoreAccumulator()
     confusion = ConfusionMatrix(config.data.num_classes, config.data.ignore_index)
-    skipped = 0
+    skips = SkipTracker(config.data.max_skip_fraction)
     for batch_indices, batch in zip(sampler, loader, strict=True):
-        skipped += count_skipped(batch)
+        skips.update(batch, check=False)
         inputs, target = split_batch(batch, task)
         if len(target) == 0:  # every video of the batch was unreadable
             continue
@@ -117,8 +109,8 @@ def run_evaluation(
         out = confusion.compute(device)
     else:
         out = scores.compute(tuple(config.eval.topk), device)
-    if skipped:
-        out["skipped"] = skipped
+    if skips.num_skipped:
+        out["skipped"] = skips.num_skipped
     return out
 
 
@@ -133,8 +125,6 @@ def evaluate(config: Config, checkpoint: str | Path) -> dict[str, Any]:
     Returns:
         The metrics of :func:`run_evaluation`.
     """
-    from nonlocalnet.engine.train import resolve_device
-
     dist_info = init_distributed()
     device = resolve_device(config.train.device, dist_info)
     path = Path(checkpoint)
@@ -155,11 +145,11 @@ def evaluate(config: Config, checkpoint: str | Path) -> dict[str, Any]:
     model.to(device)
     _, val_set = build_datasets(config, train=False)
     metrics = run_evaluation(model, val_set, config, dist_info=dist_info, device=device)
-    logger.info("eval %s: %s", path, json.dumps(_finite(metrics)))
+    logger.info("eval %s: %s", path, json.dumps(finite_metrics(metrics)))
     return metrics
 
 
-def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
+def finite_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """JSON-safe copy (NaN -> None)."""
 
     def fix(v: Any) -> Any:
@@ -172,22 +162,7 @@ def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: fix(v) for k, v in metrics.items()}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        default=None,
-        help="YAML config file (default: the config stored in the checkpoint)",
-    )
-    parser.add_argument(
-        "--checkpoint", required=True, help="checkpoint .pt, run dir, or .safetensors weights"
-    )
-    parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.num_clips=3"
-    )
-    parser.add_argument("--json", default=None, help="also write the metrics to this JSON file")
-
-
-def _stored_config(checkpoint: str, overrides: list[str]) -> Config:
+def stored_config(checkpoint: str, overrides: list[str]) -> Config:
     """The resolved config saved in a checkpoint (or its run dir), with overrides applied."""
     path = Path(checkpoint)
     if path.is_dir():
@@ -201,25 +176,3 @@ def _stored_config(checkpoint: str, overrides: list[str]) -> Config:
     if not isinstance(stored, dict):
         raise ValueError(f"checkpoint {str(path)!r} stores no config; pass --config")
     return config_from_dict(apply_overrides(stored, overrides))
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.config is None:
-        config = _stored_config(args.checkpoint, args.overrides)
-    else:
-        config = load_config(args.config, args.overrides)
-    metrics = _finite(evaluate(config, args.checkpoint))
-    if int(os.environ.get("RANK", "0")) == 0:
-        if args.json:
-            Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
-        per_class = metrics.pop("per_class_iou", None)
-        width = max(len(k) for k in metrics)
-        for key, value in metrics.items():
-            shown = f"{value:.2f}" if isinstance(value, float) else str(value)
-            print(f"{key:<{width}}  {shown}")
-        if per_class is not None:
-            print("per-class IoU: " + " ".join("-" if v is None else f"{v:.1f}" for v in per_class))
-    from nonlocalnet.engine.distributed import cleanup_distributed
-
-    cleanup_distributed()
-    return 0

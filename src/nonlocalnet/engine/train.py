@@ -1,4 +1,4 @@
-"""``nonlocalnet train``: the training loop (single process or DDP under torchrun).
+"""The training loop (single process, or DDP under torchrun).
 
 One iteration: set the lr of the step, forward under optional autocast, loss (CE; segmentation
 adds the auxiliary head's loss), backward (with a GradScaler for float16), optional gradient
@@ -10,168 +10,83 @@ Exact resume: the data order and each sample's augmentation are functions of (se
 (:mod:`nonlocalnet.engine.sampling`), and the checkpoint holds the model, optimiser, schedule,
 scaler and every RNG state, so a run killed after a checkpoint and resumed ends with the same
 weights as a run that was never interrupted.
+
+:func:`train` reads top to bottom: :func:`setup` builds a :class:`Run` (model, optimiser,
+schedule, data), :func:`restore` continues it from a checkpoint, :func:`train_step` runs one
+iteration, :func:`log_window` writes the metrics of the last logging window,
+:func:`evaluate_run` evaluates and :func:`save` writes a checkpoint.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
+import math
 import os
-import random
+import shutil
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from nonlocalnet.data.samples import SkipTracker
 from nonlocalnet.engine import checkpoint as ckpt
 from nonlocalnet.engine.build import build_datasets, build_model, collate_for
-from nonlocalnet.engine.config import Config, config_to_dict, load_config, save_config
+from nonlocalnet.engine.config import (
+    RESUMABLE_KEYS,
+    Config,
+    config_diff,
+    config_to_dict,
+    save_config,
+)
 from nonlocalnet.engine.distributed import (
     DistInfo,
     all_reduce_mean,
-    all_reduce_sum,
     barrier,
     init_distributed,
 )
+from nonlocalnet.engine.evaluate import run_evaluation
 from nonlocalnet.engine.optim import build_optimizer
 from nonlocalnet.engine.sampling import SeededDataset, StepBatchSampler
 from nonlocalnet.engine.schedules import LRSchedule
+from nonlocalnet.engine.step import (
+    autocast_context,
+    compute_loss,
+    make_loader,
+    resolve_device,
+    seed_everything,
+    skip_totals,
+    split_batch,
+)
+from nonlocalnet.engine.stopping import StopRequest, TrainingStopped
 
-__all__ = ["HELP", "add_arguments", "compute_loss", "precise_bn", "run", "train"]
+__all__ = [
+    "MetricsLog",
+    "Run",
+    "TrainingStopped",
+    "check_run_dir",
+    "evaluate_run",
+    "log_window",
+    "precise_bn",
+    "prepare_run_dir",
+    "restore",
+    "save",
+    "setup",
+    "train",
+    "train_step",
+]
 
 logger = logging.getLogger(__name__)
 
-HELP = "train a model from a YAML config (single process, or DDP under torchrun)"
-
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def resolve_device(name: str, dist_info: DistInfo) -> torch.device:
-    """``auto`` → this process's CUDA device when available, else the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist_info.local_rank)
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device: {name!r} asked for but CUDA is not available")
-    return device
-
-
-def autocast_context(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast for ``train.amp`` (none / bfloat16 / float16) on ``device``."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    if amp == "float16" and device.type != "cuda":
-        raise ValueError("train.amp: float16 needs a CUDA device; use bfloat16 on the CPU")
-    dtype = torch.bfloat16 if amp == "bfloat16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) generators."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % (1 << 32))
-    except ImportError:  # pragma: no cover
-        pass
-
-
-def split_batch(batch: dict[str, Any], task: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(inputs, targets)`` of a batch dict (``video`` or ``image``; ``label``/``mask``)."""
-    if not isinstance(batch, dict):
-        raise TypeError(f"expected the dataset to yield dicts, got {type(batch).__name__}")
-    for key in ("video", "image"):
-        if key in batch:
-            inputs = batch[key]
-            break
-    else:
-        raise KeyError(f"batch has no 'video' or 'image' entry; keys: {sorted(batch)}")
-    for key in ("label", "mask", "target"):
-        if key in batch:
-            target = batch[key]
-            break
-    else:
-        raise KeyError(f"batch has no 'label' or 'mask' entry; keys: {sorted(batch)}")
-    if not isinstance(target, torch.Tensor):
-        target = torch.as_tensor(target)
-    return inputs, target.long()
-
-
-def compute_loss(
-    output: torch.Tensor | dict[str, torch.Tensor] | tuple[torch.Tensor, ...],
-    target: torch.Tensor,
-    *,
-    task: str,
-    ignore_index: int = 255,
-    aux_weight: float = 0.4,
-) -> torch.Tensor:
-    """Cross-entropy; segmentation: with ``ignore_index``, logits upsampled to the label size,
-    plus ``aux_weight`` x the auxiliary head's loss when the model returns one
-    (``{"out": ..., "aux": ...}`` or ``(out, aux)``)."""
-    aux = None
-    if isinstance(output, dict):
-        main, aux = output["out"], output.get("aux")
-    elif isinstance(output, (tuple, list)):
-        main, aux = output[0], (output[1] if len(output) > 1 else None)
-    else:
-        main = output
-    if task != "segmentation":
-        return F.cross_entropy(main.float(), target)
-
-    def seg_ce(logits: torch.Tensor) -> torch.Tensor:
-        if logits.shape[-2:] != target.shape[-2:]:
-            logits = F.interpolate(
-                logits, size=target.shape[-2:], mode="bilinear", align_corners=False
-            )
-        return F.cross_entropy(logits.float(), target, ignore_index=ignore_index)
-
-    loss = seg_ce(main)
-    if aux is not None and aux_weight:
-        loss = loss + aux_weight * seg_ce(aux)
-    return loss
-
-
-def count_skipped(batch: dict[str, Any]) -> int:
-    """Unreadable videos behind a batch: the larger of ``len(batch["unreadable"])`` (paths, which
-    include test samples dropped from the batch) and ``sum(batch["skipped"])`` (replacements)."""
-    listed = len(batch.get("unreadable") or [])
-    replaced = int(torch.as_tensor(batch["skipped"]).sum()) if "skipped" in batch else 0
-    return max(listed, replaced)
-
-
-def make_loader(
-    dataset: Dataset,
-    batch_sampler: Any,
-    *,
-    num_workers: int,
-    seed: int,
-    pin_memory: bool = False,
-    collate_fn: Any = None,
-) -> DataLoader:
-    """A DataLoader over a batch sampler with its own seeded generator (so that creating its
-    iterator does not draw from the global torch generator)."""
-    return DataLoader(
-        dataset,
-        batch_sampler=batch_sampler,
-        num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed),
-        pin_memory=pin_memory,
-        persistent_workers=False,
-        collate_fn=collate_fn,
-    )
 
 
 def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -250,10 +165,11 @@ class MetricsLog:
             logger.debug("tensorboard not installed: no event files")
 
     def write(self, record: dict[str, Any]) -> None:
+        """One record: rounded on the console, full precision in ``metrics.jsonl``."""
         if not self.enabled:
             return
         line = json.dumps(record, sort_keys=False)
-        logger.info(line)
+        logger.info(" ".join(f"{k}={_short(v)}" for k, v in record.items()))
         if self.file is not None:
             self.file.write(line + "\n")
             self.file.flush()
@@ -271,6 +187,13 @@ class MetricsLog:
             self.writer.close()
 
 
+def _short(value: Any) -> str:
+    """A number as the console shows it: 4 significant digits."""
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:.4g}"
+    return str(value)
+
+
 def _progress(total: int, initial: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
@@ -278,60 +201,116 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
     return tqdm(total=total, initial=initial, disable=disable, desc="train", dynamic_ncols=True)
 
 
-def _resolve_resume(resume: bool | str, run_dir: Path) -> Path | None:
-    if resume is False or resume is None:
-        return None
-    if resume is True:
-        found = ckpt.latest_checkpoint(run_dir)
-        if found is None:
-            logger.warning("--resume: no checkpoint in %s; starting from step 0", run_dir)
-        return found
-    path = Path(resume)
-    if path.is_dir():
-        found = ckpt.latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"--resume: no checkpoint_<step>.pt in {str(path)!r}")
-        return found
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: checkpoint {str(path)!r} not found")
-    return path
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """The run folder policy: a new run never mixes with files of another run.
 
+    A new run needs an empty (or absent) folder, unless ``overwrite`` (cleared by
+    :func:`prepare_run_dir`); ``resume`` continues what is there.
 
-# ----------------------------------------------------------------------------- the loop
-
-
-def train(
-    config: Config,
-    *,
-    resume: bool | str = False,
-    out_dir: str | Path | None = None,
-    export_safetensors: bool | None = None,
-) -> dict[str, Any]:
-    """Train ``config``'s model on its data; evaluate at the end.
-
-    Args:
-        config: the resolved run config.
-        resume: True continues from the latest ``checkpoint_<step>.pt`` of the run dir (from
-            scratch if there is none), a path continues from that checkpoint (or that folder's
-            latest).
-        out_dir: run dir (default ``config.train.out_dir``): ``config.yaml``, checkpoints,
-            ``metrics.jsonl``, ``model.safetensors``.
-        export_safetensors: override ``config.train.export_safetensors``.
-
-    Returns:
-        The final metrics: ``step``, ``loss`` (mean over the last logging window), ``lr``,
-        ``skipped`` and the validation metrics (``val_top1``... in percent) unless
-        ``train.eval_every`` is -1.
+    Raises:
+        FileExistsError: a new run into a non-empty folder without ``overwrite``.
+        ValueError: both ``resume`` and ``overwrite``.
     """
-    from nonlocalnet.engine.evaluate import run_evaluation
+    if resume and overwrite:
+        raise ValueError(
+            "--resume and --overwrite exclude each other: continue the run or clear it"
+        )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"output folder {str(run_dir)!r} is a file")
+    if run_dir.is_dir() and not resume and not overwrite and any(run_dir.iterdir()):
+        raise FileExistsError(
+            f"output folder {str(run_dir)!r} holds another run; continue it with --resume, "
+            f"clear it with --overwrite, or choose another --out"
+        )
 
-    dist_info = init_distributed()
-    run_dir = Path(out_dir if out_dir is not None else config.train.out_dir)
-    device = resolve_device(config.train.device, dist_info)
+
+def prepare_run_dir(run_dir: Path, *, overwrite: bool) -> None:
+    """Create the run folder (cleared first with ``overwrite``) and remove the temp files of a
+    write that was killed midway. Called once the run is built, so that a run that fails to
+    start leaves the folder as it was."""
+    if overwrite and run_dir.is_dir():
+        logger.warning("--overwrite: clearing %s", run_dir)
+        for child in run_dir.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.clean_temp_files(run_dir)
+
+
+def _resolve_resume(resume: bool, resume_from: str | Path | None, run_dir: Path) -> Path | None:
+    """The checkpoint a run continues from: ``resume_from`` (a file, or a folder's latest), the
+    run folder's latest with ``resume``, or None."""
+    if resume_from is not None:
+        path = Path(resume_from)
+        if path.is_dir():
+            found = ckpt.latest_checkpoint(path)
+            if found is None:
+                raise FileNotFoundError(f"--resume-from: no checkpoint_<step>.pt in {str(path)!r}")
+            return found
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume-from: checkpoint {str(path)!r} not found")
+        return path
+    if not resume:
+        return None
+    found = ckpt.latest_checkpoint(run_dir)
+    if found is None:
+        logger.warning("--resume: no checkpoint in %s; starting from step 0", run_dir)
+    return found
+
+
+# ----------------------------------------------------------------------------- a run
+
+
+@dataclass
+class Run:
+    """Everything a training run holds: built by :func:`setup`, advanced by :func:`train_step`.
+
+    Attributes:
+        config: the resolved config.
+        run_dir: the run folder.
+        dist_info: rank and world size.
+        device: where the model runs.
+        model: the model (unwrapped).
+        ddp_model: the model the steps call (DistributedDataParallel under torchrun).
+        optimizer: SGD.
+        schedule: the lr schedule, set per step.
+        scaler: the float16 gradient scaler, or None.
+        train_set: the training dataset.
+        val_set: the validation dataset, or None.
+        sampler: the step-indexed batch sampler (exact resume).
+        loader: the training DataLoader.
+        autocast: the autocast context of ``train.amp``.
+        skips: unreadable-sample accounting of this process.
+        start_step: the step the run starts (or resumes) at.
+    """
+
+    config: Config
+    run_dir: Path
+    dist_info: DistInfo
+    device: torch.device
+    model: nn.Module
+    ddp_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    scaler: Any
+    train_set: Dataset
+    val_set: Dataset | None
+    sampler: StepBatchSampler
+    loader: DataLoader
+    autocast: contextlib.AbstractContextManager
+    skips: SkipTracker
+    start_step: int = 0
+    rng_state: dict[str, Any] | None = field(default=None, repr=False)
+    stored_sampler: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def setup(config: Config, run_dir: Path, dist_info: DistInfo) -> Run:
+    """Build the model, optimiser, schedule and data of a run (at step 0)."""
     tc = config.train
-    total = tc.steps
+    device = resolve_device(tc.device, dist_info)
     seed_everything(tc.seed)
-
     model = build_model(config).to(device)
     train_set, val_set = build_datasets(config, val=tc.eval_every >= 0)
     optimizer = build_optimizer(
@@ -345,7 +324,7 @@ def train(
     sc = config.schedule
     schedule = LRSchedule(
         optimizer,
-        total,
+        tc.steps,
         name=sc.name,
         milestones=sc.milestones,
         gamma=sc.gamma,
@@ -354,220 +333,404 @@ def train(
         warmup_steps=sc.warmup_steps,
         warmup_factor=sc.warmup_factor,
     )
-    autocast = autocast_context(tc.amp, device)
-    scaler = torch.amp.GradScaler("cuda") if tc.amp == "float16" else None
-
-    start_step = 0
-    resume_path = _resolve_resume(resume, run_dir)
-    rng_state = None
-    if resume_path is not None:
-        # On the CPU: RNG states must stay CPU tensors; load_state_dict moves weights to `device`.
-        state = ckpt.load_checkpoint(resume_path, map_location="cpu")
-        if state.get("config", {}).get("model") != config_to_dict(config)["model"]:
-            logger.warning("--resume: the checkpoint's model section differs from the config's")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_step = int(state["step"])
-        rng_state = state.get("rng")
-        logger.info("resumed from %s at step %d", resume_path, start_step)
-
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
-    log = MetricsLog(run_dir if dist_info.is_main else None, start_step)
-
+    autocast = autocast_context(tc.amp, device)  # refuses float16 on the CPU
     ddp_model: nn.Module = model
     if dist_info.enabled:
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    sampler = StepBatchSampler(
-        len(train_set),
+    return Run(
+        config=config,
+        run_dir=run_dir,
+        dist_info=dist_info,
+        device=device,
+        model=model,
+        ddp_model=ddp_model,
+        optimizer=optimizer,
+        schedule=schedule,
+        scaler=torch.amp.GradScaler("cuda") if tc.amp == "float16" else None,
+        train_set=train_set,
+        val_set=val_set,
+        sampler=None,  # type: ignore[arg-type]  # set by _make_loader
+        loader=None,  # type: ignore[arg-type]
+        autocast=autocast,
+        skips=SkipTracker(config.data.max_skip_fraction, num_entries=len(train_set)),
+    )
+
+
+def restore(run: Run, path: Path) -> None:
+    """Load a checkpoint's model, optimiser, schedule and scaler into ``run``.
+
+    The RNG states are kept in ``run.rng_state`` and restored by :func:`train` last, after
+    everything that draws from the generators has been built.
+    """
+    # On the CPU: RNG states must stay CPU tensors; load_state_dict moves weights to the device.
+    state = ckpt.load_checkpoint(path, map_location="cpu")
+    stored = state.get("config")
+    current = config_to_dict(run.config)
+    if isinstance(stored, dict):
+        changed = [k for k in config_diff(stored, current) if k not in RESUMABLE_KEYS]
+        if changed:
+            raise ValueError(
+                f"--resume: checkpoint {str(path)!r} was trained with another config: "
+                f"{', '.join(changed)} differ (only {', '.join(RESUMABLE_KEYS)} may change "
+                f"when resuming; start a new run for the others)"
+            )
+    missing = [k for k in ("model", "optimizer", "scheduler", "step") if k not in state]
+    if missing:
+        raise ValueError(
+            f"--resume: {str(path)!r} is not a training checkpoint: it has no "
+            f"{', '.join(missing)} (weights alone start a new run: model.init)"
+        )
+    step = int(state["step"])
+    if step > run.config.train.steps:
+        raise ValueError(
+            f"--resume: checkpoint {str(path)!r} is at step {step}, beyond "
+            f"train.steps={run.config.train.steps}; raise train.steps to train on"
+        )
+    ckpt.check_state_dict(
+        run.model,
+        state["model"],
+        source=f"checkpoint {str(path)!r}",
+        stored_config=stored,
+        config=current,
+    )
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.schedule.load_state_dict(state["scheduler"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    run.start_step = step
+    run.rng_state = state.get("rng")
+    run.stored_sampler = state.get("sampler") or {}
+    logger.info("resumed from %s at step %d", path, run.start_step)
+
+
+def _make_loader(run: Run) -> None:
+    """The step-indexed sampler and loader, from ``run.start_step`` on."""
+    tc = run.config.train
+    run.sampler = StepBatchSampler(
+        len(run.train_set),
         tc.batch_size,
         seed=tc.seed,
-        total_steps=total,
-        start_step=start_step,
-        rank=dist_info.rank,
-        world_size=dist_info.world_size,
+        total_steps=tc.steps,
+        start_step=run.start_step,
+        rank=run.dist_info.rank,
+        world_size=run.dist_info.world_size,
     )
-    loader = make_loader(
-        SeededDataset(train_set),
-        sampler,
-        num_workers=config.data.num_workers,
+    run.loader = make_loader(
+        SeededDataset(run.train_set),
+        run.sampler,
+        num_workers=run.config.data.num_workers,
         seed=tc.seed,
-        pin_memory=device.type == "cuda",
-        collate_fn=collate_for(config),
+        pin_memory=run.device.type == "cuda",
+        collate_fn=collate_for(run.config),
     )
-    if resume_path is not None:
-        stored = state.get("sampler") or {}
-        current = sampler.state_dict(start_step)
-        for key in ("seed", "num_samples", "global_batch"):
-            if key in stored and stored[key] != current[key]:
-                logger.warning(
-                    "--resume: %s was %s in the checkpoint and is %s now: the data order will "
-                    "differ from the interrupted run's",
-                    key,
-                    stored[key],
-                    current[key],
-                )
-    if rng_state is not None:
-        ckpt.restore_rng_state(rng_state)  # last: building the model drew from the generators
-
-    def save(step: int) -> None:
-        if not dist_info.is_main:
-            return
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": schedule.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "step": step,
-            "rng": ckpt.capture_rng_state(),
-            "sampler": sampler.state_dict(step),
-            "config": config_to_dict(config),
-        }
-        ckpt.save_checkpoint(run_dir / f"checkpoint_{step:08d}.pt", state)
-        for old_step, old in ckpt.list_checkpoints(run_dir)[: -max(tc.keep_checkpoints, 1)]:
-            if old_step != step:
-                old.unlink(missing_ok=True)
-        logger.info("checkpoint written: %s", run_dir / f"checkpoint_{step:08d}.pt")
-
-    def evaluate_now(step: int) -> dict[str, Any]:
-        if tc.precise_bn_batches > 0:
-            bn_sampler = StepBatchSampler(
-                len(train_set),
-                tc.batch_size,
-                seed=tc.seed + 7919 * (step + 1),
-                total_steps=tc.precise_bn_batches,
-                rank=dist_info.rank,
-                world_size=dist_info.world_size,
+    current = run.sampler.state_dict(run.start_step)
+    for key in ("seed", "num_samples", "global_batch"):
+        if key in run.stored_sampler and run.stored_sampler[key] != current[key]:
+            logger.warning(
+                "--resume: %s was %s in the checkpoint and is %s now: the data order will "
+                "differ from the interrupted run's",
+                key,
+                run.stored_sampler[key],
+                current[key],
             )
-            bn_loader = make_loader(
-                SeededDataset(train_set),
-                bn_sampler,
-                num_workers=0,
-                seed=tc.seed,
-                collate_fn=collate_for(config),
-            )
-            inputs = (split_batch(b, config.data.task)[0].to(device) for b in bn_loader)
-            precise_bn(model, inputs, tc.precise_bn_batches, autocast=autocast)
-        with torch.random.fork_rng(devices=[]):
-            metrics = run_evaluation(model, val_set, config, dist_info=dist_info, device=device)
-        model.train()
-        record = {
-            "step": step,
-            "split": "val",
-            **{k: v for k, v in metrics.items() if not isinstance(v, list)},
-        }
-        log.write(record)
-        return metrics
 
-    model.train()
-    skipped = torch.zeros(2, dtype=torch.float64)  # (skipped videos, samples loaded)
-    window_loss, window_steps = torch.zeros((), dtype=torch.float64), 0
-    last: dict[str, Any] = {"step": start_step}
-    val_metrics: dict[str, Any] | None = None
-    t0 = time.perf_counter()
-    bar = _progress(total, start_step, tc.progress and dist_info.is_main)
+
+def save(run: Run, step: int) -> Path | None:
+    """Write ``checkpoint_<step>.pt`` (main process) and prune the old ones; return its path.
+
+    Raises:
+        OSError: no space left on device, naming the last good checkpoint.
+    """
+    if not run.dist_info.is_main:
+        return None
+    state = {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.schedule.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "step": step,
+        "rng": ckpt.capture_rng_state(),
+        "sampler": run.sampler.state_dict(step),
+        "config": config_to_dict(run.config),
+    }
+    path = run.run_dir / f"checkpoint_{step:08d}.pt"
     try:
-        for step, batch in zip(range(start_step, total), loader, strict=False):
-            schedule.set_step(step)
-            inputs, target = split_batch(batch, config.data.task)
-            inputs = inputs.to(device, non_blocking=True)
-            target = target.to(device, non_blocking=True)
-            skipped[0] += count_skipped(batch)
-            skipped[1] += len(target)
-            with autocast:
-                output = ddp_model(inputs)
-            loss = compute_loss(
-                output,
-                target,
-                task=config.data.task,
-                ignore_index=config.data.ignore_index,
-                aux_weight=getattr(model, "aux_weight", tc.aux_weight),
-            )
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"step {step}: loss is {loss.item()}; stopping")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            grad_norm = None
-            if config.optim.clip_grad_norm > 0:
-                grad_norm = float(
-                    nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad_norm)
-                )
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            window_loss += loss.detach().double().cpu()
-            window_steps += 1
-            done = step + 1
-            bar.update(1)
+        ckpt.save_checkpoint(path, state)
+    except (OSError, RuntimeError) as err:
+        if not ckpt.is_disk_full(err):
+            raise
+        last = ckpt.latest_checkpoint(run.run_dir)
+        raise OSError(
+            28,
+            f"no space left on device writing {path}; the last good checkpoint is "
+            f"{last if last is not None else 'none (no checkpoint was written)'}",
+        ) from None
+    keep = max(run.config.train.keep_checkpoints, 1)
+    for old_step, old in ckpt.list_checkpoints(run.run_dir)[:-keep]:
+        if old_step != step:
+            old.unlink(missing_ok=True)
+    logger.info("checkpoint written: %s", path)
+    return path
 
-            if done % tc.log_every == 0 or done == total:
-                stats = torch.cat([window_loss.view(1) / window_steps, skipped.clone()])
-                all_reduce_mean(stats[:1])
-                all_reduce_sum(stats[1:])
-                elapsed = time.perf_counter() - t0
-                last = {
-                    "step": done,
-                    "split": "train",
-                    "loss": float(stats[0]),
-                    "lr": schedule.get_last_lr()[0],
-                    "samples_per_s": window_steps
-                    * tc.batch_size
-                    * dist_info.world_size
-                    / max(elapsed, 1e-9),
-                    "skipped": int(stats[1]),
-                }
-                if grad_norm is not None:
-                    last["grad_norm"] = grad_norm
-                log.write(last)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.3g}")
-                seen = float(stats[1] + stats[2])
-                if seen and float(stats[1]) / seen > config.data.max_skip_fraction:
-                    raise RuntimeError(
-                        f"{int(stats[1])} of {int(seen)} videos could not be decoded, more than "
-                        f"data.max_skip_fraction={config.data.max_skip_fraction}; see the log "
-                        f"for their paths"
-                    )
-                window_loss.zero_()
-                window_steps = 0
-                t0 = time.perf_counter()
-            # Evaluate before checkpointing: precise BN changes the running statistics, and a
-            # run resumed from this checkpoint must continue from the same state.
-            final_eval = done == total and tc.eval_every >= 0 and val_set is not None
-            if final_eval or (tc.eval_every > 0 and done % tc.eval_every == 0):
-                val_metrics = evaluate_now(done)
-                t0 = time.perf_counter()
-            if done % tc.checkpoint_every == 0 or done == total:
-                save(done)
+
+def evaluate_run(run: Run, step: int, log: MetricsLog) -> dict[str, Any]:
+    """Precise BN (when asked), then the validation metrics; logged as a ``val`` record."""
+    config, tc = run.config, run.config.train
+    if tc.precise_bn_batches > 0:
+        bn_sampler = StepBatchSampler(
+            len(run.train_set),
+            tc.batch_size,
+            seed=tc.seed + 7919 * (step + 1),
+            total_steps=tc.precise_bn_batches,
+            rank=run.dist_info.rank,
+            world_size=run.dist_info.world_size,
+        )
+        bn_loader = make_loader(
+            SeededDataset(run.train_set),
+            bn_sampler,
+            num_workers=0,
+            seed=tc.seed,
+            collate_fn=collate_for(config),
+        )
+        inputs = (split_batch(b, config.data.task)[0].to(run.device) for b in bn_loader)
+        precise_bn(run.model, inputs, tc.precise_bn_batches, autocast=run.autocast)
+    with torch.random.fork_rng(devices=[]):
+        metrics = run_evaluation(
+            run.model, run.val_set, config, dist_info=run.dist_info, device=run.device
+        )
+    run.model.train()
+    record = {"step": step, "split": "val"}
+    record.update({k: v for k, v in metrics.items() if not isinstance(v, list)})
+    log.write(record)
+    return metrics
+
+
+def train_step(run: Run, step: int, batch: dict[str, Any]) -> tuple[torch.Tensor, float | None]:
+    """One iteration on ``batch``: returns the (detached) loss and the gradient norm if clipped.
+
+    Raises:
+        FloatingPointError: the loss is not finite.
+    """
+    config = run.config
+    run.schedule.set_step(step)
+    inputs, target = split_batch(batch, config.data.task)
+    inputs = inputs.to(run.device, non_blocking=True)
+    target = target.to(run.device, non_blocking=True)
+    run.skips.update(batch, check=False)
+    with run.autocast:
+        output = run.ddp_model(inputs)
+    loss = compute_loss(
+        output,
+        target,
+        task=config.data.task,
+        ignore_index=config.data.ignore_index,
+        aux_weight=getattr(run.model, "aux_weight", config.train.aux_weight),
+    )
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"step {step}: loss is {loss.item()}; stopping")
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+        run.scaler.unscale_(run.optimizer)
+    else:
+        loss.backward()
+    grad_norm = None
+    if config.optim.clip_grad_norm > 0:
+        grad_norm = float(
+            nn.utils.clip_grad_norm_(run.model.parameters(), config.optim.clip_grad_norm)
+        )
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    return loss.detach(), grad_norm
+
+
+def log_window(
+    run: Run,
+    log: MetricsLog,
+    done: int,
+    mean_loss: torch.Tensor,
+    window_steps: int,
+    elapsed: float,
+    grad_norm: float | None,
+) -> dict[str, Any]:
+    """Write the ``train`` record of the last logging window; fail on too many unreadable reads.
+
+    Raises:
+        RuntimeError: more than ``data.max_skip_fraction`` of the reads were unreadable.
+    """
+    tc = run.config.train
+    loss = mean_loss.view(1).clone()
+    all_reduce_mean(loss)
+    skipped, reads = skip_totals(run.skips)
+    record: dict[str, Any] = {
+        "step": done,
+        "split": "train",
+        "loss": float(loss[0]),
+        "lr": run.schedule.get_last_lr()[0],
+        "samples_per_s": window_steps
+        * tc.batch_size
+        * run.dist_info.world_size
+        / max(elapsed, 1e-9),
+        "skipped": skipped,
+    }
+    if grad_norm is not None:
+        record["grad_norm"] = grad_norm
+    log.write(record)
+    run.skips.check_total(skipped, reads)
+    return record
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _summary(run: Run) -> None:
+    """The start-up summary: what is trained on what, where, and where it goes."""
+    if not run.dist_info.is_main:
+        return
+    c = run.config
+    params = sum(p.numel() for p in run.model.parameters())
+    val = len(run.val_set) if run.val_set is not None else 0
+    logger.info(
+        "run: %s (%s parameters) on %s: %d training %s, %d validation; device %s, %d threads, "
+        "%d process(es); steps %d from %d, batch %d per process; output folder %s",
+        c.model.name,
+        f"{params:,}",
+        c.data.task,
+        len(run.train_set),
+        "clips" if c.data.task == "video" else "samples",
+        val,
+        run.device,
+        torch.get_num_threads(),
+        run.dist_info.world_size,
+        c.train.steps,
+        run.start_step,
+        c.train.batch_size,
+        run.run_dir.resolve(),
+    )
+
+
+def _stop_requested(run: Run, stop: StopRequest) -> int:
+    """The signal that stops the run after this step (agreed by every process), or 0."""
+    if not run.dist_info.enabled:
+        return stop.signum
+    flag = torch.tensor([float(stop.signum)], dtype=torch.float64)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def train(
+    config: Config,
+    *,
+    resume: bool = False,
+    resume_from: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    overwrite: bool = False,
+    export_safetensors: bool | None = None,
+) -> dict[str, Any]:
+    """Train ``config``'s model on its data; evaluate at the end.
+
+    Args:
+        config: the resolved run config.
+        resume: continue the run in the run folder from its latest ``checkpoint_<step>.pt``
+            (from step 0 if it has none). Only :data:`~nonlocalnet.engine.config.RESUMABLE_KEYS`
+            may differ from the checkpoint's config.
+        resume_from: continue from this checkpoint (or this folder's latest), writing into the
+            run folder.
+        out_dir: run folder (default ``config.train.out_dir``, relative to the current
+            directory): ``config.yaml``, checkpoints, ``metrics.jsonl``, ``model.safetensors``.
+            A new run refuses a folder holding files unless ``overwrite``.
+        overwrite: clear the run folder first.
+        export_safetensors: override ``config.train.export_safetensors``.
+
+    Returns:
+        The final metrics: ``step``, ``loss`` (mean over the last logging window), ``lr``,
+        ``skipped`` and the validation metrics (``val_top1``... in percent) unless
+        ``train.eval_every`` is -1.
+
+    Raises:
+        TrainingStopped: SIGINT/SIGTERM arrived; the run stopped after the step it was in, with
+            a checkpoint.
+        FileExistsError: a new run into a folder holding another run.
+    """
+    dist_info = init_distributed()
+    run_dir = Path(out_dir if out_dir is not None else config.train.out_dir)
+    check_run_dir(run_dir, resume=resume or resume_from is not None, overwrite=overwrite)
+    tc = config.train
+    total = tc.steps
+    run = setup(config, run_dir, dist_info)
+    resume_path = _resolve_resume(resume, resume_from, run_dir)
+    if resume_path is not None:
+        restore(run, resume_path)
+    if dist_info.is_main:
+        prepare_run_dir(run_dir, overwrite=overwrite)
+        save_config(config, run_dir / "config.yaml")
+    barrier()
+    log = MetricsLog(run_dir if dist_info.is_main else None, run.start_step)
+    _make_loader(run)
+    _summary(run)
+    if run.rng_state is not None:
+        ckpt.restore_rng_state(run.rng_state)  # last: building the run drew from the generators
+
+    run.model.train()
+    window_loss, window_steps = torch.zeros((), dtype=torch.float64), 0
+    last: dict[str, Any] = {"step": run.start_step}
+    val_metrics: dict[str, Any] | None = None
+    can_evaluate = tc.eval_every >= 0 and run.val_set is not None
+    t0 = time.perf_counter()
+    bar = _progress(total, run.start_step, tc.progress and dist_info.is_main)
+    try:
+        with StopRequest() as stop, _logging_above(bar):
+            for step, batch in zip(range(run.start_step, total), run.loader, strict=False):
+                loss, grad_norm = train_step(run, step, batch)
+                window_loss += loss.double().cpu()
+                window_steps += 1
+                done = step + 1
+                bar.update(1)
+                if done % tc.log_every == 0 or done == total:
+                    elapsed = time.perf_counter() - t0
+                    last = log_window(
+                        run, log, done, window_loss / window_steps, window_steps, elapsed,
+                        grad_norm,
+                    )  # fmt: skip
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.3g}")
+                    window_loss.zero_()
+                    window_steps = 0
+                    t0 = time.perf_counter()
+                # Evaluate before checkpointing: precise BN changes the running statistics, and
+                # a run resumed from this checkpoint must continue from the same state.
+                at_eval = tc.eval_every > 0 and done % tc.eval_every == 0
+                if (done == total and can_evaluate) or at_eval:
+                    val_metrics = evaluate_run(run, done, log)
+                    t0 = time.perf_counter()
+                signum = _stop_requested(run, stop)
+                if done % tc.checkpoint_every == 0 or done == total or signum:
+                    path = save(run, done)
+                if signum and done < total:
+                    log.close()
+                    raise TrainingStopped(done, signum, path)
     finally:
         bar.close()
 
-    if start_step == total:
+    if run.start_step == total:
         logger.info("run already complete at step %d", total)
     result: dict[str, Any] = {k: v for k, v in last.items() if k != "split"}
     result["step"] = total
-    total_skipped = all_reduce_sum(skipped.clone())
-    result["skipped"] = int(total_skipped[0])
-    if total_skipped[0] > 0:
-        logger.warning("%d videos were skipped (unreadable) during training", int(total_skipped[0]))
-    if tc.eval_every >= 0 and val_set is not None:
+    result["skipped"] = skip_totals(run.skips)[0]
+    if result["skipped"] > 0:
+        logger.warning("%d videos were skipped (unreadable) during training", result["skipped"])
+    if can_evaluate:
         if val_metrics is None:  # resumed from the final checkpoint: nothing was trained
-            val_metrics = evaluate_now(total)
+            val_metrics = evaluate_run(run, total, log)
         result.update({f"val_{k}": v for k, v in val_metrics.items()})
     export = tc.export_safetensors if export_safetensors is None else export_safetensors
     if export and dist_info.is_main:
-        ckpt.export_safetensors(model, run_dir / "model.safetensors")
+        ckpt.export_safetensors(run.model, run_dir / "model.safetensors")
     if dist_info.is_main:
         (run_dir / "final_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     log.close()
@@ -575,39 +738,10 @@ def train(
     return result
 
 
-# ----------------------------------------------------------------------------- command line
+def _logging_above(bar: Any) -> contextlib.AbstractContextManager:
+    """Log lines printed above the progress bar (tqdm's redirect), not through it."""
+    if getattr(bar, "disable", True):
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.1"
-    )
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="CHECKPOINT",
-        help="continue from the latest checkpoint of the run dir (or from CHECKPOINT)",
-    )
-    parser.add_argument("--out", default=None, help="run dir (default: train.out_dir)")
-    parser.add_argument(
-        "--export-safetensors",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="write model.safetensors at the end (default: train.export_safetensors)",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides)
-    result = train(
-        config, resume=args.resume, out_dir=args.out, export_safetensors=args.export_safetensors
-    )
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(result))
-    from nonlocalnet.engine.distributed import cleanup_distributed
-
-    cleanup_distributed()
-    return 0
+    return logging_redirect_tqdm()

@@ -4,7 +4,9 @@
   functions;
 * :mod:`~nonlocalnet.layers.global_context`: SNL, GC and SE (GCNet paper);
 * :mod:`~nonlocalnet.layers.asymmetric`: the pyramid sampler, APNB and AFNB (ANN paper);
-* :mod:`~nonlocalnet.layers.registry`: ``create_block(name, channels, dims=...)``.
+* :mod:`~nonlocalnet.layers.registry`: ``create_block(name, channels, dims=...)``;
+* :mod:`~nonlocalnet.layers.layout`: :class:`AttentionLayout`, what every attention block's
+  ``layout(size)`` returns: how queries are folded and which input positions each key stands for.
 
 Every block takes its channel count first and ``dims`` (1, 2 or 3) as a keyword; the layers
 import only :mod:`nonlocalnet.functional`, the checks of :mod:`nonlocalnet._checks` and each other.
@@ -12,12 +14,14 @@ import only :mod:`nonlocalnet.functional`, the checks of :mod:`nonlocalnet._chec
 
 from nonlocalnet.layers.asymmetric import AFNB, APNB, PyramidPooling
 from nonlocalnet.layers.global_context import GlobalContext, SimplifiedNonLocal, SqueezeExcite
+from nonlocalnet.layers.layout import AttentionLayout
 from nonlocalnet.layers.nonlocal_block import NonLocal1d, NonLocal2d, NonLocal3d, NonLocalNd
 from nonlocalnet.layers.registry import create_block, list_blocks, register_block, resolve_block
 
 __all__ = [
     "AFNB",
     "APNB",
+    "AttentionLayout",
     "GlobalContext",
     "NonLocal1d",
     "NonLocal2d",

@@ -26,6 +26,7 @@ This module depends on torch alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -42,6 +43,7 @@ from nonlocalnet.layers._dims import (
     check_dropout,
     check_positive_int,
 )
+from nonlocalnet.layers.layout import AttentionLayout
 
 __all__ = ["AFNB", "APNB", "PyramidPooling"]
 
@@ -75,26 +77,27 @@ class PyramidPooling(nn.Module):
         self.dims = dims
         self.pool_time = pool_time
 
+    def output_sizes(self, size: Sequence[int]) -> list[tuple[int, ...]]:
+        """The output size of each adaptive pooling, in order, for an input of size ``size``.
+
+        ``(b,)`` in 1d, ``(b, b)`` in 2d, ``(T, b, b)`` (or ``(1, b, b)`` with pool_time) in 3d.
+        """
+        if len(size) != self.dims:
+            raise ValueError(f"PyramidPooling: size must have {self.dims} dims, got {tuple(size)}")
+        if self.dims == 3:
+            t = 1 if self.pool_time else size[0]
+            return [(t, b, b) for b in self.bins]
+        return [(b,) * self.dims for b in self.bins]
+
     def num_samples(self, size: Sequence[int]) -> int:
         """S for an input of spatial size ``size`` (only T matters, for 3d with pool_time off)."""
-        if self.dims == 1:
-            return sum(self.bins)
-        s = sum(b * b for b in self.bins)
-        if self.dims == 3 and not self.pool_time:
-            s *= size[0]
-        return s
+        return sum(math.prod(s) for s in self.output_sizes(size))
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, *S)`` -> ``(B, C, S)`` samples, bins in order, each flattened row major."""
         check_feature_map(x, spatial_dims=self.dims, channels=None, owner="PyramidPooling")
         pool = ADAPTIVE_AVG_POOL[self.dims]
-        if self.dims == 1:
-            pooled = [pool(x, b) for b in self.bins]  # (B, C, b) each
-        elif self.dims == 2:
-            pooled = [pool(x, b).flatten(2) for b in self.bins]  # (B, C, b²)
-        else:
-            t = 1 if self.pool_time else x.shape[2]
-            pooled = [pool(x, (t, b, b)).flatten(2) for b in self.bins]  # (B, C, t·b²)
+        pooled = [pool(x, s).flatten(2) for s in self.output_sizes(x.shape[2:])]  # (B, C, Π s)
         return torch.cat(pooled, dim=2)  # (B, C, S)
 
     def extra_repr(self) -> str:
@@ -161,18 +164,28 @@ class _PyramidAttention(nn.Module):
         """The logit scale d^-1/2, d = key_channels."""
         return self.key_channels**-0.5
 
+    def _layout(self, low_size: Sequence[int], high_size: Sequence[int]) -> AttentionLayout:
+        low_size, high_size = tuple(low_size), tuple(high_size)
+        for n, size in (("low_size", low_size), ("high_size", high_size)):
+            if len(size) != self.dims:
+                raise ValueError(
+                    f"{type(self).__name__}.layout: {n} must have {self.dims} dims, got {size}"
+                )
+        return AttentionLayout.pyramid(high_size, low_size, self.pyramid.output_sizes(low_size))
+
     def _embed(self, low: Tensor, high: Tensor, shared: bool) -> tuple[Tensor, Tensor, Tensor]:
         """Query tokens of ``high``, pyramid-sampled key/value tokens of ``low``."""
+        lay = self._layout(low.shape[2:], high.shape[2:])
         key_map = self.f_key(low)  # (B, K, *S_low)
         query_map = key_map if shared else self.f_query(high)  # (B, K, *S_high)
-        q = query_map.flatten(2).transpose(1, 2)  # (B, N, K)
-        k = self.pyramid(key_map).transpose(1, 2)  # (B, S, K)
-        v = self.pyramid(self.f_value(low)).transpose(1, 2)  # (B, S, V)
+        q = lay.fold(query_map)  # (B, N, K)
+        k = lay.fold_keys(self.pyramid(key_map))  # (B, S, K)
+        v = lay.fold_keys(self.pyramid(self.f_value(low)))  # (B, S, V)
         return q, k, v
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, batch: int, size: Sequence[int]) -> Tensor:
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, batch: int, lay: AttentionLayout) -> Tensor:
         y = softmax_aggregate(q, k, v, scale=self.scale, impl=self.impl)  # (B, N, V)
-        return y.transpose(1, 2).reshape(batch, self.value_channels, *size)  # (B, V, *S)
+        return lay.unfold(y, batch)  # (B, V, *S)
 
     def _map(self, q: Tensor, k: Tensor, queries: Sequence[int] | Tensor | None) -> Tensor:
         idx = query_index(q.shape[1], queries, q.device)
@@ -265,7 +278,7 @@ class APNB(_PyramidAttention):
     def context(self, x: Tensor) -> Tensor:
         """The attention output before conv_out: ``(B, V, *S)``."""
         q, k, v = self.embed(x)
-        return self._attend(q, k, v, x.shape[0], x.shape[2:])
+        return self._attend(q, k, v, x.shape[0], self.layout(x.shape[2:]))
 
     def residual(self, x: Tensor) -> Tensor:
         """conv_out(context): the output before the fusion, ``(B, C, *S)``."""
@@ -284,6 +297,17 @@ class APNB(_PyramidAttention):
         """
         q, k, _ = self.embed(x)
         return self._map(q, k, queries)
+
+    def layout(self, size: Sequence[int]) -> AttentionLayout:
+        """Queries and keys of an input of spatial size ``size``.
+
+        Queries are the N positions, row major; key s is an adaptive-pooling cell of the
+        pyramid (bins in order), the cells listed by ``key_cells()``.
+
+        Raises:
+            ValueError: ``size`` does not have ``dims`` positive entries.
+        """
+        return self._layout(size, size)
 
     def extra_repr(self) -> str:
         return (
@@ -383,7 +407,7 @@ class AFNB(_PyramidAttention):
     def context(self, low: Tensor, high: Tensor) -> Tensor:
         """The attention output before conv_out: ``(B, V, *S_high)``."""
         q, k, v = self.embed(low, high)
-        return self._attend(q, k, v, high.shape[0], high.shape[2:])
+        return self._attend(q, k, v, high.shape[0], self.layout(low.shape[2:], high.shape[2:]))
 
     def residual(self, low: Tensor, high: Tensor) -> Tensor:
         """conv_out(context): the output before the fusion, ``(B, out_channels, *S_high)``."""
@@ -404,6 +428,18 @@ class AFNB(_PyramidAttention):
         """
         q, k, _ = self.embed(low, high)
         return self._map(q, k, queries)
+
+    def layout(self, low_size: Sequence[int], high_size: Sequence[int]) -> AttentionLayout:
+        """Queries and keys for a low-level map of size ``low_size`` and a high one of ``high_size``.
+
+        Queries are the positions of ``high``, row major; key s is an adaptive-pooling cell of
+        the pyramid over ``low`` (bins in order), the cells listed by ``key_cells()`` as
+        positions of ``low``.
+
+        Raises:
+            ValueError: a size that does not have ``dims`` positive entries.
+        """
+        return self._layout(low_size, high_size)
 
     def extra_repr(self) -> str:
         return (

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from nonlocalnet._checks import check_choice, check_feature_map, query_index
 from nonlocalnet.functional import IMPLS, softmax_aggregate
 from nonlocalnet.layers._dims import CONV, check_dims, check_positive_int
+from nonlocalnet.layers.layout import AttentionLayout
 
 __all__ = [
     "FUSIONS",
@@ -101,6 +102,16 @@ def _map_rows(w: Tensor, queries: Sequence[int] | Tensor | None) -> Tensor:
         return w
     idx = query_index(n, queries)
     return w.expand(-1, idx.numel(), -1)  # (B, Nq, N), a view
+
+
+def _layout(owner: nn.Module, size: Sequence[int]) -> AttentionLayout:
+    """The query-independent layout of SNL and GC: one row over the N positions."""
+    size = tuple(size)
+    if len(size) != owner.dims:
+        raise ValueError(
+            f"{type(owner).__name__}.layout: size must have {owner.dims} dims, got {size}"
+        )
+    return AttentionLayout.query_independent(size)
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
@@ -210,6 +221,14 @@ class SimplifiedNonLocal(nn.Module):
         self._check(x)
         w = _attention_weights(self.conv_mask(x).flatten(1)).unsqueeze(1)  # (B, 1, N)
         return _map_rows(w, queries)
+
+    def layout(self, size: Sequence[int]) -> AttentionLayout:
+        """Queries and keys of an input of spatial size ``size``: key j is position j, row major.
+
+        Raises:
+            ValueError: ``size`` does not have ``dims`` positive entries.
+        """
+        return _layout(self, size)
 
     def extra_repr(self) -> str:
         return f"{self.channels}, dims={self.dims}, impl={self.impl!r}"
@@ -393,6 +412,14 @@ class GlobalContext(nn.Module):
         else:
             w = _attention_weights(self.conv_mask(x).flatten(1)).unsqueeze(1)  # (B, 1, N)
         return _map_rows(w, queries)
+
+    def layout(self, size: Sequence[int]) -> AttentionLayout:
+        """Queries and keys of an input of spatial size ``size``: key j is position j, row major.
+
+        Raises:
+            ValueError: ``size`` does not have ``dims`` positive entries.
+        """
+        return _layout(self, size)
 
     def extra_repr(self) -> str:
         return (

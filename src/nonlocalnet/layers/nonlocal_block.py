@@ -11,6 +11,9 @@ Sub-sampling (``sub_sample=True``) max-pools the key/value side only (φ and g; 
 queries) with a window and stride of 2 (1d), 2×2 (2d) or 1×2×2 (3d, never in time). Odd sizes
 round *up*: the last window is partial (``ceil_mode``), so every position feeds some key, a
 size-1 dimension stays 1, and M = ⌈H/2⌉·⌈W/2⌉ (times T in 3d).
+
+:meth:`NonLocalNd.layout` describes the folding of queries (by the extent) and the cell of input
+positions behind each key; the block lays its own tokens out through it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import Tensor, nn
 from nonlocalnet._checks import check_choice, check_feature_map, query_index
 from nonlocalnet.functional import IMPLS, PAIRWISE, aggregate, default_scale, pairwise_weights
 from nonlocalnet.layers._dims import BATCH_NORM, CONV, MAX_POOL, check_dims, check_positive_int
+from nonlocalnet.layers.layout import AttentionLayout
 
 __all__ = ["EXTENTS", "NonLocal1d", "NonLocal2d", "NonLocal3d", "NonLocalNd"]
 
@@ -31,6 +35,8 @@ SUB_SAMPLE_POSITIONS = ("after", "before")
 
 #: max-pooling window (= stride) of the key/value side, per dims: never in time.
 POOL_WINDOW = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}
+#: axes of (T, H, W) each extent folds into the batch: frames for "space", pixels for "time".
+FOLD_DIMS = {"spacetime": (), "space": (0,), "time": (1, 2)}
 
 
 class NonLocalNd(nn.Module):
@@ -155,35 +161,28 @@ class NonLocalNd(nn.Module):
 
     # -- layout -------------------------------------------------------------------------------
 
+    def layout(self, size: Sequence[int]) -> AttentionLayout:
+        """How an input of spatial size ``size`` is laid out as queries and keys.
+
+        The extent folds frames (``"space"``) or pixels (``"time"``) into the batch, and
+        sub-sampling makes each key the max-pooling window it reads. :meth:`embed` folds its maps
+        through this layout, so ``attention_map(x)[fold, index]`` is the row of the query that
+        ``layout(x.shape[2:]).locate`` places there.
+
+        Raises:
+            ValueError: ``size`` does not have ``dims`` positive entries.
+        """
+        size = tuple(size)
+        if len(size) != self.dims:
+            raise ValueError(
+                f"{type(self).__name__}.layout: size must have {self.dims} dims, got {size}"
+            )
+        window = POOL_WINDOW[self.dims] if self.sub_sample else None
+        return AttentionLayout.pairwise(size, window=window, fold_dims=FOLD_DIMS[self.extent])
+
     def _pool(self, t: Tensor) -> Tensor:
         window = POOL_WINDOW[self.dims]
         return MAX_POOL[self.dims](t, window, window, ceil_mode=True)
-
-    def _to_tokens(self, t: Tensor, size: Sequence[int] | None = None) -> Tensor:
-        """(B, C, *S) -> (B', N, C), B' and N as the extent folds them.
-
-        ``size`` is the query map's spatial size; for ``extent="time"`` a spatially pooled key
-        map is first expanded back to it (each pixel's keys are its pooled cell over time).
-        """
-        if self.extent == "spacetime":
-            return t.flatten(2).transpose(1, 2)  # (B, N, C)
-        if self.extent == "time" and size is not None and tuple(t.shape[3:]) != tuple(size[1:]):
-            h, w = size[1], size[2]
-            t = t.repeat_interleave(2, dim=3)[:, :, :, :h].repeat_interleave(2, dim=4)[..., :w]
-        b, c, T, h, w = t.shape
-        if self.extent == "space":
-            return t.permute(0, 2, 3, 4, 1).reshape(b * T, h * w, c)  # (B·T, H·W, C)
-        return t.permute(0, 3, 4, 2, 1).reshape(b * h * w, T, c)  # (B·H·W, T, C)
-
-    def _from_tokens(self, y: Tensor, batch: int, size: Sequence[int]) -> Tensor:
-        """(B', N, C') -> (B, C', *S), undoing :meth:`_to_tokens`."""
-        c = y.shape[-1]
-        if self.extent == "spacetime":
-            return y.transpose(1, 2).reshape(batch, c, *size)  # (B, C', *S)
-        T, h, w = size
-        if self.extent == "space":
-            return y.reshape(batch, T, h, w, c).permute(0, 4, 1, 2, 3)  # (B, C', T, H, W)
-        return y.reshape(batch, h, w, T, c).permute(0, 4, 3, 1, 2)  # (B, C', T, H, W)
 
     def _check(self, x: Tensor) -> None:
         check_feature_map(
@@ -198,34 +197,35 @@ class NonLocalNd(nn.Module):
 
         Returns:
             ``(query, key, value)``: ``(B', N, d)``, ``(B', M, d)``, ``(B', M, C')`` where d is C
-            (gaussian), C' (embedded_gaussian, dot_product) or 1 (concatenation: a_i and b_j).
+            (gaussian), C' (embedded_gaussian, dot_product) or 1 (concatenation: a_i and b_j),
+            folded as :meth:`layout` says.
         """
         self._check(x)
-        size = x.shape[2:]
+        lay = self.layout(x.shape[2:])
         sub = self.sub_sample
         xk = self._pool(x) if sub and self.sub_sample_position == "before" else x
         value = self.g(xk)
         if sub and self.sub_sample_position == "after":
             value = self._pool(value)
-        v = self._to_tokens(value, size)  # (B', M, C')
+        v = lay.fold_keys(value)  # (B', M, C')
         if self.pairwise == "concatenation" and self.impl == "fast":
-            return (*self._concat_terms(x, xk, size), v)
+            return (*self._concat_terms(x, xk, lay), v)
         if self.pairwise == "gaussian":
             query, key = x, (self._pool(x) if sub else x)
         else:
             query, key = self.theta(x), self.phi(xk)
             if sub and self.sub_sample_position == "after":
                 key = self._pool(key)
-        q = self._to_tokens(query)  # (B', N, d)
+        q = lay.fold(query)  # (B', N, d)
         # gaussian without sub-sampling: keys are the queries; one tensor, laid out once
-        k = q if key is query else self._to_tokens(key, size)  # (B', M, d)
+        k = q if key is query else lay.fold_keys(key)  # (B', M, d)
         if self.pairwise == "concatenation":
             w = self.concat_project.weight.reshape(2 * self.inner_channels, 1)  # (2C', 1)
             q = q @ w[: self.inner_channels]  # (B', N, 1): a_i = w_θᵀ θ(x_i)
             k = k @ w[self.inner_channels :]  # (B', M, 1): b_j = w_φᵀ φ(x_j)
         return q, k, v
 
-    def _concat_terms(self, x: Tensor, xk: Tensor, size: Sequence[int]) -> tuple[Tensor, Tensor]:
+    def _concat_terms(self, x: Tensor, xk: Tensor, lay: AttentionLayout) -> tuple[Tensor, Tensor]:
         """a_i and b_j of the concatenation form without the C'-wide θ/φ maps (fast path).
 
         a_i = w_θᵀ(W_θ x_i + b_θ) = (W_θᵀ w_θ)ᵀ x_i + w_θᵀ b_θ: a C-wide product per position
@@ -235,24 +235,24 @@ class NonLocalNd(nn.Module):
         c, c_in = self.inner_channels, self.channels
         w = self.concat_project.weight.reshape(2, c)  # (2, C'): rows w_θ, w_φ
 
-        def folded(t: Tensor, conv: nn.Module, w_f: Tensor, tokens_size) -> Tensor:
+        def project(tokens: Tensor, conv: nn.Module, w_f: Tensor) -> Tensor:
             weight = w_f @ conv.weight.reshape(c, c_in)  # (C,)
             bias = w_f @ conv.bias if conv.bias is not None else 0.0
-            return self._to_tokens(t, tokens_size) @ weight.unsqueeze(-1) + bias  # (B', ·, 1)
+            return tokens @ weight.unsqueeze(-1) + bias  # (B', ·, 1)
 
-        a = folded(x, self.theta, w[0], None)  # (B', N, 1)
+        a = project(lay.fold(x), self.theta, w[0])  # (B', N, 1)
         if self.sub_sample and self.sub_sample_position == "after":
-            phi = self._to_tokens(self._pool(self.phi(x)), size)  # (B', M, C')
+            phi = lay.fold_keys(self._pool(self.phi(x)))  # (B', M, C')
             b = phi @ w[1].unsqueeze(-1)  # (B', M, 1)
         else:
-            b = folded(xk, self.phi, w[1], size)  # (B', M, 1)
+            b = project(lay.fold_keys(xk), self.phi, w[1])  # (B', M, 1)
         return a, b
 
     def nonlocal_op(self, x: Tensor) -> Tensor:
         """y = 1/C(x) Σ_j f(x_i, x_j) g(x_j), before W_z: ``(B, C', *S)``."""
         q, k, v = self.embed(x)
         y = aggregate(self.pairwise, q, k, v, scale=self.scale, impl=self.impl)  # (B', N, C')
-        return self._from_tokens(y, x.shape[0], x.shape[2:])
+        return self.layout(x.shape[2:]).unfold(y, x.shape[0])
 
     def residual(self, x: Tensor) -> Tensor:
         """The residual branch BN(W_z y), before adding x."""
@@ -277,14 +277,15 @@ class NonLocalNd(nn.Module):
 
         Args:
             x: ``(B, C, *S)`` input.
-            queries: flattened query positions (indices into N, the positions of one fold, row
-                major over the folded dims); all N when omitted.
+            queries: query indices in [0, N) within a fold (``layout(x.shape[2:]).locate``
+                gives the fold and index of a position); all N when omitted.
             chunk_size: queries per chunk.
 
         Returns:
             ``(B', len(queries), M)``. B' = B for spacetime (N = T·H·W or H·W or L), B·T for
-            ``extent="space"`` (N = H·W per frame), B·H·W for ``extent="time"`` (N = T).
-            Rows sum to 1 for the softmax forms.
+            ``extent="space"`` (N = H·W per frame), B·H·W for ``extent="time"`` (N = T); key j
+            stands for the positions ``layout(x.shape[2:]).key_cells(fold)`` lists. Rows sum to 1
+            for the softmax forms.
         """
         q, k, _ = self.embed(x)
         n = q.shape[1]

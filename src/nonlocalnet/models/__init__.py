@@ -24,7 +24,13 @@ from nonlocalnet.models.video_resnet import (
     inflate_state_dict,
     load_2d_checkpoint,
 )
-from nonlocalnet.models.zoo import ModelInfo, create_model, list_models, model_info
+from nonlocalnet.models.zoo import (
+    ModelInfo,
+    create_model,
+    list_models,
+    model_info,
+    register_model,
+)
 
 __all__ = [
     "ModelInfo",
@@ -47,5 +53,6 @@ __all__ = [
     "model_info",
     "nl_preset",
     "place_blocks",
+    "register_model",
     "without_blocks",
 ]

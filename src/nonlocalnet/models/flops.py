@@ -1,23 +1,23 @@
-"""``nonlocalnet flops``: parameters and multiply-adds of registered models.
+"""Parameters and multiply-adds of networks and blocks.
 
-Counting uses :class:`torch.utils.flop_counter.FlopCounterMode` on the meta device (no memory,
-no compute: the full 32×224×224 R101 is counted in about a second). Multiply-adds (MACs) are
-FLOPs / 2, the papers' unit. Only matrix products and convolutions are counted (BN, ReLU,
-pooling and softmax are not), as in the papers' tables.
+Counting uses :class:`torch.utils.flop_counter.FlopCounterMode`, best on the meta device (no
+memory, no compute: the full 32×224×224 R101 is counted in about a second). Multiply-adds
+(MACs) are FLOPs / 2, the papers' unit. Only matrix products and convolutions are counted (BN,
+ReLU, pooling and softmax are not), as in the papers' tables.
 
 Fused attention: on CPU ``scaled_dot_product_attention`` may dispatch to
 ``aten._scaled_dot_product_flash_attention_for_cpu``, for which torch registers no formula; this
 module registers one (the same as for the CUDA flash kernel: Q·Kᵀ and P·V), forward and
-backward, so attention inside NL/APNB blocks is always counted.
+backward, so attention inside NL/APNB blocks is always counted by :func:`count_macs` and
+:func:`count_flops`.
+
+The ``nonlocalnet flops`` command (:mod:`nonlocalnet.cli.flops`) prints these counts.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
-import json
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,9 +25,9 @@ from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-HELP = "parameters and multiply-adds of a registered model (total, per stage, per block)"
+from nonlocalnet.models.placement import inserted_blocks
 
-__all__ = ["FlopReport", "count_flops", "parse_input_size"]
+__all__ = ["FlopReport", "count_flops", "count_macs"]
 
 
 def _register_fused_attention_formulas() -> None:
@@ -50,6 +50,27 @@ def _register_fused_attention_formulas() -> None:
 
 
 _register_fused_attention_formulas()
+
+
+def count_macs(fn: Callable[..., Any], *inputs: Any) -> int:
+    """Multiply-adds of calling ``fn(*inputs)``.
+
+    Everything the call runs is counted: a forward pass, or a whole training step when ``fn``
+    also calls ``backward()``. The call runs as is (the caller chooses train/eval mode, gradients
+    and device; meta tensors count without computing).
+
+    Args:
+        fn: a module or any callable.
+        *inputs: its positional arguments.
+
+    Returns:
+        Matrix-product and convolution multiply-adds (FLOPs / 2), fused attention included.
+    """
+    if not callable(fn):
+        raise TypeError(f"count_macs: fn must be a module or a callable, got {type(fn).__name__}")
+    with FlopCounterMode(display=False) as counter:
+        fn(*inputs)
+    return counter.get_total_flops() // 2
 
 
 @dataclass
@@ -117,10 +138,9 @@ def count_flops(
         device: where the input is created.
 
     Returns:
-        The report (eval mode forward, no gradients).
+        The report of one forward pass in eval mode without gradients, per stage and per
+        inserted block.
     """
-    from nonlocalnet.models.placement import inserted_blocks
-
     was_training = model.training
     model.eval()
     x = torch.zeros(tuple(input_size), device=device)
@@ -149,107 +169,3 @@ def count_flops(
         stages=stages,
         blocks=blocks,
     )
-
-
-def parse_input_size(text: str) -> tuple[int, ...]:
-    """``"3x32x224x224"`` → ``(3, 32, 224, 224)``."""
-    try:
-        size = tuple(int(s) for s in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--input must look like 3x32x224x224, got {text!r}") from None
-    if not size or any(s < 1 for s in size):
-        raise ValueError(f"--input sizes must be positive, got {text!r}")
-    return size
-
-
-def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``nonlocalnet flops``."""
-    parser.add_argument("models", nargs="+", metavar="MODEL", help="registered model name(s)")
-    parser.add_argument(
-        "--input",
-        default=None,
-        help="input size without batch, e.g. 3x32x224x224 (default: the model's default_input)",
-    )
-    parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="model override, e.g. --set num_classes=400 --set pairwise=dot_product",
-    )
-    parser.add_argument(
-        "--relative-to",
-        default=None,
-        metavar="MODEL",
-        help="also print params and multiply-adds relative to this model (same input)",
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON line per model")
-
-
-def _fmt(n: int, unit: float, digits: int = 2) -> str:
-    return f"{n / unit:,.{digits}f}"
-
-
-def _print_report(r: FlopReport) -> None:
-    size = "x".join(map(str, r.input_size))
-    print(
-        f"{r.model} on {size}: {r.params:,} params ({r.params / 1e6:.2f}M), "
-        f"{r.macs / 1e9:.2f} G multiply-adds"
-    )
-    print(f"  {'part':<18} {'params (M)':>12} {'MACs (G)':>12} {'% MACs':>8}")
-    for part, (p, m) in r.stages.items():
-        print(
-            f"  {part:<18} {_fmt(p, 1e6):>12} {_fmt(m, 1e9, 3):>12} {100 * m / max(r.macs, 1):>7.1f}%"
-        )
-    for block, (p, m) in r.blocks.items():
-        print(
-            f"  {block:<18} {_fmt(p, 1e6):>12} {_fmt(m, 1e9, 3):>12} {100 * m / max(r.macs, 1):>7.1f}%"
-        )
-
-
-def run(args: argparse.Namespace) -> int:
-    """Count and print."""
-    from nonlocalnet.models.zoo import create_model
-
-    if args.batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {args.batch}")
-    overrides = _parse_overrides(args.set)
-    names = list(args.models)
-    if args.relative_to and args.relative_to not in names:
-        names.insert(0, args.relative_to)
-    reports = {}
-    for name in names:
-        with torch.device("meta"):
-            model = create_model(name, **overrides)
-        size = parse_input_size(args.input) if args.input else tuple(model.default_input)
-        reports[name] = count_flops(model, (args.batch, *size), name=name)
-    for r in reports.values():
-        if args.json:
-            print(json.dumps(asdict(r)))
-        else:
-            _print_report(r)
-            print()
-    if args.relative_to and not args.json:
-        base = reports[args.relative_to]
-        print(f"relative to {base.model} ({'x'.join(map(str, base.input_size))}):")
-        print(f"  {'model':<22} {'params (M)':>11} {'GMACs':>9} {'params x':>9} {'MACs x':>8}")
-        for name, r in reports.items():
-            print(
-                f"  {name:<22} {r.params / 1e6:>11.2f} {r.macs / 1e9:>9.1f} "
-                f"{r.params / base.params:>9.2f} {r.macs / base.macs:>8.2f}"
-            )
-    return 0

@@ -204,7 +204,7 @@ NL_PRESETS: dict[str, dict[int, list[list[int]]]] = {
     # every other block of res3 and res4 (official R101: res3 1,3 and res4 6,13,20).
     "5block": {50: [[], [1, 3], [1, 3, 5], []], 101: [[], [1, 3], [6, 13, 20], []]},
     # R50: every block of res3 and res4 (the paper). R101 (no paper setting): 10 blocks too,
-    # all of res3 and every 4th block of res4 (our choice, documented in the zoo).
+    # all of res3 and every 4th block of res4 (this library's choice, described in the zoo).
     "10block": {
         50: [[], [0, 1, 2, 3], [0, 1, 2, 3, 4, 5], []],
         101: [[], [0, 1, 2, 3], [0, 4, 8, 12, 16, 20], []],

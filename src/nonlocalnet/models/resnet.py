@@ -532,13 +532,25 @@ class ResNet(nn.Module):
             x = checkpoint(blk, x, use_reentrant=False)
         return x
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """The stem and the four stages: ``(B, num_features, *S')``."""
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        """The stem, then the outputs of the four stages (res2..res5, ``layer1``..``layer4``).
+
+        The output of res2 is taken before ``pool2`` (the temporal pooling of video ResNets),
+        which then feeds res3.
+
+        Returns:
+            ``[c2, c3, c4, c5]``, each ``(B, C_k, *S_k)``.
+        """
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.pool2(self._run_stage(self.layer1, x))
-        x = self._run_stage(self.layer2, x)
-        x = self._run_stage(self.layer3, x)
-        return self._run_stage(self.layer4, x)
+        c2 = self._run_stage(self.layer1, x)
+        c3 = self._run_stage(self.layer2, self.pool2(c2))
+        c4 = self._run_stage(self.layer3, c3)
+        c5 = self._run_stage(self.layer4, c4)
+        return [c2, c3, c4, c5]
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The stem and the four stages: ``(B, num_features, *S')``, the output of res5."""
+        return self.forward_stages(x)[-1]
 
     def forward_head(self, x: Tensor) -> Tensor:
         """Global average pooling, dropout and ``fc``: ``(B, num_classes)``."""

@@ -177,10 +177,7 @@ class SegmentationModel(nn.Module):
         """``{"out": (B, K, H, W)}``, plus ``"aux"`` in training mode when there is an aux head."""
         check_feature_map(x, spatial_dims=2, channels=None, owner=type(self).__name__)
         size = x.shape[-2:]
-        b = self.backbone
-        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
-        c4 = b.layer3(b.layer2(b.layer1(x)))
-        c5 = b.layer4(c4)
+        _, _, c4, c5 = self.backbone.forward_stages(x)
         out = self.head(c4, c5) if isinstance(self.head, ANNHead) else self.head(c5)
         result = {"out": F.interpolate(out, size=size, mode="bilinear", align_corners=False)}
         if self.training and self.aux_head is not None:

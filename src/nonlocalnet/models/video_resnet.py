@@ -2,8 +2,8 @@
 
 C2D is a 2D ResNet applied to video: every kernel is 1×k×k and time is reduced by pooling
 only. I3D inflates kernels in time. Both come from :func:`create_video_resnet` with different
-arguments (pytorchvideo style). Defaults follow the issue's reading of the paper's Table 1 for a
-32-frame clip: ``conv1`` with temporal stride 2 (32 → 16), ``pool1`` with temporal stride 2
+arguments (pytorchvideo style). Defaults follow the paper's Table 1 and the official code for
+a 32-frame clip: ``conv1`` with temporal stride 2 (32 → 16), ``pool1`` with temporal stride 2
 (16 → 8 at res2), ``pool2`` (2×1×1 max) after res2 (8 → 4 from res3 on), global average
 pooling, dropout 0.5, FC. Input ``(B, 3, 32, 224, 224)`` → res5 features ``(B, 2048, 4, 7, 7)``.
 

@@ -1,55 +1,130 @@
 """Model zoo: the networks of the three papers by name, ``create_model(name, **overrides)``.
 
-Every entry is a builder (:func:`~nonlocalnet.models.builders.create_resnet`,
+Every model is a function of this module, registered with :func:`register_model` (timm style:
+``zoo.nl_c2d_r50(num_classes=10)`` is ``create_model("nl_c2d_r50", num_classes=10)``). Its
+registration names the builder (:func:`~nonlocalnet.models.builders.create_resnet`,
 :func:`~nonlocalnet.models.video_resnet.create_video_resnet`,
-:func:`~nonlocalnet.models.segmentation.create_segmentation_model`) with fixed arguments. An
-override is any keyword of that builder, or a shortcut for the inserted blocks: ``pairwise``,
-``extent``, ``sub_sample``, ... for NL models (keyword arguments of the NL block) and ``ratio``,
-``pooling``, ``fusion`` for GC models. Anything else raises ``TypeError`` naming the valid ones.
+:func:`~nonlocalnet.models.segmentation.create_segmentation_model`) and the builder arguments;
+its docstring gives the description, the paper and the published result.
+
+An override is any keyword of the builder, or one of the model's declared shortcuts for its
+inserted blocks: :data:`NL_OPTIONS` (``pairwise``, ``sub_sample``, ...; plus ``extent`` on video,
+:data:`NL_VIDEO_OPTIONS`) are keywords of the NL blocks, :data:`GC_OPTIONS` (``ratio``,
+``pooling``, ...) of the GC blocks. Anything else raises ``TypeError`` naming the valid ones.
 
 Weights are not downloaded: every model starts from its builder's initialisation (inserted
 blocks zero-initialised, so they start as the identity). Load a 2D ImageNet checkpoint with
 ``model.load_state_dict(..., strict=False)`` (2D) or
 :func:`~nonlocalnet.models.video_resnet.load_2d_checkpoint` (video).
+
+Models of one's own are registered the same way, from any module::
+
+    @register_model(task="video")
+    def my_net(*, num_classes: int = 400) -> nn.Module: ...
+
+    create_model("my_net", num_classes=10)
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
 import fnmatch
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
 
+from nonlocalnet._checks import check_choice
 from nonlocalnet.models.builders import create_resnet
 from nonlocalnet.models.placement import gc_placement, nl_preset
 from nonlocalnet.models.resnet import DEPTHS
 from nonlocalnet.models.segmentation import create_segmentation_model
 from nonlocalnet.models.video_resnet import create_video_resnet
 
-__all__ = ["ModelInfo", "create_model", "list_models", "model_info"]
+__all__ = [
+    "GC_OPTIONS",
+    "NL_OPTIONS",
+    "NL_VIDEO_OPTIONS",
+    "TASKS",
+    "ModelInfo",
+    "create_model",
+    "list_models",
+    "model_info",
+    "register_model",
+]
 
-#: overrides forwarded to the NL blocks (``nonlocal_kwargs``) of models that have them.
-NL_SHORTCUTS = (
+TASKS = ("image", "video", "segmentation")
+
+#: shortcuts forwarded to the NL blocks of 2D models (keywords of ``NonLocalNd``).
+NL_OPTIONS = (
     "pairwise",
-    "extent",
     "sub_sample",
     "sub_sample_position",
     "use_scale",
     "inner_channels",
     "impl",
 )
-#: overrides forwarded to the GC blocks (``gc_kwargs``).
-GC_SHORTCUTS = ("ratio", "pooling", "fusion", "layer_norm")
+#: shortcuts forwarded to the NL blocks of video models: also the extent (spacetime/space/time).
+NL_VIDEO_OPTIONS = (*NL_OPTIONS, "extent")
+#: shortcuts forwarded to the GC blocks (keywords of ``GlobalContext``).
+GC_OPTIONS = ("ratio", "pooling", "fusion", "layer_norm")
 
-NL_PAPER = "Wang et al., Non-local Neural Networks, CVPR 2018"
-GC_PAPER = (
-    "Cao et al., GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond, ICCVW 2019"
-)
-ANN_PAPER = "Zhu et al., Asymmetric Non-local Neural Networks for Semantic Segmentation, ICCV 2019"
-RESNET_PAPER = "He et al., Deep Residual Learning for Image Recognition, CVPR 2016"
+#: the papers the models come from, as cited in their docstrings.
+PAPERS = {
+    "resnet": "He et al., Deep Residual Learning for Image Recognition, CVPR 2016",
+    "nl": "Wang et al., Non-local Neural Networks, CVPR 2018",
+    "gc": "Cao et al., GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond, "
+    "ICCVW 2019",
+    "ann": "Zhu et al., Asymmetric Non-local Neural Networks for Semantic Segmentation, ICCV 2019",
+}
+
+#: NL options of the video models: sub-sampled (1x2x2 max pooling of the key/value side),
+#: pooling x before the φ/g convolutions as the official code does. This is what the paper's
+#: cost figures (Table 2e: NL C2D 5-block 1.2x FLOPs of C2D R101) correspond to; pooling after
+#: φ/g (the paper's text, ``sub_sample_position="after"``) costs 1.32x at 32x224x224.
+OFFICIAL_NL = {"sub_sample": True, "sub_sample_position": "before"}
+
+#: tiny 2D networks (tests and demos): basic blocks, one per stage, widths 8-64.
+_TINY_2D = {
+    "block": "basic",
+    "layers": (1, 1, 1, 1),
+    "widths": (8, 16, 32, 64),
+    "stem_channels": 8,
+    "default_input": (3, 64, 64),
+}
+#: tiny video networks: the same widths, a 1x5x5 stem without temporal stride, 8x32x32 clips.
+_TINY_VIDEO = {
+    "block": "basic",
+    "layers": (1, 1, 1, 1),
+    "widths": (8, 16, 32, 64),
+    "stem_channels": 8,
+    "num_classes": 10,
+    "conv1_kernel": (1, 5, 5),
+    "conv1_stride": (1, 2, 2),
+    "pool1_kernel": (1, 3, 3),
+    "pool1_stride": (1, 2, 2),
+    "pool2_temporal": 2,
+    "dropout": 0.0,
+    "default_input": (3, 8, 32, 32),
+}
+
+_Fn = TypeVar("_Fn", bound=Callable[..., nn.Module])
+
+
+def _keywords(fn: Callable[..., Any]) -> tuple[list[str], bool, dict[str, Any]]:
+    """(keyword parameter names, whether it takes ``**kwargs``, their defaults) of ``fn``."""
+    names, open_, defaults = [], False, {}
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            open_ = True
+        elif p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            names.append(p.name)
+            if p.default is not inspect.Parameter.empty:
+                defaults[p.name] = p.default
+    return names, open_, defaults
 
 
 @dataclass(frozen=True)
@@ -59,50 +134,76 @@ class ModelInfo:
     Attributes:
         name: registry name.
         task: ``"image"``, ``"video"`` or ``"segmentation"``.
-        builder: the builder function.
+        builder: the function that builds the model (the registered function itself, unless
+            a builder was given at registration).
         defaults: the builder arguments of this entry.
-        shortcuts: override names forwarded to the inserted blocks.
-        doc: description, paper and published result.
+        shortcuts: override names forwarded to the inserted blocks (into ``block_key``).
+        doc: the registered function's docstring (description, paper, published result).
+        block_key: the builder argument holding the inserted blocks' keywords
+            (``nonlocal_kwargs``, ``gc_kwargs``, ``head_kwargs``), or None.
+        fn: the registered function.
     """
 
     name: str
     task: str
     builder: Callable[..., nn.Module]
-    defaults: dict[str, Any]
+    defaults: Mapping[str, Any]
     shortcuts: tuple[str, ...] = ()
     doc: str = ""
     block_key: str | None = field(default=None, repr=False)
+    fn: Callable[..., nn.Module] | None = field(default=None, repr=False)
+
+    @property
+    def summary(self) -> str:
+        """The first paragraph of :attr:`doc`, on one line."""
+        return " ".join(self.doc.split("\n\n")[0].split())
 
     def valid_overrides(self) -> list[str]:
-        """Names ``create_model`` accepts for this model."""
-        params = [
-            p
-            for p, v in inspect.signature(self.builder).parameters.items()
-            if v.kind is inspect.Parameter.KEYWORD_ONLY
-        ]
-        return sorted(set(params) | set(self.shortcuts))
+        """Names ``create_model`` accepts for this model (all names, when the builder takes
+        ``**kwargs``: then the builder itself decides)."""
+        return sorted(set(_keywords(self.builder)[0]) | set(self.shortcuts))
+
+    def default_input(self) -> tuple[int, ...] | None:
+        """Input size without the batch the model is built for (``model.default_input``), read
+        from the registered defaults or the builder's own default; None when neither has one."""
+        if "default_input" in self.defaults:
+            return tuple(self.defaults["default_input"])
+        value = _keywords(self.builder)[2].get("default_input")
+        return None if value is None else tuple(value)
 
     def build(self, **overrides: Any) -> nn.Module:
         """Build the model with ``overrides`` (see :func:`create_model`)."""
-        valid = set(self.valid_overrides())
-        unknown = sorted(set(overrides) - valid)
-        if unknown:
-            raise TypeError(
-                f"{self.name}: unknown override(s) {', '.join(map(repr, unknown))}; valid "
-                f"overrides are {', '.join(sorted(valid))}"
-            )
-        kwargs = dict(self.defaults)
-        block_kw = dict(kwargs.get(self.block_key) or {}) if self.block_key else {}
+        names, open_, _ = _keywords(self.builder)
+        if not open_:
+            valid = set(names) | set(self.shortcuts)
+            unknown = sorted(set(overrides) - valid)
+            if unknown:
+                raise TypeError(
+                    f"{self.name}: unknown override(s) {', '.join(map(repr, unknown))}; valid "
+                    f"overrides are {', '.join(sorted(valid))}"
+                )
+        kwargs = copy.deepcopy(dict(self.defaults))
+        if self.block_key:
+            block_kw = dict(kwargs.get(self.block_key) or {})
         for k, v in overrides.items():
             if k in self.shortcuts:
                 block_kw[k] = v
             elif k == self.block_key:
+                if v is not None and not isinstance(v, Mapping):
+                    raise TypeError(
+                        f"{self.name}: {k} must be a mapping of block keywords, got "
+                        f"{type(v).__name__}"
+                    )
                 block_kw.update(v or {})
             else:
                 kwargs[k] = v
         if self.block_key:
             kwargs[self.block_key] = block_kw
         model = self.builder(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"{self.name}: the builder must return an nn.Module, got {type(model).__name__}"
+            )
         model.model_name = self.name
         return model
 
@@ -110,35 +211,71 @@ class ModelInfo:
 _REGISTRY: dict[str, ModelInfo] = {}
 
 
-def _register(
-    name: str,
-    task: str,
-    builder: Callable[..., nn.Module],
-    doc: str,
+def register_model(
     *,
+    task: str,
+    name: str | None = None,
+    builder: Callable[..., nn.Module] | None = None,
+    defaults: Mapping[str, Any] | None = None,
     block_key: str | None = None,
-    **defaults: Any,
-) -> None:
-    shortcuts: tuple[str, ...] = ()
-    if block_key in ("nonlocal_kwargs", "head_kwargs") and "gc" not in name:
-        shortcuts = (
-            NL_SHORTCUTS if task == "video" else tuple(s for s in NL_SHORTCUTS if s != "extent")
-        )
-    elif block_key in ("gc_kwargs", "head_kwargs"):
-        shortcuts = GC_SHORTCUTS
-    if name in _REGISTRY:
-        raise ValueError(f"model {name!r} registered twice")
-    info = ModelInfo(name, task, builder, defaults, shortcuts, " ".join(doc.split()), block_key)
-    _REGISTRY[name] = info
+    shortcuts: Sequence[str] = (),
+) -> Callable[[_Fn], _Fn]:
+    """Register a model function under a name (a decorator; the function is returned as is).
 
-    # a module-level function per model, timm style: ``zoo.nl_c2d_r50(num_classes=10)``
-    def entry(**overrides: Any) -> nn.Module:
-        return info.build(**overrides)
+    Without ``builder``, ``create_model(name, **overrides)`` calls the function itself with the
+    overrides (``defaults`` first). With ``builder``, it calls ``builder(**defaults,
+    **overrides)`` and the function is the model's named entry point (its body is
+    ``return create_model(name, **overrides)``), as for the models of this module.
 
-    entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = f"{info.doc}\n\nKeyword overrides: {', '.join(info.valid_overrides())}."
-    entry.__module__ = __name__
-    globals()[name] = entry
+    Args:
+        task: ``"image"``, ``"video"`` or ``"segmentation"``.
+        name: registry name (default: the function's name).
+        builder: the function that builds the model, when it is not the registered one.
+        defaults: builder arguments of this entry.
+        block_key: the builder argument that takes the inserted blocks' keywords
+            (``nonlocal_kwargs``, ``gc_kwargs``, ``head_kwargs``); needed with ``shortcuts``.
+        shortcuts: override names forwarded into ``block_key`` (e.g. :data:`NL_VIDEO_OPTIONS`).
+
+    Returns:
+        The decorator.
+
+    Raises:
+        ValueError: a name already registered, an unknown task, or defaults/shortcuts that do
+            not fit the builder.
+    """
+    check_choice("task", task, TASKS)
+    shortcuts = tuple(shortcuts)
+    defaults = dict(defaults or {})
+
+    def decorator(fn: _Fn) -> _Fn:
+        if not callable(fn):
+            raise TypeError(f"register_model: expected a function, got {type(fn).__name__}")
+        key = getattr(fn, "__name__", None) if name is None else name
+        if not isinstance(key, str) or not key or any(c.isspace() for c in key):
+            raise ValueError(f"register_model: name must be a non-empty word, got {key!r}")
+        if key in _REGISTRY:
+            other = _REGISTRY[key].fn
+            where = f" by {other.__module__}.{other.__qualname__}" if other is not None else ""
+            raise ValueError(f"model {key!r} is already registered{where}")
+        target = fn if builder is None else builder
+        what = getattr(target, "__name__", repr(target))
+        names, open_, _ = _keywords(target)
+        if not open_:
+            unknown = sorted(set(defaults) - set(names))
+            if unknown:
+                raise ValueError(f"{key}: defaults {unknown} are not arguments of {what}")
+            if block_key is not None and block_key not in names:
+                raise ValueError(f"{key}: block_key {block_key!r} is not an argument of {what}")
+        if shortcuts and block_key is None:
+            raise ValueError(f"{key}: shortcuts {list(shortcuts)} need a block_key to go into")
+        clash = sorted(set(shortcuts) & set(names))
+        if clash:
+            raise ValueError(f"{key}: shortcuts {clash} are also arguments of {what}")
+        doc = inspect.cleandoc(fn.__doc__) if fn.__doc__ else ""
+        _REGISTRY[key] = ModelInfo(key, task, target, defaults, shortcuts, doc, block_key, fn)
+        return fn
+
+    return decorator
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
@@ -161,9 +298,14 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 
 
 def model_info(name: str) -> ModelInfo:
-    """The registry entry of ``name``."""
+    """The registry entry of ``name``.
+
+    Raises:
+        ValueError: unknown name; the message lists the closest registered names, closest
+            first.
+    """
     if name not in _REGISTRY:
-        close = fnmatch.filter(_REGISTRY, f"*{name.split('_')[0]}*")[:10]
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=5, cutoff=0.6)
         raise ValueError(
             f"unknown model {name!r}"
             + (f"; similar: {', '.join(close)}" if close else "")
@@ -174,6 +316,8 @@ def model_info(name: str) -> ModelInfo:
 
 def list_models(pattern: str = "*", task: str | None = None) -> list[str]:
     """Registered model names matching a glob ``pattern`` (and ``task``), sorted."""
+    if task is not None:
+        check_choice("task", task, TASKS)
     return sorted(
         n
         for n, info in _REGISTRY.items()
@@ -183,242 +327,538 @@ def list_models(pattern: str = "*", task: str | None = None) -> list[str]:
 
 # -- 2D image networks ---------------------------------------------------------------------------
 
-for _d in (18, 34, 50, 101, 152):
-    _register(
-        f"resnet{_d}",
-        "image",
-        create_resnet,
-        f"""ResNet-{_d} for ImageNet ({RESNET_PAPER}), torchvision's state_dict keys and shapes.
-        Parameters at 1000 classes: {"25,557,032" if _d == 50 else "44,549,160" if _d == 101 else "as torchvision"}.""",
-        depth=_d,
-    )
 
-_register(
-    "resnet_tiny",
-    "image",
-    create_resnet,
-    """Tiny 2D ResNet for tests and demos only (basic blocks, one per stage, widths 8-64).""",
-    block="basic",
-    layers=(1, 1, 1, 1),
-    widths=(8, 16, 32, 64),
-    stem_channels=8,
-    num_classes=10,
-    default_input=(3, 64, 64),
-)
-_register(
-    "nl_resnet50",
-    "image",
-    create_resnet,
-    f"""ResNet-50 with one embedded-Gaussian NonLocal2d after res4 block 3 (layer3.2)
-    ({NL_PAPER}; the paper adds this block to Mask R-CNN's res4 for COCO).""",
+@register_model(task="image", builder=create_resnet, defaults={"depth": 18})
+def resnet18(**overrides: Any) -> nn.Module:
+    """ResNet-18 for ImageNet, torchvision's state_dict keys and shapes.
+
+    He et al., Deep Residual Learning for Image Recognition, CVPR 2016. 11,689,512 parameters
+    at 1000 classes.
+    """
+    return create_model("resnet18", **overrides)
+
+
+@register_model(task="image", builder=create_resnet, defaults={"depth": 34})
+def resnet34(**overrides: Any) -> nn.Module:
+    """ResNet-34 for ImageNet, torchvision's state_dict keys and shapes.
+
+    He et al., Deep Residual Learning for Image Recognition, CVPR 2016. 21,797,672 parameters
+    at 1000 classes.
+    """
+    return create_model("resnet34", **overrides)
+
+
+@register_model(task="image", builder=create_resnet, defaults={"depth": 50})
+def resnet50(**overrides: Any) -> nn.Module:
+    """ResNet-50 for ImageNet, torchvision's state_dict keys and shapes.
+
+    He et al., Deep Residual Learning for Image Recognition, CVPR 2016. 25,557,032 parameters
+    at 1000 classes.
+    """
+    return create_model("resnet50", **overrides)
+
+
+@register_model(task="image", builder=create_resnet, defaults={"depth": 101})
+def resnet101(**overrides: Any) -> nn.Module:
+    """ResNet-101 for ImageNet, torchvision's state_dict keys and shapes.
+
+    He et al., Deep Residual Learning for Image Recognition, CVPR 2016. 44,549,160 parameters
+    at 1000 classes.
+    """
+    return create_model("resnet101", **overrides)
+
+
+@register_model(task="image", builder=create_resnet, defaults={"depth": 152})
+def resnet152(**overrides: Any) -> nn.Module:
+    """ResNet-152 for ImageNet, torchvision's state_dict keys and shapes.
+
+    He et al., Deep Residual Learning for Image Recognition, CVPR 2016. 60,192,808 parameters
+    at 1000 classes.
+    """
+    return create_model("resnet152", **overrides)
+
+
+@register_model(task="image", builder=create_resnet, defaults={**_TINY_2D, "num_classes": 10})
+def resnet_tiny(**overrides: Any) -> nn.Module:
+    """Tiny 2D ResNet for tests and demos only (basic blocks, one per stage, widths 8-64).
+
+    10 classes, 64x64 images.
+    """
+    return create_model("resnet_tiny", **overrides)
+
+
+@register_model(
+    task="image",
+    builder=create_resnet,
+    defaults={"depth": 50, "nonlocal_placement": nl_preset("1block", 50)},
     block_key="nonlocal_kwargs",
-    depth=50,
-    nonlocal_placement=nl_preset("1block", 50),
+    shortcuts=NL_OPTIONS,
 )
-for _name, _d, _r, _pub in (
-    (
-        "gc_resnet50",
-        50,
-        1 / 16,
-        "COCO Mask R-CNN R50-FPN 1x box/mask AP 39.4/35.7 (baseline 37.2/33.8)",
-    ),
-    ("gc_resnet50_r4", 50, 1 / 4, "COCO Mask R-CNN R50-FPN 1x box/mask AP 39.9/36.2"),
-    ("gc_resnet101", 101, 1 / 16, "no result for this backbone in SPEC"),
-):
-    _register(
-        _name,
-        "image",
-        create_resnet,
-        f"""ResNet-{_d} with a GlobalContext block (r = 1/{round(1 / _r)}, attention pooling, add
-        fusion) in every bottleneck of c3-c5, after bn3 and before the residual addition
-        ({GC_PAPER}). Published (as a detection backbone): {_pub}. GC r16 adds 2.52M parameters
-        to ResNet-50.""",
-        block_key="gc_kwargs",
-        depth=_d,
-        gc_placement=gc_placement(DEPTHS[_d][1]),
-        gc_kwargs={"ratio": _r},
-    )
+def nl_resnet50(**overrides: Any) -> nn.Module:
+    """ResNet-50 with one embedded-Gaussian NonLocal2d after the 3rd block of res4 (layer3.2).
+
+    Wang et al., Non-local Neural Networks, CVPR 2018. The paper's Mask R-CNN adds its block to
+    res4 right before the last residual block: ``nonlocal_placement=[[], [], [4], []]``.
+    """
+    return create_model("nl_resnet50", **overrides)
+
+
+@register_model(
+    task="image",
+    builder=create_resnet,
+    defaults={
+        "depth": 50,
+        "gc_placement": gc_placement(DEPTHS[50][1]),
+        "gc_kwargs": {"ratio": 1 / 16},
+    },
+    block_key="gc_kwargs",
+    shortcuts=GC_OPTIONS,
+)
+def gc_resnet50(**overrides: Any) -> nn.Module:
+    """ResNet-50 with a GlobalContext block (r = 1/16) in every bottleneck of c3-c5.
+
+    Cao et al., GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond, ICCVW
+    2019. Attention pooling, add fusion, after bn3 and before the residual addition; the
+    blocks add 2.52M parameters to ResNet-50.
+
+    Published (as a detection backbone): COCO Mask R-CNN R50-FPN 1x box/mask AP 39.4/35.7
+    (baseline 37.2/33.8).
+    """
+    return create_model("gc_resnet50", **overrides)
+
+
+@register_model(
+    task="image",
+    builder=create_resnet,
+    defaults={
+        "depth": 50,
+        "gc_placement": gc_placement(DEPTHS[50][1]),
+        "gc_kwargs": {"ratio": 1 / 4},
+    },
+    block_key="gc_kwargs",
+    shortcuts=GC_OPTIONS,
+)
+def gc_resnet50_r4(**overrides: Any) -> nn.Module:
+    """ResNet-50 with a GlobalContext block (r = 1/4) in every bottleneck of c3-c5.
+
+    Cao et al., GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond, ICCVW
+    2019. Attention pooling, add fusion, after bn3 and before the residual addition; the
+    blocks add 10.0M parameters to ResNet-50.
+
+    Published (as a detection backbone): COCO Mask R-CNN R50-FPN 1x box/mask AP 39.9/36.2
+    (baseline 37.2/33.8).
+    """
+    return create_model("gc_resnet50_r4", **overrides)
+
+
+@register_model(
+    task="image",
+    builder=create_resnet,
+    defaults={
+        "depth": 101,
+        "gc_placement": gc_placement(DEPTHS[101][1]),
+        "gc_kwargs": {"ratio": 1 / 16},
+    },
+    block_key="gc_kwargs",
+    shortcuts=GC_OPTIONS,
+)
+def gc_resnet101(**overrides: Any) -> nn.Module:
+    """ResNet-101 with a GlobalContext block (r = 1/16) in every bottleneck of c3-c5.
+
+    Cao et al., GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond, ICCVW
+    2019. Attention pooling, add fusion, after bn3 and before the residual addition; the
+    blocks add 4.79M parameters to ResNet-101.
+    """
+    return create_model("gc_resnet101", **overrides)
+
 
 # -- video networks ------------------------------------------------------------------------------
 
-#: NL options of the video models: sub-sampled (1x2x2 max pooling of the key/value side),
-#: pooling x before the φ/g convolutions as the official code does. This is what the paper's
-#: cost figures (Table 2e: NL C2D 5-block 1.2x FLOPs of C2D R101) correspond to; pooling after
-#: φ/g (the paper's text, ``sub_sample_position="after"``) costs 1.32x at 32x224x224.
-_OFFICIAL_NL = {"sub_sample": True, "sub_sample_position": "before"}
-_KINETICS = "Kinetics-400 val top-1/top-5 (R50, 32x2, paper Table 2)"
-for _d in (50, 101):
-    _pub = (lambda s: f"{_KINETICS}: {s}.") if _d == 50 else (lambda s: "")
-    _register(
-        f"c2d_r{_d}",
-        "video",
-        create_video_resnet,
-        f"""C2D ResNet-{_d} ({NL_PAPER}): 2D kernels (1xkxk), time reduced by pooling only,
-        400 classes, 32-frame input. {_pub("71.8/89.7")}""",
-        depth=_d,
-    )
-    _register(
-        f"i3d_r{_d}",
-        "video",
-        create_video_resnet,
-        f"""I3D ResNet-{_d} with 3x1x1 inflation in the official pattern (conv1 5x7x7; all res2,
-        res3 blocks 0,2, res4 even blocks, res5 block 1) ({NL_PAPER}). {_pub("73.3/90.7")}""",
-        depth=_d,
-        inflation="3x1x1",
-    )
-    _register(
-        f"i3d_r{_d}_3x3x3",
-        "video",
-        create_video_resnet,
-        f"""I3D ResNet-{_d} with 3x3x3 inflation of the 3x3 conv in the official pattern's blocks
-        ({NL_PAPER}, Table 2e cost comparison: 1.5x params, 1.8x FLOPs of C2D R101).""",
-        depth=_d,
-        inflation="3x3x3",
-    )
-    for _suffix, _preset, _res in (
-        (
-            "",
-            "5block",
-            "73.8/91.0; extent ablation (top-1, override extent=): space 72.9, time 73.1, "
-            "spacetime 73.8",
-        ),
-        (
-            "_1block",
-            "1block",
-            "72.7/90.5; pairwise ablation (top-1, override pairwise=): gaussian 72.5, "
-            "embedded_gaussian 72.7, dot_product 72.9, concatenation 72.8; stage ablation "
-            "(top-1): res2 72.7, res3 72.9, res4 72.7, res5 72.3",
-        ),
-        ("_10block", "10block", "74.3/91.2"),
-    ):
-        _where = {
-            "5block": "res3 blocks 1,3 and res4 blocks "
-            + ("1,3,5" if _d == 50 else "6,13,20 (official R101)"),
-            "1block": "the 3rd block of res4",
-            "10block": "every block of res3 and res4"
-            if _d == 50
-            else "all of res3 and res4 blocks 0,4,...,20 (our choice; the paper defines 10 blocks on R50)",
-        }[_preset]
-        _register(
-            f"nl_c2d_r{_d}{_suffix}",
-            "video",
-            create_video_resnet,
-            f"""NL C2D ResNet-{_d}, {_preset[:-5]} embedded-Gaussian NonLocal3d block{"" if _preset == "1block" else "s"} (spacetime,
-            key/value sub-sampled 1x2x2 before φ/g as the official code) after {_where} ({NL_PAPER}). {_pub(_res)}""",
-            block_key="nonlocal_kwargs",
-            depth=_d,
-            nonlocal_placement=nl_preset(_preset, _d),
-            nonlocal_kwargs=_OFFICIAL_NL,
-        )
-    _register(
-        f"nl_i3d_r{_d}",
-        "video",
-        create_video_resnet,
-        f"""NL I3D ResNet-{_d}: I3D 3x1x1 plus 5 embedded-Gaussian NonLocal3d blocks (sub-sampled)
-        ({NL_PAPER}). {_pub("74.9/91.6")} mmaction2's variant (dot product, sub-sampled) has
-        35.4M parameters vs 28.0M for I3D R50.""",
-        block_key="nonlocal_kwargs",
-        depth=_d,
-        inflation="3x1x1",
-        nonlocal_placement=nl_preset("5block", _d),
-        nonlocal_kwargs=_OFFICIAL_NL,
-    )
 
-_TINY_VIDEO = {
-    "block": "basic",
-    "layers": (1, 1, 1, 1),
-    "widths": (8, 16, 32, 64),
-    "stem_channels": 8,
-    "num_classes": 10,
-    "conv1_kernel": (1, 5, 5),
-    "conv1_stride": (1, 2, 2),
-    "pool1_kernel": (1, 3, 3),
-    "pool1_stride": (1, 2, 2),
-    "pool2_temporal": 2,
-    "dropout": 0.0,
-    "default_input": (3, 8, 32, 32),
-}
-_register(
-    "c2d_tiny",
-    "video",
-    create_video_resnet,
-    """Tiny C2D (basic blocks, one per stage, widths 8-64, 10 classes) for tests and demos only;
-    8x32x32 clips: res2 at 8x8x8, pool2 to 4 frames.""",
-    **_TINY_VIDEO,
+@register_model(task="video", builder=create_video_resnet, defaults={"depth": 50})
+def c2d_r50(**overrides: Any) -> nn.Module:
+    """C2D ResNet-50: 2D kernels (1xkxk), time reduced by pooling only, 32-frame clips.
+
+    Wang et al., Non-local Neural Networks, CVPR 2018. 400 classes.
+
+    Kinetics-400 val top-1/top-5 (R50, 32x2, the paper's Table 2): 71.8/89.7.
+    """
+    return create_model("c2d_r50", **overrides)
+
+
+@register_model(task="video", builder=create_video_resnet, defaults={"depth": 101})
+def c2d_r101(**overrides: Any) -> nn.Module:
+    """C2D ResNet-101: 2D kernels (1xkxk), time reduced by pooling only, 32-frame clips.
+
+    Wang et al., Non-local Neural Networks, CVPR 2018. 400 classes; the reference of the
+    paper's cost comparison (Table 2e).
+    """
+    return create_model("c2d_r101", **overrides)
+
+
+@register_model(
+    task="video", builder=create_video_resnet, defaults={"depth": 50, "inflation": "3x1x1"}
 )
-_register(
-    "nl_c2d_tiny",
-    "video",
-    create_video_resnet,
-    """Tiny NL C2D for tests and demos only: c2d_tiny plus embedded-Gaussian NonLocal3d blocks
-    (spacetime, sub-sampled) after res3 and res4 (layer2.0, layer3.0).""",
+def i3d_r50(**overrides: Any) -> nn.Module:
+    """I3D ResNet-50, 3x1x1 inflation in the official pattern, conv1 5x7x7.
+
+    Wang et al., Non-local Neural Networks, CVPR 2018. Inflated: all of res2, res3 blocks 0, 2,
+    the even blocks of res4, res5 block 1.
+
+    Kinetics-400 val top-1/top-5 (R50, 32x2, the paper's Table 2): 73.3/90.7.
+    """
+    return create_model("i3d_r50", **overrides)
+
+
+@register_model(
+    task="video", builder=create_video_resnet, defaults={"depth": 101, "inflation": "3x1x1"}
+)
+def i3d_r101(**overrides: Any) -> nn.Module:
+    """I3D ResNet-101, 3x1x1 inflation in the official pattern, conv1 5x7x7.
+
+    Wang et al., Non-local Neural Networks, CVPR 2018. Inflated: all of res2, res3 blocks 0, 2,
+    the even blocks of res4, res5 block 1. The paper's Table 2e: 1.2x the parameters and 1.5x
+    the FLOPs of C2D R101.
+    """
+    return create_model("i3d_r101", **overrides)
+
+
+@register_model(
+    task="video", builder=create_video_resnet, defaults={"depth": 50, "inflation": "3x3x3"}
+)
+def i3d_r50_3x3x3(**overrides: Any) -> nn.Module:
+    """I3D ResNet-50, 3x3x3 inflation of the 3x3 conv in the official pattern's blocks.
+
+    Wang et al., Non-local Neural Networks, CVPR 2018 (the I3D of its cost comparison).
+    """
+    return create_model("i3d_r50_3x3x3", **overrides)
+
+
+@register_model(
+    task="video", builder=create_video_resnet, defaults={"depth": 101, "inflation": "3x3x3"}
+)
+def i3d_r101_3x3x3(**overrides: Any) -> nn.Module:
+    """I3D ResNet-101, 3x3x3 inflation of the 3x3 conv in the official pattern's blocks.
+
+    Wang et al., Non-local Neural Networks, CVPR 2018. The paper's Table 2e: 1.5x the
+    parameters and 1.8x the FLOPs of C2D R101.
+    """
+    return create_model("i3d_r101_3x3x3", **overrides)
+
+
+@register_model(
+    task="video",
+    builder=create_video_resnet,
+    defaults={
+        "depth": 50,
+        "nonlocal_placement": nl_preset("5block", 50),
+        "nonlocal_kwargs": OFFICIAL_NL,
+    },
     block_key="nonlocal_kwargs",
-    nonlocal_placement=[[], [0], [0], []],
-    nonlocal_kwargs=_OFFICIAL_NL,
-    **_TINY_VIDEO,
+    shortcuts=NL_VIDEO_OPTIONS,
 )
+def nl_c2d_r50(**overrides: Any) -> nn.Module:
+    """NL C2D ResNet-50, 5 NonLocal3d blocks after res3 blocks 1, 3 and res4 blocks 1, 3, 5.
+
+    Wang et al., Non-local Neural Networks, CVPR 2018. Embedded Gaussian over spacetime, the
+    key/value side sub-sampled 1x2x2 before φ/g as in the official code.
+
+    Kinetics-400 val top-1/top-5 (R50, 32x2, the paper's Table 2): 73.8/91.0. Extent ablation
+    (top-1, override ``extent=``): space 72.9, time 73.1, spacetime 73.8.
+    """
+    return create_model("nl_c2d_r50", **overrides)
+
+
+@register_model(
+    task="video",
+    builder=create_video_resnet,
+    defaults={
+        "depth": 50,
+        "nonlocal_placement": nl_preset("1block", 50),
+        "nonlocal_kwargs": OFFICIAL_NL,
+    },
+    block_key="nonlocal_kwargs",
+    shortcuts=NL_VIDEO_OPTIONS,
+)
+def nl_c2d_r50_1block(**overrides: Any) -> nn.Module:
+    """NL C2D ResNet-50, 1 NonLocal3d block after the 3rd block of res4.
+
+    Wang et al., Non-local Neural Networks, CVPR 2018. Embedded Gaussian over spacetime, the
+    key/value side sub-sampled 1x2x2 before φ/g as in the official code.
+
+    Kinetics-400 val top-1/top-5 (R50, 32x2, the paper's Table 2): 72.7/90.5. Pairwise ablation
+    (top-1, override ``pairwise=``): gaussian 72.5, embedded_gaussian 72.7, dot_product 72.9,
+    concatenation 72.8. Stage ablation (top-1): res2 72.7, res3 72.9, res4 72.7, res5 72.3.
+    """
+    return create_model("nl_c2d_r50_1block", **overrides)
+
+
+@register_model(
+    task="video",
+    builder=create_video_resnet,
+    defaults={
+        "depth": 50,
+        "nonlocal_placement": nl_preset("10block", 50),
+        "nonlocal_kwargs": OFFICIAL_NL,
+    },
+    block_key="nonlocal_kwargs",
+    shortcuts=NL_VIDEO_OPTIONS,
+)
+def nl_c2d_r50_10block(**overrides: Any) -> nn.Module:
+    """NL C2D ResNet-50, 10 NonLocal3d blocks, after every block of res3 and res4.
+
+    Wang et al., Non-local Neural Networks, CVPR 2018. Embedded Gaussian over spacetime, the
+    key/value side sub-sampled 1x2x2 before φ/g as in the official code.
+
+    Kinetics-400 val top-1/top-5 (R50, 32x2, the paper's Table 2): 74.3/91.2.
+    """
+    return create_model("nl_c2d_r50_10block", **overrides)
+
+
+@register_model(
+    task="video",
+    builder=create_video_resnet,
+    defaults={
+        "depth": 101,
+        "nonlocal_placement": nl_preset("5block", 101),
+        "nonlocal_kwargs": OFFICIAL_NL,
+    },
+    block_key="nonlocal_kwargs",
+    shortcuts=NL_VIDEO_OPTIONS,
+)
+def nl_c2d_r101(**overrides: Any) -> nn.Module:
+    """NL C2D ResNet-101, 5 NonLocal3d blocks after res3 blocks 1, 3 and res4 blocks 6, 13, 20.
+
+    Wang et al., Non-local Neural Networks, CVPR 2018; the R101 placement of the official code.
+    Embedded Gaussian over spacetime, the key/value side sub-sampled 1x2x2 before φ/g. The
+    paper's Table 2e: 1.2x the parameters and 1.2x the FLOPs of C2D R101.
+    """
+    return create_model("nl_c2d_r101", **overrides)
+
+
+@register_model(
+    task="video",
+    builder=create_video_resnet,
+    defaults={
+        "depth": 101,
+        "nonlocal_placement": nl_preset("1block", 101),
+        "nonlocal_kwargs": OFFICIAL_NL,
+    },
+    block_key="nonlocal_kwargs",
+    shortcuts=NL_VIDEO_OPTIONS,
+)
+def nl_c2d_r101_1block(**overrides: Any) -> nn.Module:
+    """NL C2D ResNet-101, 1 NonLocal3d block after the 3rd block of res4.
+
+    Wang et al., Non-local Neural Networks, CVPR 2018. Embedded Gaussian over spacetime, the
+    key/value side sub-sampled 1x2x2 before φ/g as in the official code.
+    """
+    return create_model("nl_c2d_r101_1block", **overrides)
+
+
+@register_model(
+    task="video",
+    builder=create_video_resnet,
+    defaults={
+        "depth": 101,
+        "nonlocal_placement": nl_preset("10block", 101),
+        "nonlocal_kwargs": OFFICIAL_NL,
+    },
+    block_key="nonlocal_kwargs",
+    shortcuts=NL_VIDEO_OPTIONS,
+)
+def nl_c2d_r101_10block(**overrides: Any) -> nn.Module:
+    """NL C2D ResNet-101, 10 NonLocal3d blocks: all of res3 and res4 blocks 0, 4, ..., 20.
+
+    Wang et al., Non-local Neural Networks, CVPR 2018, which defines 10 blocks on R50 only;
+    this R101 placement is the library's. Embedded Gaussian over spacetime, the key/value side
+    sub-sampled 1x2x2 before φ/g as in the official code.
+    """
+    return create_model("nl_c2d_r101_10block", **overrides)
+
+
+@register_model(
+    task="video",
+    builder=create_video_resnet,
+    defaults={
+        "depth": 50,
+        "inflation": "3x1x1",
+        "nonlocal_placement": nl_preset("5block", 50),
+        "nonlocal_kwargs": OFFICIAL_NL,
+    },
+    block_key="nonlocal_kwargs",
+    shortcuts=NL_VIDEO_OPTIONS,
+)
+def nl_i3d_r50(**overrides: Any) -> nn.Module:
+    """NL I3D ResNet-50: I3D 3x1x1 plus 5 NonLocal3d blocks (res3 1, 3; res4 1, 3, 5).
+
+    Wang et al., Non-local Neural Networks, CVPR 2018. Embedded Gaussian over spacetime, the
+    key/value side sub-sampled 1x2x2 before φ/g as in the official code.
+
+    Kinetics-400 val top-1/top-5 (R50, 32x2, the paper's Table 2): 74.9/91.6. mmaction2's
+    variant (dot product, sub-sampled) has 35.4M parameters vs 28.0M for I3D R50.
+    """
+    return create_model("nl_i3d_r50", **overrides)
+
+
+@register_model(
+    task="video",
+    builder=create_video_resnet,
+    defaults={
+        "depth": 101,
+        "inflation": "3x1x1",
+        "nonlocal_placement": nl_preset("5block", 101),
+        "nonlocal_kwargs": OFFICIAL_NL,
+    },
+    block_key="nonlocal_kwargs",
+    shortcuts=NL_VIDEO_OPTIONS,
+)
+def nl_i3d_r101(**overrides: Any) -> nn.Module:
+    """NL I3D ResNet-101: I3D 3x1x1 plus 5 NonLocal3d blocks (res3 1, 3; res4 6, 13, 20).
+
+    Wang et al., Non-local Neural Networks, CVPR 2018. Embedded Gaussian over spacetime, the
+    key/value side sub-sampled 1x2x2 before φ/g as in the official code.
+    """
+    return create_model("nl_i3d_r101", **overrides)
+
+
+@register_model(task="video", builder=create_video_resnet, defaults=_TINY_VIDEO)
+def c2d_tiny(**overrides: Any) -> nn.Module:
+    """Tiny C2D for tests and demos only: basic blocks, one per stage, widths 8-64.
+
+    10 classes; 8x32x32 clips: res2 at 8x8x8, pool2 to 4 frames.
+    """
+    return create_model("c2d_tiny", **overrides)
+
+
+@register_model(
+    task="video",
+    builder=create_video_resnet,
+    defaults={
+        **_TINY_VIDEO,
+        "nonlocal_placement": [[], [0], [0], []],
+        "nonlocal_kwargs": OFFICIAL_NL,
+    },
+    block_key="nonlocal_kwargs",
+    shortcuts=NL_VIDEO_OPTIONS,
+)
+def nl_c2d_tiny(**overrides: Any) -> nn.Module:
+    """Tiny NL C2D for tests and demos only: c2d_tiny plus NonLocal3d blocks in res3 and res4.
+
+    Embedded Gaussian over spacetime, sub-sampled, after layer2.0 and layer3.0.
+    """
+    return create_model("nl_c2d_tiny", **overrides)
+
 
 # -- segmentation --------------------------------------------------------------------------------
 
-_SEG = {"output_stride": 8}
-for _d in (50, 101):
-    _register(
-        f"fcn_r{_d}_os8",
-        "segmentation",
-        create_segmentation_model,
-        f"""FCN baseline: dilated ResNet-{_d} (output stride 8), 3x3 conv head to 512, classifier,
-        auxiliary FCN head on stage 4 (weight 0.4); 19 classes (Cityscapes).""",
-        depth=_d,
-        head="fcn",
-        **_SEG,
-    )
-    _register(
-        f"ann_r{_d}_os8",
-        "segmentation",
-        create_segmentation_model,
-        f"""ANN: dilated ResNet-{_d} (OS 8) → AFNB(stage 4, stage 5) → 3x3 conv to 512 → APNB →
-        classifier, aux FCN head on stage 4 (weight 0.4) ({ANN_PAPER}).
-        {"Published (R101): Cityscapes val 79.9 / test 81.3 mIoU (single scale), ADE20K val 45.24, PASCAL Context 52.8." if _d == 101 else ""}""",
-        depth=_d,
-        head="ann",
-        **_SEG,
-    )
-_register(
-    "nl_r101_os8",
-    "segmentation",
-    create_segmentation_model,
-    f"""Dilated ResNet-101 (OS 8) with an NL head: 3x3 conv to 512 → embedded-Gaussian NonLocal2d
-    → 3x3 conv → classifier, aux FCN head ({NL_PAPER}; the dense baseline of {ANN_PAPER}).""",
+
+@register_model(
+    task="segmentation",
+    builder=create_segmentation_model,
+    defaults={"depth": 50, "head": "fcn", "output_stride": 8},
+)
+def fcn_r50_os8(**overrides: Any) -> nn.Module:
+    """FCN baseline: dilated ResNet-50 (output stride 8), 3x3 conv head to 512, classifier.
+
+    The baseline of Zhu et al., Asymmetric Non-local Neural Networks for Semantic Segmentation,
+    ICCV 2019. Auxiliary FCN head on stage 4 (loss weight 0.4); 19 classes (Cityscapes).
+    """
+    return create_model("fcn_r50_os8", **overrides)
+
+
+@register_model(
+    task="segmentation",
+    builder=create_segmentation_model,
+    defaults={"depth": 101, "head": "fcn", "output_stride": 8},
+)
+def fcn_r101_os8(**overrides: Any) -> nn.Module:
+    """FCN baseline: dilated ResNet-101 (output stride 8), 3x3 conv head to 512, classifier.
+
+    The baseline of Zhu et al., Asymmetric Non-local Neural Networks for Semantic Segmentation,
+    ICCV 2019. Auxiliary FCN head on stage 4 (loss weight 0.4); 19 classes (Cityscapes).
+    """
+    return create_model("fcn_r101_os8", **overrides)
+
+
+@register_model(
+    task="segmentation",
+    builder=create_segmentation_model,
+    defaults={"depth": 50, "head": "ann", "output_stride": 8},
+)
+def ann_r50_os8(**overrides: Any) -> nn.Module:
+    """ANN: dilated ResNet-50 (OS 8) → AFNB(stage 4, stage 5) → 3x3 conv to 512 → APNB.
+
+    Zhu et al., Asymmetric Non-local Neural Networks for Semantic Segmentation, ICCV 2019.
+    Classifier, auxiliary FCN head on stage 4 (loss weight 0.4); 19 classes (Cityscapes).
+    """
+    return create_model("ann_r50_os8", **overrides)
+
+
+@register_model(
+    task="segmentation",
+    builder=create_segmentation_model,
+    defaults={"depth": 101, "head": "ann", "output_stride": 8},
+)
+def ann_r101_os8(**overrides: Any) -> nn.Module:
+    """ANN: dilated ResNet-101 (OS 8) → AFNB(stage 4, stage 5) → 3x3 conv to 512 → APNB.
+
+    Zhu et al., Asymmetric Non-local Neural Networks for Semantic Segmentation, ICCV 2019.
+    Classifier, auxiliary FCN head on stage 4 (loss weight 0.4); 19 classes (Cityscapes).
+
+    Published: Cityscapes val 79.9 / test 81.3 mIoU (single scale), ADE20K val 45.24,
+    PASCAL Context 52.8.
+    """
+    return create_model("ann_r101_os8", **overrides)
+
+
+@register_model(
+    task="segmentation",
+    builder=create_segmentation_model,
+    defaults={"depth": 101, "head": "nl", "output_stride": 8},
     block_key="head_kwargs",
-    depth=101,
-    head="nl",
-    **_SEG,
+    shortcuts=NL_OPTIONS,
 )
-_register(
-    "gc_r101_os8",
-    "segmentation",
-    create_segmentation_model,
-    f"""Dilated ResNet-101 (OS 8) with a GC head: 3x3 conv to 512 → GlobalContext (r = 1/4) →
-    3x3 conv → classifier, aux FCN head ({GC_PAPER}).""",
+def nl_r101_os8(**overrides: Any) -> nn.Module:
+    """Dilated ResNet-101 (OS 8) with an NL head: 3x3 conv → NonLocal2d → 3x3 conv.
+
+    Wang et al., Non-local Neural Networks, CVPR 2018: an embedded-Gaussian block on 512
+    channels, the dense baseline of Zhu et al., Asymmetric Non-local Neural Networks for
+    Semantic Segmentation, ICCV 2019. Classifier, auxiliary FCN head on stage 4.
+    """
+    return create_model("nl_r101_os8", **overrides)
+
+
+@register_model(
+    task="segmentation",
+    builder=create_segmentation_model,
+    defaults={"depth": 101, "head": "gc", "head_kwargs": {"ratio": 1 / 4}, "output_stride": 8},
     block_key="head_kwargs",
-    depth=101,
-    head="gc",
-    head_kwargs={"ratio": 1 / 4},
-    **_SEG,
+    shortcuts=GC_OPTIONS,
 )
-_register(
-    "seg_tiny",
-    "segmentation",
-    create_segmentation_model,
-    """Tiny segmentation network for tests and demos only: tiny dilated ResNet (OS 8) with an
-    FCN head and aux head.""",
-    head="fcn",
-    block="basic",
-    layers=(1, 1, 1, 1),
-    widths=(8, 16, 32, 64),
-    stem_channels=8,
-    head_channels=16,
-    num_classes=5,
-    default_input=(3, 64, 64),
-    **_SEG,
+def gc_r101_os8(**overrides: Any) -> nn.Module:
+    """Dilated ResNet-101 (OS 8) with a GC head: 3x3 conv → GlobalContext (r = 1/4) → 3x3 conv.
+
+    Cao et al., GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond, ICCVW
+    2019. Classifier, auxiliary FCN head on stage 4.
+    """
+    return create_model("gc_r101_os8", **overrides)
+
+
+@register_model(
+    task="segmentation",
+    builder=create_segmentation_model,
+    defaults={
+        **_TINY_2D,
+        "head": "fcn",
+        "head_channels": 16,
+        "num_classes": 5,
+        "output_stride": 8,
+    },
 )
+def seg_tiny(**overrides: Any) -> nn.Module:
+    """Tiny segmentation network for tests and demos only: tiny dilated ResNet (OS 8), FCN head.
+
+    Auxiliary FCN head; 5 classes, 64x64 images.
+    """
+    return create_model("seg_tiny", **overrides)

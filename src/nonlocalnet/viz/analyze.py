@@ -1,22 +1,22 @@
-"""``nonlocalnet analyze``: GCNet's query-independence analysis of a trained model's blocks.
+"""GCNet's query-independence analysis of a trained model's attention blocks.
 
-For every attention block of the checkpoint's model (NL, SNL, GC with attention pooling, APNB,
-AFNB) and every sample, :func:`nonlocalnet.analysis.query_independence` averages over random pairs
-of query positions the cosine distance 1 − cos of (a) the block's input features, (b) its output
-before the residual/fusion and (c) the two queries' attention maps. The report gives, per block,
-the mean and the standard deviation over samples of each distance (GCNet, Table 1: trained NL
-blocks have input distances far from 0 and attention distances close to 0).
+For every attention block of a model (NL, SNL, GC with attention pooling, APNB, AFNB) and every
+sample, :func:`analyze_model` averages, through :func:`nonlocalnet.analysis.query_independence`,
+over random pairs of query positions the cosine distance 1 − cos of (a) the block's input
+features, (b) its output before the residual/fusion and (c) the two queries' attention maps. The
+report gives, per block, the mean and the standard deviation over samples of each distance
+(GCNet, Table 1: trained NL blocks have input distances far from 0 and attention distances close
+to 0).
 
-Samples come from the checkpoint's own validation set (``--data val``, the default; ``train`` for
-the training set), built from its stored config, or from video/image files and folders given as
-``--data PATH ...`` (prepared as ``nonlocalnet visualize`` prepares its input). Writes
-``query_independence.csv``, ``query_independence.json`` and ``query_independence.png`` to
-``--out``, and prints the table.
+Samples are model inputs of one sample each: from a dataset in the data pipeline's dict format
+(:func:`dataset_samples`) or video/image files prepared as at test time
+(:func:`nonlocalnet.viz.visualize.load_input`). :func:`format_table` gives the Markdown table and
+:func:`write_report` writes ``query_independence.csv``, ``query_independence.json`` and
+``query_independence.png``.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -27,23 +27,21 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
-from nonlocalnet.viz.attention import attention_blocks, resolve_block
+from nonlocalnet.viz.visualize import select_blocks
 
 __all__ = [
     "COLUMNS",
-    "HELP",
-    "add_arguments",
     "analyze_model",
+    "dataset_samples",
     "format_table",
     "plot_report",
-    "run",
+    "wrap_title",
     "write_report",
 ]
 
 logger = logging.getLogger(__name__)
-
-HELP = "GCNet's query-independence analysis of every attention block of a checkpoint"
 
 DISTANCES = ("input", "output", "attention")
 COLUMNS = (
@@ -110,11 +108,7 @@ def analyze_model(
     from nonlocalnet.analysis import query_independence
 
     model.eval()
-    if block_names:
-        blocks = [resolve_block(model, n) for n in block_names]
-    else:
-        resolve_block(model)  # raises, naming the model's modules, when there is none
-        blocks = attention_blocks(model)
+    blocks = select_blocks(model, block_names)
     mods = [b for _, b in blocks]
     per_block: list[dict[str, list[float]]] = [{d: [] for d in DISTANCES} for _ in blocks]
     gen = torch.Generator().manual_seed(seed)
@@ -207,128 +201,31 @@ def write_report(
     return [csv_path, json_path, png]
 
 
-# -- samples --------------------------------------------------------------------------------
+def dataset_samples(dataset: Dataset, *, video: bool) -> Iterator[Tensor]:
+    """The model inputs of a dataset's items, in order, as float tensors without the batch dim.
 
-
-def _dataset_samples(config: Mapping[str, Any], split: str, video: bool) -> Iterator[Tensor]:
-    from nonlocalnet.engine.build import build_datasets
-    from nonlocalnet.engine.config import config_from_dict
-
-    cfg = config_from_dict(config)
-    train_set, val_set = build_datasets(cfg, train=split == "train", val=split == "val")
-    dataset = train_set if split == "train" else val_set
-    sample_dims = 4 if video else 3
+    Args:
+        dataset: a dataset with ``len`` yielding the data pipeline's dicts (``"video"`` or
+            ``"image"``; None for an unreadable sample, which is skipped).
+        video: the model takes clips ``(C, T, H, W)`` (else images ``(C, H, W)``); of stacked
+            test views (clips x crops) the first is taken.
+    """
+    dims = 4 if video else 3
     for i in range(len(dataset)):
         item = dataset[i]
         x = item.get("video") if item.get("video") is not None else item.get("image")
         if x is None:
             continue  # a skipped (unreadable) sample
-        if x.dim() == sample_dims + 1:
+        if x.dim() == dims + 1:
             x = x[0]  # first of the test views (clips x crops)
         yield x.float()
 
 
-def _file_samples(paths: Sequence[Path], data: Mapping[str, Any], video: bool) -> Iterator[Tensor]:
-    from nonlocalnet.viz.visualize import IMAGE_SUFFIXES, VIDEO_SUFFIXES, load_input
-
-    files: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            files += sorted(
-                f for f in p.rglob("*") if f.suffix.lower() in VIDEO_SUFFIXES + IMAGE_SUFFIXES
-            )
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"--data: {str(p)!r} does not exist")
-    if not files:
-        raise ValueError(f"--data: no video or image files in {', '.join(map(str, paths))}")
-    for f in files:
-        yield load_input(f, data, video=video)[0]
-
-
-def _take(it: Iterator[Tensor], n: int) -> Iterator[Tensor]:
-    for i, x in enumerate(it):
-        if i >= n:
-            return
-        yield x
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``nonlocalnet analyze``."""
-    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint (.pt) to load")
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        default=["val"],
-        metavar="SPLIT_OR_PATH",
-        help="'val' (default) or 'train': the checkpoint's own dataset; or video/image files "
-        "and folders",
-    )
-    parser.add_argument("--samples", type=int, default=8, help="samples to analyse (default 8)")
-    parser.add_argument(
-        "--pairs", type=int, default=1000, help="query pairs per block and sample (default 1000)"
-    )
-    parser.add_argument(
-        "--block", action="append", default=None, help="only this block (repeatable)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the pair sampling")
-    parser.add_argument("--out", type=Path, default=Path("analysis"), help="output folder")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Analyse the checkpoint's blocks over the samples; print and write the report."""
-    from nonlocalnet.engine.checkpoint import load_model
-    from nonlocalnet.viz.visualize import model_is_video
-
-    for name in ("samples", "pairs"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not Path(args.checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint {str(args.checkpoint)!r} does not exist")
-    model, config = load_model(args.checkpoint)
-    if not args.block:
-        resolve_block(model)  # fail before reading any data
-    video = model_is_video(model)
-    if len(args.data) == 1 and args.data[0] in ("val", "train"):
-        samples = _dataset_samples(config, args.data[0], video)
-        data_name = f"{args.data[0]} set ({(config.get('data') or {}).get('format', '?')})"
-    else:
-        samples = _file_samples([Path(p) for p in args.data], config.get("data") or {}, video)
-        data_name = ", ".join(Path(p).name for p in args.data)
-    rows = analyze_model(
-        model,
-        _take(samples, args.samples),
-        num_pairs=args.pairs,
-        seed=args.seed,
-        block_names=args.block,
-    )
-    model_name = (config.get("model") or {}).get("name", type(model).__name__)
-    count = rows[0]["samples"]
-    title = (
-        f"query independence of {model_name} ({Path(args.checkpoint).name}) on {data_name}: "
-        f"{count} samples, {args.pairs} pairs each; bars = mean ± std over samples"
-    )
-    meta = {
-        "checkpoint": str(args.checkpoint),
-        "model": model_name,
-        "data": data_name,
-        "samples": count,
-        "pairs": args.pairs,
-        "seed": args.seed,
-    }
-    print(title)
-    print(format_table(rows))
-    paths = write_report(rows, args.out, meta, _wrap(title))
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
-
-
-def _wrap(title: str, width: int = 90) -> str:
+def wrap_title(title: str, width: int = 90) -> str:
     """Break a long title at the last ': ' or '; ' before ``width``."""
     if len(title) <= width:
         return title
     cut = max(title.rfind(": ", 0, width), title.rfind("; ", 0, width))
     if cut <= 0:
         return title
-    return title[: cut + 1] + "\n" + _wrap(title[cut + 2 :], width)
+    return title[: cut + 1] + "\n" + wrap_title(title[cut + 2 :], width)

@@ -9,11 +9,13 @@ Two layers:
   ``block.attention_map``, maps feature positions to pixels (:mod:`nonlocalnet.viz.geometry`)
   and draws both figures per query.
 
-Every attention block is reduced to the same description (:class:`QueryAttention`): for each
-query a row of weights over M keys, and for each key the cell of feature positions it stands for
-(one position for NL without sub-sampling, GC and SNL; a 2×2 max-pool window with sub-sampling;
-an adaptive-pooling cell of the pyramid for APNB/AFNB), so arrows point at cell centres and heat
-maps spread each key's weight evenly over its cell.
+Every attention block describes itself with ``block.layout(...)``
+(:class:`~nonlocalnet.layers.layout.AttentionLayout`): where a query's row lies in
+``block.attention_map``, and which feature positions each of its M keys stands for (one position
+for NL without sub-sampling, GC and SNL; a 2×2 max-pool window with sub-sampling; an
+adaptive-pooling cell of the pyramid for APNB/AFNB). :class:`QueryAttention` holds those rows and
+cells, so arrows point at cell centres and heat maps spread each key's weight evenly over its
+cell.
 """
 
 from __future__ import annotations
@@ -66,15 +68,13 @@ _TITLE_INCHES = 0.8
 MIN_WIDTH_INCHES = 7.5
 _COLORBAR_INCHES = 1.2
 
-_BLOCK_KINDS = ("NonLocal", "SimplifiedNonLocal", "GlobalContext", "APNB", "AFNB")
-
 
 # ---------------------------------------------------------------------------------------------
 # which blocks
 
 
 def _is_attention_block(m: nn.Module) -> bool:
-    if not callable(getattr(m, "attention_map", None)):
+    if not (callable(getattr(m, "attention_map", None)) and callable(getattr(m, "layout", None))):
         return False
     # GC with average pooling has the uniform map 1/N: nothing to see or analyse.
     return getattr(m, "pooling", "att") != "avg"
@@ -129,7 +129,7 @@ def resolve_block(model: nn.Module, block_name: str | None = None) -> tuple[str,
 
 @dataclass
 class KeyCells:
-    """Which feature positions each of M keys stands for.
+    """Which feature positions each of M keys stands for (a layout's ``key_cells``, on a grid).
 
     Attributes:
         geometry: the grid of the feature map the keys come from.
@@ -162,120 +162,13 @@ class KeyCells:
         )  # (*S)
 
 
-def _identity_cells(geometry: FeatureGeometry, positions: Tensor | None = None) -> KeyCells:
-    """One key per feature position (``positions``: the flat positions of the keys, in order)."""
-    if positions is None:
-        positions = torch.arange(math.prod(geometry.size))
-    m = positions.numel()
-    return KeyCells(geometry, torch.arange(m), positions, torch.ones(m, dtype=torch.float64), m)
-
-
-def _cells_from_assignment(geometry: FeatureGeometry, feat: Tensor, key: Tensor) -> KeyCells:
-    """Cells from a key index per listed feature position (each position in one cell)."""
-    m = int(key.max()) + 1
-    count = torch.bincount(key, minlength=m).to(torch.float64)
-    return KeyCells(geometry, key, feat, 1.0 / count[key], m)
-
-
-def _grid_coords(size: Sequence[int]) -> Tensor:
-    """``(N, D)`` integer coordinates of every position of a grid, row major."""
-    grids = torch.meshgrid(*[torch.arange(n) for n in size], indexing="ij")
-    return torch.stack([g.reshape(-1) for g in grids], dim=1)  # (N, D)
-
-
-def _ravel(coords: Tensor, size: Sequence[int]) -> Tensor:
-    flat = torch.zeros(coords.shape[0], dtype=torch.long)
-    for d, n in enumerate(size):
-        flat = flat * n + coords[:, d]
-    return flat
-
-
-def _nonlocal_rows(
-    block: nn.Module, x: Tensor, geo: FeatureGeometry, positions: list[tuple[int, ...]]
-) -> tuple[Tensor, list[KeyCells]]:
-    size = tuple(x.shape[2:])
-    dims = len(size)
-    pooled_dims = [False] * dims
-    if block.sub_sample:
-        pooled_dims = [True] * dims if dims < 3 else [False, True, True]  # never in time
-    psize = [(n + 1) // 2 if p else n for n, p in zip(size, pooled_dims, strict=True)]
-    coords = _grid_coords(size)  # (N, D)
-    pcoords = coords.clone()
-    for d, p in enumerate(pooled_dims):
-        if p:
-            pcoords[:, d] //= 2
-    feat_all = torch.arange(coords.shape[0])
-    extent = getattr(block, "extent", "spacetime")
-    rows, cells = [], []
-    for pos in positions:
-        if extent == "spacetime":
-            q = _ravel(torch.tensor([pos]), size)
-            rows.append(block.attention_map(x, queries=q)[0, 0])  # (M,)
-            cells.append(_cells_from_assignment(geo, feat_all, _ravel(pcoords, psize)))
-        elif extent == "space":
-            t, h, w = pos
-            q = h * size[2] + w
-            rows.append(block.attention_map(x, queries=[q])[t, 0])  # (H'W',)
-            sel = coords[:, 0] == t
-            key = _ravel(pcoords[sel][:, 1:], psize[1:])
-            cells.append(_cells_from_assignment(geo, feat_all[sel], key))
-        else:  # time: keys are the frames at the query's pixel (its pooled cell)
-            t, h, w = pos
-            rows.append(block.attention_map(x, queries=[t])[h * size[2] + w, 0])  # (T,)
-            cell = pcoords[:, 1:] == torch.tensor([h // 2, w // 2] if block.sub_sample else [h, w])
-            sel = cell.all(dim=1)
-            cells.append(_cells_from_assignment(geo, feat_all[sel], coords[sel][:, 0]))
-    return torch.stack(rows), cells
-
-
-def _pyramid_bins(block: nn.Module, size: Sequence[int]) -> list[tuple[int, ...]]:
-    """Output size of each adaptive pooling of the block's pyramid, per axis, in order."""
-    pyramid = getattr(block, "pyramid", None)
-    bins = getattr(pyramid, "bins", None)
-    if not bins:
-        raise ValueError(
-            f"{type(block).__name__}: expected a 'pyramid' submodule with 'bins' "
-            "(nonlocalnet.layers.asymmetric.PyramidPooling)"
-        )
-    if len(size) == 3:  # bins in space; time kept (T cells of one frame) or pooled to 1
-        t = 1 if getattr(pyramid, "pool_time", False) else size[0]
-        return [(t, b, b) for b in bins]
-    return [(b,) * len(size) for b in bins]
-
-
-def _pyramid_cells(geo: FeatureGeometry, bins: Sequence[Sequence[int]]) -> KeyCells:
-    """Cells of adaptive average pooling to each output size, concatenated in order.
-
-    Cell i of b along an axis of n positions covers [⌊i·n/b⌋, ⌈(i+1)·n/b⌉), as
-    ``adaptive_avg_pool`` does; cells of the same bin may overlap when n is not a multiple of b.
-    """
-    size = geo.size
-    keys, feats, shares = [], [], []
-    offset = 0
-    for out_size in bins:
-        ranges = [
-            [(math.floor(i * n / b), math.ceil((i + 1) * n / b)) for i in range(b)]
-            for n, b in zip(size, out_size, strict=True)
-        ]
-        for cell_id, cell in enumerate(_grid_coords(out_size).tolist()):
-            spans = [ranges[d][c] for d, c in enumerate(cell)]
-            members = _grid_coords([hi - lo for lo, hi in spans]) + torch.tensor(
-                [lo for lo, _ in spans]
-            )  # (P_cell, D)
-            flat = _ravel(members, size)
-            keys.append(torch.full_like(flat, offset + cell_id))
-            feats.append(flat)
-            shares.append(torch.full((flat.numel(),), 1.0 / flat.numel(), dtype=torch.float64))
-        offset += math.prod(out_size)
-    return KeyCells(geo, torch.cat(keys), torch.cat(feats), torch.cat(shares), offset)
-
-
 @dataclass
 class QueryAttention:
     """The attention rows of some queries of one block, with what their keys stand for.
 
     Attributes:
-        kind: ``"nonlocal"``, ``"query-independent"`` (SNL, GC) or ``"pyramid"`` (APNB, AFNB).
+        kind: the block's layout kind: ``"pairwise"`` (NL), ``"query_independent"`` (SNL, GC)
+            or ``"pyramid"`` (APNB, AFNB).
         positions: the query feature positions, e.g. (t, h, w).
         pixels: their input coordinates.
         rows: ``(Nq, M)`` normalised weights, from ``block.attention_map`` (the reference map).
@@ -307,7 +200,8 @@ def query_attention(
     """Attention rows of ``block`` for query feature positions of the first sample.
 
     Args:
-        block: an attention block (NL, SNL, GC, APNB, AFNB).
+        block: an attention block with ``layout`` and ``attention_map`` (NL, SNL, GC, APNB,
+            AFNB).
         inputs: the block's inputs (AFNB: low, high); only sample 0 is used.
         geometries: their geometries (see :func:`~nonlocalnet.viz.geometry.trace_geometry`).
         positions: query positions on the query grid (AFNB: the high-level map).
@@ -316,29 +210,26 @@ def query_attention(
         The rows and key cells.
     """
     xs = [t[:1] for t in inputs]
-    qgeo = geometries[-1]
+    qgeo, kgeo = geometries[-1], geometries[0]
     positions = [tuple(int(p) for p in pos) for pos in positions]
     for pos in positions:
         qgeo.to_pixel(pos)  # validates
-    flat = _ravel(torch.tensor(positions, dtype=torch.long), qgeo.size)
-    if hasattr(block, "extent") and hasattr(block, "sub_sample"):
-        rows, cells = _nonlocal_rows(block, xs[0], qgeo, positions)
-        kind = "nonlocal"
-    elif len(xs) == 2:  # AFNB: queries on high, pyramid cells over low
-        rows = block.attention_map(xs[0], xs[1], queries=flat)[0]  # (Nq, S)
-        lgeo = geometries[0]
-        cells = [_pyramid_cells(lgeo, _pyramid_bins(block, lgeo.size))] * len(positions)
-        kind = "pyramid"
-    else:
-        rows = block.attention_map(xs[0], queries=flat)[0]  # (Nq, M)
-        if hasattr(block, "pyramid"):  # APNB
-            cells = [_pyramid_cells(qgeo, _pyramid_bins(block, qgeo.size))] * len(positions)
-            kind = "pyramid"
-        else:  # SNL, GC: one row over all N positions
-            cells = [_identity_cells(qgeo)] * len(positions)
-            kind = "query-independent"
+    layout = block.layout(*(t.shape[2:] for t in xs))
+    if kgeo.size != layout.key_size:
+        raise ValueError(
+            f"query_attention: the key geometry has size {kgeo.size}, but the block's keys are "
+            f"drawn from a map of size {layout.key_size}"
+        )
+    fold, index = layout.locate(positions)
+    amap = block.attention_map(*xs, queries=index)  # (B', Nq, M)
+    rows = amap[fold.to(amap.device), torch.arange(len(positions), device=amap.device)]  # (Nq, M)
+    by_fold: dict[int, KeyCells] = {}
+    for f in fold.tolist():
+        if f not in by_fold:
+            by_fold[f] = KeyCells(kgeo, *layout.key_cells(f), layout.num_keys)
+    cells = [by_fold[f] for f in fold.tolist()]
     pixels = [qgeo.to_pixel(p) for p in positions]
-    return QueryAttention(kind, positions, pixels, rows.detach().float(), cells, qgeo)
+    return QueryAttention(layout.kind, positions, pixels, rows.detach().float(), cells, qgeo)
 
 
 def pick_queries(x: Tensor, num: int, min_separation: int = 2) -> list[tuple[int, ...]]:
@@ -351,7 +242,7 @@ def pick_queries(x: Tensor, num: int, min_separation: int = 2) -> list[tuple[int
     """
     size = tuple(x.shape[2:])
     norm = x[0].detach().float().norm(dim=0).reshape(-1)  # (N,)
-    coords = _grid_coords(size)
+    coords = torch.stack(torch.unravel_index(torch.arange(norm.numel()), size), dim=1)  # (N, D)
     picked: list[int] = []
     for i in torch.argsort(norm, descending=True).tolist():
         if all(int((coords[i] - coords[j]).abs().max()) >= min_separation for j in picked):
@@ -675,10 +566,6 @@ def pixel_to_position(geo: FeatureGeometry, pixel: Sequence[float]) -> tuple[int
         if not -0.5 <= p <= a.input_size - 0.5:
             raise ValueError(f"query {pixel} lies outside the input of size {geo.input_size}")
     return tuple(int(a.nearest(torch.tensor([p]))[0]) for p, a in zip(pixel, geo.axes, strict=True))
-
-
-#: Kept for callers of the first version.
-_pixel_to_position = pixel_to_position
 
 
 def sample_dims(model: nn.Module) -> int:

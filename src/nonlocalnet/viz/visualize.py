@@ -1,29 +1,29 @@
-"""``nonlocalnet visualize``: attention figures of a trained model on one video or image.
+"""Attention figures of a model on one video or image.
 
-For each attention block (or the one named with ``--block``) and each query (given in input
-pixels with ``--queries``, or picked where the block's input features have the largest norm), it
+For each attention block (all of them, or the ones named) and each query (given in input pixels,
+or picked where the block's input features have the largest norm), :func:`draw_model_attention`
 writes two PNGs: arrows from the query to its k most attended positions on the frames (NL paper,
 Fig. 3) and the query's attention as a heat map over the frames (GCNet, Fig. 1); for a video,
 each is a grid of frames. ``summary.json`` lists the queries and their top-k keys (feature index,
 weight and pixel centre).
 
-The input is prepared as at test time, from the checkpoint's ``config["data"]``: for a video, a
-clip of ``num_frames`` frames every ``sampling_rate`` frames taken from the middle of the video;
-short side resized to ``test_short_side``, centre crop of ``test_crop``, normalised with
-``mean``/``std``. An image given to a video model is repeated over ``num_frames`` frames.
+:func:`load_input` prepares a file as at test time, from a data config (``config["data"]`` of a
+checkpoint): for a video, a clip of ``num_frames`` frames every ``sampling_rate`` frames taken
+from the middle of the video; short side resized to ``test_short_side``, centre crop of
+``test_crop``, normalised with ``mean``/``std``. An image given to a video model is repeated over
+``num_frames`` frames.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from nonlocalnet.data.transforms import CenterCrop, Normalize, ShortSideScale
 from nonlocalnet.viz.attention import (
@@ -34,19 +34,13 @@ from nonlocalnet.viz.attention import (
 )
 
 __all__ = [
-    "HELP",
     "IMAGE_SUFFIXES",
     "VIDEO_SUFFIXES",
-    "add_arguments",
+    "draw_model_attention",
     "load_input",
     "model_is_video",
-    "parse_query",
-    "run",
+    "select_blocks",
 ]
-
-logger = logging.getLogger(__name__)
-
-HELP = "draw attention maps of a checkpoint's blocks on a video or image (arrows + heat maps)"
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -55,6 +49,21 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 def model_is_video(model: torch.nn.Module) -> bool:
     """True when the model takes clips ``(B, C, T, H, W)`` (its first convolution is 3d)."""
     return sample_dims(model) == 4
+
+
+def select_blocks(
+    model: nn.Module, names: Sequence[str] | None = None
+) -> list[tuple[str, nn.Module]]:
+    """The attention blocks with these qualified names, or every attention block of the model.
+
+    Raises:
+        ValueError: a name is not an attention block of the model, or (``names`` empty) the
+            model has none; the message names the model's modules.
+    """
+    if names:
+        return [resolve_block(model, n) for n in names]
+    resolve_block(model)  # raises, naming the model's modules, when there is none
+    return attention_blocks(model)
 
 
 def _decode_video(path: Path, num_frames: int, rate: int) -> torch.Tensor:
@@ -76,7 +85,8 @@ def load_input(
     Args:
         path: a video (``VIDEO_SUFFIXES``) or image (``IMAGE_SUFFIXES``) file.
         data: the checkpoint's ``config["data"]`` (num_frames, sampling_rate, test_short_side,
-            test_crop, mean, std; missing keys take the engine's defaults).
+            test_crop, mean, std; missing keys take the training defaults: 8 frames every 8,
+            256, 256, 0.45, 0.225).
         video: the model takes clips ``(C, T, H, W)`` (else images ``(C, H, W)``).
 
     Returns:
@@ -121,86 +131,73 @@ def load_input(
     return x, shown
 
 
-def parse_query(text: str) -> tuple[float, ...]:
-    """``"t,y,x"`` or ``"y,x"`` (input pixels) -> a tuple of floats.
+def draw_model_attention(
+    model: nn.Module,
+    x: torch.Tensor,
+    frames: np.ndarray | torch.Tensor | None = None,
+    *,
+    blocks: Sequence[str] | None = None,
+    queries: Sequence[Sequence[float]] | None = None,
+    num_queries: int = 3,
+    k: int = 20,
+    out_dir: str | Path = "attention",
+    model_name: str | None = None,
+    input_name: str = "input",
+    max_frames: int = 8,
+    meta: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Draw the figures of every asked block and write ``summary.json`` to ``out_dir``.
+
+    Args:
+        model: the network (set to eval mode here).
+        x: its input for one sample, ``(C, T, H, W)`` / ``(C, H, W)`` (see :func:`load_input`).
+        frames: uint8 ``(T, H, W, 3)`` frames to draw on; by default the input, min-max
+            stretched.
+        blocks: qualified names of the blocks to draw; every attention block if None.
+        queries: query pixels ``(t, y, x)`` (``(y, x)`` for images) of the prepared input; by
+            default ``num_queries`` positions of highest input-feature norm per block.
+        num_queries: how many queries to pick when ``queries`` is None.
+        k: arrows (most attended keys) per query.
+        out_dir: folder for ``{block}_q{i}_arrows.png``, ``{block}_q{i}_heatmap.png`` and
+            ``summary.json``.
+        model_name: name shown in the titles and the summary (default: the model's class name).
+        input_name: the input's path or name, kept as given in the summary; the titles show
+            its file name.
+        max_frames: frames per figure.
+        meta: fields put first in the summary (e.g. the checkpoint it came from).
+
+    Returns:
+        The summary: ``meta``, ``model``, ``input``, ``input_shape`` and, per block, its
+        ``block`` name, ``type``, attention ``kind`` and ``queries`` (``feature_position``,
+        ``pixel``, ``topk_keys``, ``topk_weights``, ``topk_pixels``, ``files``).
 
     Raises:
-        ValueError: not 2 or 3 comma-separated numbers.
+        ValueError: a block name is unknown, the model has no attention block, or the input or
+            a query does not fit the model.
     """
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) not in (2, 3):
-        raise ValueError(f"--queries: expected t,y,x or y,x in input pixels, got {text!r}")
-    return values
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``nonlocalnet visualize``."""
-    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint (.pt) to load")
-    parser.add_argument("--input", type=Path, required=True, help="a video or image file")
-    parser.add_argument(
-        "--block",
-        default=None,
-        help="qualified name of one attention block (default: every attention block)",
-    )
-    parser.add_argument(
-        "--queries",
-        nargs="+",
-        type=parse_query,
-        default=None,
-        metavar="T,Y,X",
-        help="query positions in pixels of the prepared input (after the test resize and "
-        "crop; t = frame of the clip): t,y,x for video, y,x for images; default: the "
-        "positions of largest input-feature norm",
-    )
-    parser.add_argument(
-        "--num-queries", type=int, default=3, help="queries picked when --queries is not given"
-    )
-    parser.add_argument("--k", type=int, default=20, help="arrows per query (default 20)")
-    parser.add_argument("--max-frames", type=int, default=8, help="frames per figure (default 8)")
-    parser.add_argument("--out", type=Path, default=Path("attention"), help="output folder")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Load the checkpoint, prepare the input, draw every asked block's figures."""
-    from nonlocalnet.engine.checkpoint import load_model
-
-    for name in ("k", "num_queries", "max_frames"):
-        v = getattr(args, name)
-        if v < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    if not Path(args.checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint {str(args.checkpoint)!r} does not exist")
-    model, config = load_model(args.checkpoint)
-    model_name = config.get("model", {}).get("name", type(model).__name__)
-    if args.block is not None:
-        blocks = [resolve_block(model, args.block)]
-    else:
-        resolve_block(model)  # raises, naming the model's modules, when there is none
-        blocks = attention_blocks(model)
-    x, frames = load_input(args.input, config.get("data") or {}, video=model_is_video(model))
+    selected = select_blocks(model, blocks)
+    model_name = model_name or type(model).__name__
+    out_dir = Path(out_dir)
     summary: dict[str, Any] = {
-        "checkpoint": str(args.checkpoint),
+        **(meta or {}),
         "model": model_name,
-        "input": str(args.input),
+        "input": input_name,
         "input_shape": list(x.shape),
         "blocks": [],
     }
-    for name, block in blocks:
+    for name, block in selected:
         res = attention_figure(
             model,
             x,
             frames=frames,
             block_name=name,
-            queries=args.queries,
-            num_queries=args.num_queries,
-            k=args.k,
-            out_dir=args.out,
+            queries=queries,
+            num_queries=num_queries,
+            k=k,
+            out_dir=out_dir,
             model_name=model_name,
-            input_name=Path(args.input).name,
-            max_frames=args.max_frames,
+            input_name=Path(input_name).name,
+            max_frames=max_frames,
         )
         entry: dict[str, Any] = {
             "block": name,
@@ -225,13 +222,7 @@ def run(args: argparse.Namespace) -> int:
                     "files": [str(p) for p in paths],
                 }
             )
-            print(
-                f"{name} ({type(block).__name__}) query {list(pos)} -> pixel "
-                f"{[round(p, 1) for p in pix]}: top weight {float(w[0]):.4f}; "
-                f"{', '.join(p.name for p in paths)}"
-            )
         summary["blocks"].append(entry)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"wrote {len(blocks)} block(s) of figures and summary.json to {args.out}")
-    return 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

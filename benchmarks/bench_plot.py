@@ -1,13 +1,13 @@
-"""Cost plots of ``nonlocalnet bench --plot``: time, memory and achieved rate against N.
+"""Cost plots of ``bench_blocks.py --plot``: time, memory and achieved rate against N.
 
 Everything drawn comes from the benchmark's own numbers (its JSON): rows of
 ``{block, pairwise, impl, N, M, fwd_bwd_ms, peak_extra_mib, flops, gflops}`` and the float32
-matmul rate measured on the same machine. Rows of the context suite
-(``nonlocalnet.bench_context``: ``fwd_ms`` and ``macs`` instead of ``fwd_bwd_ms`` and ``flops``)
-can be merged in: their series are labelled "[fwd]" (forward only) and their flops are
-2 × MACs. Rows with a NaN time (a failed case) are left out. The roofline of a row is the time its matrix products
-would take at that rate, ``flops / matmul_rate``: no implementation of the same flops can beat it
-by much, so the gap between a curve and its roofline is what is left to gain.
+matmul rate measured on the same machine. Rows of the context suite (``bench_context.py``:
+``fwd_ms`` and ``macs`` instead of ``fwd_bwd_ms`` and ``flops``) can be merged in: their series
+are labelled "[fwd]" (forward only) and their flops are 2 × MACs. Rows with a NaN time (a failed
+case) are left out. The roofline of a row is the time its matrix products would take at that
+rate, ``flops / matmul_rate``: no implementation of the same flops can beat it by much, so the
+gap between a curve and its roofline is what is left to gain.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def bench_figure(results: Mapping[str, Any], title: str | None = None) -> plt.Fi
     fig.legend(*ax_t.get_legend_handles_labels(), loc="center right", fontsize=8, frameon=False)
     if title is None:
         title = (
-            f"nonlocalnet bench ({results.get('suite', 'blocks')}): C={results.get('channels')}, "
+            f"bench_blocks ({results.get('suite', 'blocks')}): C={results.get('channels')}, "
             f"C'={results.get('inner_channels')}, batch {results.get('batch', 1)}, "
             f"{results.get('threads')} threads; solid = fast, dashed = reference"
         )
@@ -152,7 +152,7 @@ def plot_bench(results: Mapping[str, Any], out_path: str | Path, title: str | No
     peak extra memory; achieved GFLOP/s with the measured matmul rate as a horizontal line.
 
     Args:
-        results: ``{"matmul_gflops": float, "rows": [...]}`` as written by ``nonlocalnet bench``.
+        results: ``{"matmul_gflops": float, "rows": [...]}`` as written by ``bench_blocks.py``.
         out_path: PNG to write (folders are created).
         title: figure title; by default names the suite, channels and matmul rate.
 

@@ -1,4 +1,4 @@
-"""``nonlocalnet demo``: the built-in long-range benchmark, C2D vs NL-C2D, end to end.
+"""The built-in long-range benchmark, C2D vs NL-C2D, end to end (``nonlocalnet demo``).
 
 What it does, through the project's own pieces:
 
@@ -14,8 +14,9 @@ What it does, through the project's own pieces:
    step), an attention figure of the NL model (arrows from a query on the late cue to its most
    attended positions, as in the NL paper's Figure 3) and prints the comparison table.
 
-The configs are ``configs/demo_c2d.yaml`` and ``configs/demo_nl_c2d.yaml`` (looked up in the
-working directory, then in the source checkout); ``key=value`` overrides apply to both. The data
+The configs are ``demo_c2d.yaml`` and ``demo_nl_c2d.yaml``, shipped in the package
+(``nonlocalnet/configs``; ``configs/`` of a checkout is the same folder), or taken from
+``config_dir``; ``key=value`` overrides apply to both. The data
 section names the generator parameters (``format: synthetic``); once generated, the demo points
 both runs at the generated ``train.txt`` / ``val.txt`` (the ``list`` format of real data) with the
 data package's in-memory frame cache, so each worker decodes a clip once and the later epochs do
@@ -26,14 +27,13 @@ the official initialisation (θ and φ drawn with std 0.01), θ(x_i)·φ(x_j) st
 bilinear form is learned one direction at a time; under SGD the held-out accuracy stalls on
 plateaus at exactly the accuracies of comparing only one colour "bit" across the gap (80% for 6
 colours, 83% for 3), and a few hundred steps are not enough to leave them (see
-``benchmarks/RESULTS.md (section 5)``). The Gaussian f = exp(x_i·x_j) has no θ/φ to grow and leaves the
+``benchmarks/RESULTS.md``, section 5). The Gaussian f = exp(x_i·x_j) has no θ/φ to grow and leaves the
 plateaus much sooner; 1000 steps leave margin (at 600 steps one run reached 100%, another stalled
 at 88% on the plateau where the three reddish colours look alike).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -45,42 +45,53 @@ from typing import Any
 
 import torch
 
+from nonlocalnet.data import VideoReader
+from nonlocalnet.data.synthetic import (
+    CLASSES,
+    SyntheticVideoSpec,
+    generate_video_dataset,
+    read_video_metadata,
+)
+from nonlocalnet.engine.build import build_datasets, build_model
+from nonlocalnet.engine.checkpoint import latest_checkpoint, load_model
 from nonlocalnet.engine.config import Config, config_to_dict, load_config
+from nonlocalnet.engine.train import train
+from nonlocalnet.viz.attention import (
+    attention_blocks,
+    attention_figure,
+    pixel_to_position,
+    query_attention,
+)
+from nonlocalnet.viz.geometry import trace_geometry
 
 __all__ = [
+    "CONFIG_DIR",
     "DEFAULT_CONFIGS",
-    "HELP",
-    "add_arguments",
+    "TARGETS",
     "attention_on_early_cue",
+    "load_demo_configs",
     "measure_loading",
-    "run",
     "run_demo",
 ]
 
 logger = logging.getLogger(__name__)
 
-HELP = "built-in long-range benchmark: train C2D and NL-C2D on generated clips and compare them"
+#: the configs shipped with the package (``configs/`` of a checkout links here).
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-#: model key in metrics.json -> config file name in configs/.
+#: model key in metrics.json -> config file name.
 DEFAULT_CONFIGS = {"c2d": "demo_c2d.yaml", "nl_c2d": "demo_nl_c2d.yaml"}
 
-#: targets of the issue (held-out top-1, fractions) and of the run time on a quiet 2-core machine.
+#: what the demo must show (held-out top-1 as fractions: NL-C2D well above chance, C2D at
+#: chance) and its run time on a quiet 2-core machine.
 TARGETS = {"nl_c2d_top1_min": 0.90, "c2d_top1_max": 0.65, "total_time_s_max": 600.0}
 
 
 def _find_config(name: str, config_dir: str | Path | None) -> Path:
-    candidates = []
-    if config_dir is not None:
-        candidates.append(Path(config_dir) / name)
-    else:
-        candidates.append(Path("configs") / name)
-        candidates.append(Path(__file__).resolve().parents[3] / "configs" / name)
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"demo config {name!r} not found; looked in {', '.join(str(c) for c in candidates)}"
-    )
+    path = Path(config_dir if config_dir is not None else CONFIG_DIR) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"demo config {name!r} not found in {str(path.parent)!r}")
+    return path
 
 
 def _budget(config: Config) -> dict[str, Any]:
@@ -151,8 +162,6 @@ def measure_loading(config: Config, num_samples: int = 32) -> dict[str, float]:
         ``cached_ms_per_clip`` (second read: transform of the cached frames) and both per batch
         (× ``train.batch_size``).
     """
-    from nonlocalnet.engine.build import build_datasets
-
     train_set, _ = build_datasets(config, val=False)
     n = min(num_samples, len(train_set) - 1)
     train_set[n]  # first call: imports and decoder set-up
@@ -246,11 +255,6 @@ def _attention_figure(
         cue's query that lands on the early cue (``uniform_...``: the share uniform attention would
         give, i.e. the fraction of keys on the early cue).
     """
-    from nonlocalnet.data.synthetic import CLASSES, read_video_metadata
-    from nonlocalnet.engine.checkpoint import latest_checkpoint, load_model
-    from nonlocalnet.viz.attention import attention_blocks, attention_figure, query_attention
-    from nonlocalnet.viz.geometry import trace_geometry
-
     path = latest_checkpoint(run_dir)
     if path is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir}")
@@ -276,7 +280,9 @@ def _attention_figure(
         query = (t_last, late[0], late[1])
         for name, block in blocks:
             inputs, geometries = trace_geometry(model, clip[None], block)
-            att = query_attention(block, inputs, geometries, [_nearest(geometries[-1], query)])
+            att = query_attention(
+                block, inputs, geometries, [pixel_to_position(geometries[-1], query)]
+            )
             centres = att.cells[0].centres()  # (M, 3) key centres (t, y, x) in pixels
             radius = 1.5 * spec.radius
             shares[CLASSES[m["label"]]][name].append(
@@ -313,15 +319,7 @@ def _attention_figure(
     }
 
 
-def _nearest(geo: Any, pixel: tuple[float, ...]) -> tuple[int, ...]:
-    from nonlocalnet.viz.attention import _pixel_to_position
-
-    return _pixel_to_position(geo, pixel)
-
-
 def _clip_frames(path: Path) -> torch.Tensor:
-    from nonlocalnet.data import VideoReader
-
     with VideoReader(path) as reader:
         return reader.get_frames(list(range(reader.num_frames)))  # (T, H, W, 3)
 
@@ -357,9 +355,6 @@ def run_demo(
         data_root: cache folder of the generated data (default: the configs' ``data.root``).
         attention: draw the attention figure.
     """
-    from nonlocalnet.data.synthetic import SyntheticVideoSpec, generate_video_dataset
-    from nonlocalnet.engine.train import train
-
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -388,8 +383,6 @@ def run_demo(
         final = train(config, out_dir=run_dir)
         train_time = time.perf_counter() - t0
         curves = _read_curves(run_dir)
-        from nonlocalnet.engine.build import build_model
-
         params = sum(p.numel() for p in build_model(config).parameters())
         # median over the logging windows of the time per step (the first window includes the
         # workers' start and the first decoding of each clip)
@@ -482,30 +475,3 @@ def _train_records(run_dir: Path) -> list[dict[str, Any]]:
         for r in (json.loads(line) for line in path.read_text().splitlines())
         if r.get("split") == "train"
     ]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``nonlocalnet demo``."""
-    parser.add_argument("--out", default="runs/demo", help="report folder (default runs/demo)")
-    parser.add_argument(
-        "--data-root", default=None, help="cache folder of the generated data (default: config)"
-    )
-    parser.add_argument(
-        "--config-dir", default=None, help="folder with demo_c2d.yaml and demo_nl_c2d.yaml"
-    )
-    parser.add_argument("--no-attention", action="store_true", help="skip the attention figure")
-    parser.add_argument(
-        "overrides", nargs="*", help="key=value overrides for both configs (train.steps=100)"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``nonlocalnet demo``."""
-    run_demo(
-        args.out,
-        overrides=args.overrides,
-        config_dir=args.config_dir,
-        data_root=args.data_root,
-        attention=not args.no_attention,
-    )
-    return 0

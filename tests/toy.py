@@ -5,6 +5,11 @@ with BatchNorm, dropout and a non-local block) that train in milliseconds per st
 :class:`RandomDataset` yields seeded tensors in the data pipeline's dict format with a label
 that a linear model can learn, plus a random flip drawn from the global torch generator so that
 tests see the effect of per-sample seeding.
+
+Configs name them by import path, as a user names their own model or dataset:
+``model.name: "toy:toy_video"`` and ``data.format: "toy:datasets"`` (``data.kwargs``:
+``num_samples``), with this folder on ``sys.path`` (pytest puts it there; subprocesses get it
+through ``PYTHONPATH``).
 """
 
 from __future__ import annotations
@@ -14,9 +19,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from nonlocalnet.layers.nonlocal_block import NonLocal2d, NonLocal3d
+from nonlocalnet.layers import NonLocalNd
 
-__all__ = ["TOY_MODELS", "RandomDataset", "ToyClassifier", "ToySegmenter"]
+__all__ = [
+    "RandomDataset",
+    "ToyClassifier",
+    "ToySegmenter",
+    "datasets",
+    "toy_image",
+    "toy_seg",
+    "toy_video",
+]
 
 
 class ToyClassifier(nn.Module):
@@ -52,8 +65,9 @@ class ToyClassifier(nn.Module):
         bn = nn.BatchNorm3d if dims == 3 else nn.BatchNorm2d
         self.bn = bn(width) if norm else nn.Identity()
         self.relu = nn.ReLU()
-        block = NonLocal3d if dims == 3 else NonLocal2d
-        self.nonlocal_block = block(width, norm=norm) if nonlocal_block else nn.Identity()
+        self.nonlocal_block = (
+            NonLocalNd(width, norm=norm, dims=dims) if nonlocal_block else nn.Identity()
+        )
         self.pool = nn.AdaptiveAvgPool3d(1) if dims == 3 else nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(width, num_classes)
@@ -90,20 +104,16 @@ class ToySegmenter(nn.Module):
         return out
 
 
-def _toy_video(num_classes: int = 2, **kwargs: Any) -> nn.Module:
+def toy_video(num_classes: int = 2, **kwargs: Any) -> nn.Module:
     return ToyClassifier(num_classes, dims=3, **kwargs)
 
 
-def _toy_image(num_classes: int = 2, **kwargs: Any) -> nn.Module:
+def toy_image(num_classes: int = 2, **kwargs: Any) -> nn.Module:
     return ToyClassifier(num_classes, dims=2, **kwargs)
 
 
-def _toy_seg(num_classes: int = 3, **kwargs: Any) -> nn.Module:
+def toy_seg(num_classes: int = 3, **kwargs: Any) -> nn.Module:
     return ToySegmenter(num_classes, **kwargs)
-
-
-#: Engine-local test models, built by ``build_model`` for names starting with ``toy_``.
-TOY_MODELS = {"toy_video": _toy_video, "toy_image": _toy_image, "toy_seg": _toy_seg}
 
 
 class RandomDataset(torch.utils.data.Dataset):
@@ -174,3 +184,26 @@ class RandomDataset(torch.utils.data.Dataset):
             x = x.flip(-1)
         sample.update({"video" if self.task == "video" else "image": x, "label": label})
         return sample
+
+
+def datasets(config: Any, split: str) -> RandomDataset:
+    """The ``data.format: "toy:datasets"`` reader: a seeded :class:`RandomDataset` per split.
+
+    ``data.kwargs`` may set ``num_samples`` (default 64); the validation split yields the test
+    protocol's ``eval.num_clips x eval.num_crops`` views of each video.
+    """
+    data = config.data
+    kwargs = dict(data.kwargs)
+    views = 0
+    if split != "train" and data.task == "video":
+        views = config.eval.num_clips * config.eval.num_crops
+    return RandomDataset(
+        data.task,
+        num_samples=int(kwargs.pop("num_samples", 64)),
+        num_classes=data.num_classes,
+        size=data.train_crop,
+        num_frames=data.num_frames,
+        views=views,
+        seed=config.train.seed + (0 if split == "train" else 1),
+        **kwargs,
+    )

@@ -1,6 +1,9 @@
-"""``nonlocalnet bench --suite context``: GC, SNL and APNB against the dense non-local block.
+"""GC, SNL and APNB against the dense non-local block: multiply-adds, map size, time, memory.
 
-Two groups of rows, every block in eval mode, batch 1, float32, forward only (``no_grad``):
+    python benchmarks/bench_context.py [--quick] [--device cuda] [--group apnb|context|all] [--json PATH]
+
+(also ``python benchmarks/bench_blocks.py --suite context``). Two groups of rows, every block in
+eval mode, batch 1, float32, forward only (``no_grad``):
 
 * ``apnb``: APNB vs a dense embedded-Gaussian NL, both with key/value width 256, on a
   2048-channel 128×256 map (N = 32768, the Cityscapes case of the ANN paper). The NL map is
@@ -11,25 +14,22 @@ Two groups of rows, every block in eval mode, batch 1, float32, forward only (``
 Columns:
 
 * ``macs``: multiply-adds of the whole block's forward pass, counted by
-  :class:`torch.utils.flop_counter.FlopCounterMode` (flops / 2) on the reference path with meta
-  tensors (fused attention performs the same products); ``macs_branch`` leaves out what is not
-  the non-local operation: APNB's concat fusion conv (2C → C over all N positions, which the ANN
-  paper's 11× comparison does not count). Both are checked against the closed forms
-  (:func:`analytic_macs`) on every run.
+  ``nonlocalnet.models.flops.count_macs`` on the reference path with meta tensors (fused
+  attention performs the same products); ``macs_branch`` leaves out what is not the non-local
+  operation: APNB's concat fusion conv (2C → C over all N positions, which the ANN paper's 11×
+  comparison does not count).
 * ``map_mib``: size of the pairwise map N×M in float32 (what the reference path materialises;
   the fast path never does). For SNL/GC it is the single 1×N row.
 * ``fwd_ms``: median forward time over repeated passes after a warm-up (one pass when a pass takes
   more than 10 s); ``peak_extra_mib``: peak memory above the level once the block and the input
-  exist (CPU: peak RSS, reset through ``/proc/self/clear_refs``; CUDA: ``max_memory_allocated``).
-  Each row runs in a fresh subprocess so its peak is its own.
+  exist (:class:`_measure.PeakMemory`: CPU peak RSS, CUDA ``max_memory_allocated``). Each row
+  runs in a fresh subprocess so its peak is its own.
 * ``*_vs_nl``: the row's value divided by the NL row of its group (NL reference for ``apnb``,
   NL fast for ``context``); e.g. ``macs_vs_nl = 0.086`` is 11.6× fewer multiply-adds.
 
-The dense reference NL at N = 32768 needs 2 maps of 4 GiB alive at once; when the machine has less free memory
-than that (``/proc/meminfo`` MemAvailable), its row is measured on a smaller map (the row's
-``note`` and ``N`` say which) and the other rows keep the full size.
-
-Run directly: ``python -m nonlocalnet.bench_context [--quick] [--device cuda] [--json PATH]``.
+The dense reference NL at N = 32768 needs 2 maps of 4 GiB alive at once; when the machine has
+less free memory than that (``/proc/meminfo`` MemAvailable), its row is measured on a smaller
+map (the row's ``note`` and ``N`` say which) and the other rows keep the full size.
 """
 
 from __future__ import annotations
@@ -37,21 +37,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import statistics
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-log = logging.getLogger(__name__)
+import _measure
+from nonlocalnet.layers.registry import create_block
+from nonlocalnet.models.flops import count_macs
 
-HELP = "benchmark GC/SNL/APNB against the dense non-local block"
+log = logging.getLogger("bench_context")
 
 #: (channels, key/value width, map size) of the APNB-vs-NL group.
 APNB_FULL = (2048, 256, (128, 256))
@@ -59,8 +61,8 @@ APNB_QUICK = (64, 16, (16, 32))
 #: (channels, map size) of the GC/SNL overhead group.
 CONTEXT_FULL = (1024, (28, 28))
 CONTEXT_QUICK = (64, (8, 8))
-
-MIB = 2.0**20
+#: Pyramid samples S of APNB (1 + 3² + 6² + 8²).
+APNB_SAMPLES = 110
 
 
 @dataclass
@@ -90,92 +92,29 @@ def _kwargs(case: Case) -> dict[str, Any]:
     return kw
 
 
-def build(case: Case, device: str | torch.device) -> torch.nn.Module:
+def build(case: Case, device: str | torch.device) -> nn.Module:
     """The case's block, in eval mode."""
-    from nonlocalnet.layers.registry import create_block
-
     return create_block(case.block, case.channels, device=device, **_kwargs(case)).eval()
 
 
-def analytic_macs(case: Case) -> tuple[int, int]:
-    """(whole block, non-local branch) multiply-adds of one forward pass, batch 1.
-
-    1×1 convs: P·C_in·C_out; attention: N·M·(d + C_v); pooling, softmax, norms, biases and
-    element-wise ops are not counted (nor are they by the flop counter).
-    """
-    c = case.channels
-    n = case.size[0] * case.size[1]
-    w = case.width or 0
-    if case.block == "nl":
-        total = 4 * n * c * w + 2 * n * n * w  # θ, φ, g, W_z; QKᵀ and PV
-        return total, total
-    if case.block == "apnb":
-        s = 110
-        branch = n * c * w * 3 + n * s * 2 * w  # f_key (shared with f_query), f_value, W
-        return branch + n * 2 * c * c, branch  # + fusion conv 2C → C
-    # SNL/GC: conv_mask and the pooling Σ_j w_j x_j, N·C each; the reference path also forms its
-    # N logits as a product with a constant 1-d query (N MACs, absent from the fast path).
-    if case.block == "snl":
-        total = 2 * n * c + n + c * c  # + W_v on the context
-        return total, total
-    if case.block.startswith("gc"):
-        r = {"gc": 1 / 16, "gc_r4": 1 / 4, "gc_mul": 1 / 16}[case.block]
-        total = 2 * n * c + n + 2 * c * int(c * r)  # + the two transform convs
-        return total, total
-    if case.block == "se":
-        total = 2 * c * int(c / 16)
-        return total, total
-    raise ValueError(f"no closed form for block {case.block!r}")
-
-
 def counted_macs(case: Case) -> tuple[int, int]:
-    """(whole block, non-local branch) multiply-adds counted by FlopCounterMode on meta tensors."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    ref = Case(**{**asdict(case), "impl": "reference"}) if case.block != "se" else case
+    """(whole block, non-local branch) multiply-adds of one forward pass, batch 1, counted by
+    ``count_macs`` on the reference path with meta tensors."""
+    ref = replace(case, impl="reference") if case.block != "se" else case
     block = build(ref, "meta")
     x = torch.empty(1, case.channels, *case.size, device="meta")
     with torch.no_grad():
-        with FlopCounterMode(display=False) as fc:
-            block(x)
-        total = fc.get_total_flops() // 2
-        branch = total
-        if case.block == "apnb":
-            with FlopCounterMode(display=False) as fc:
-                block.residual(x)
-            branch = fc.get_total_flops() // 2
+        total = count_macs(block, x)
+        branch = count_macs(block.residual, x) if case.block == "apnb" else total
     return total, branch
 
 
+def params(case: Case) -> int:
+    """Parameter count of the case's block."""
+    return sum(p.numel() for p in build(case, "meta").parameters())
+
+
 # -- measurement, inside the worker process ---------------------------------------------------
-
-
-def _proc_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            m = re.search(rf"{field}:\s+(\d+)", f.read())
-    except OSError:
-        return None
-    return int(m.group(1)) if m else None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def mem_available_gib() -> float | None:
-    """MemAvailable of /proc/meminfo, in GiB (None where unavailable)."""
-    try:
-        with open("/proc/meminfo") as f:
-            m = re.search(r"MemAvailable:\s+(\d+)", f.read())
-    except OSError:
-        return None
-    return int(m.group(1)) / 2**20 if m else None
 
 
 def measure(case: Case) -> dict[str, Any]:
@@ -185,8 +124,7 @@ def measure(case: Case) -> dict[str, Any]:
         torch.set_num_threads(case.threads)
     torch.manual_seed(0)
     # warm kernels and thread pools on a tiny map first
-    small = Case(**{**asdict(case), "size": (8, 8)})
-    warm = build(small, device)
+    warm = build(replace(case, size=(8, 8)), device)
     with torch.no_grad():
         warm(torch.randn(1, case.channels, 8, 8, device=device))
     del warm
@@ -195,7 +133,7 @@ def measure(case: Case) -> dict[str, Any]:
     x = torch.randn(1, case.channels, *case.size, device=device)
     cuda = device.type == "cuda"
 
-    def once(fn: Any = block) -> float:
+    def once(fn: Callable[[torch.Tensor], torch.Tensor] = block) -> float:
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -207,7 +145,7 @@ def measure(case: Case) -> dict[str, Any]:
         del y
         return dt
 
-    def repeat(fn: Any, first: float) -> list[float]:
+    def repeat(fn: Callable[[torch.Tensor], torch.Tensor], first: float) -> list[float]:
         if first >= 10.0:
             return [first]
         times: list[float] = []
@@ -216,18 +154,10 @@ def measure(case: Case) -> dict[str, Any]:
             times.append(once(fn))
         return times
 
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        tracked = _reset_peak_rss() and _proc_kib("VmRSS") is not None
-        base = _proc_kib("VmRSS") if tracked else 0
+    mem = _measure.PeakMemory(device)
+    mem.start()
     first = once()
-    if cuda:
-        peak = (torch.cuda.max_memory_allocated() - base) / MIB
-    else:
-        peak = ((_proc_kib("VmHWM") or 0) - (base or 0)) / 1024.0 if tracked else float("nan")
+    peak = mem.extra_mib()
     times = repeat(block, first)
     # APNB: the non-local branch alone (everything but the concat fusion conv)
     branch = repeat(block.residual, once(block.residual)) if case.block == "apnb" else times
@@ -237,33 +167,33 @@ def measure(case: Case) -> dict[str, Any]:
         "branch_ms": 1000.0 * statistics.median(branch),
         "peak_extra_mib": peak,
         "reps": len(times),
-        "params": sum(p.numel() for p in block.parameters()),
     }
 
 
-def _worker_main(spec: str) -> int:
-    case = Case(**json.loads(spec))
-    case.size = tuple(case.size)  # type: ignore[assignment]
-    print("ROW " + json.dumps(measure(case)), flush=True)
-    return 0
+def _measure_case(case: dict[str, Any]) -> dict[str, Any]:
+    """Worker entry: a :class:`Case` as JSON in, its measurements out."""
+    return measure(Case(**{**case, "size": tuple(case["size"])}))
 
 
 def measure_in_subprocess(case: Case, timeout: float) -> dict[str, Any]:
-    """:func:`measure` in a fresh interpreter, so the peak memory is the case's own."""
-    cmd = [sys.executable, "-m", "nonlocalnet.bench_context", "--worker", json.dumps(asdict(case))]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """:func:`measure` in a fresh interpreter; ``{"error": why}`` when it fails."""
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("ROW "):
-            return json.loads(line[4:])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+        return _measure.run_worker(__file__, asdict(case), timeout=timeout)
+    except _measure.WorkerError as err:
+        return {"error": str(err)}
 
 
 # -- the suite ---------------------------------------------------------------------------------
+
+
+def mem_available_gib() -> float | None:
+    """MemAvailable of /proc/meminfo, in GiB (None where unavailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            m = re.search(r"MemAvailable:\s+(\d+)", f.read())
+    except OSError:
+        return None
+    return int(m.group(1)) / 2**20 if m else None
 
 
 def _dense_nl_fits(c: int, size: tuple[int, int]) -> tuple[bool, str]:
@@ -310,9 +240,9 @@ def cases(
 
 def _map_mib(case: Case) -> float:
     n = case.size[0] * case.size[1]
-    m = {"nl": n, "apnb": 110, "snl": n, "gc": n, "gc_r4": n}.get(case.block, 0)
+    m = {"nl": n, "apnb": APNB_SAMPLES, "snl": n, "gc": n, "gc_r4": n}.get(case.block, 0)
     rows = n if case.block in ("nl", "apnb") else 1
-    return rows * m * 4 / MIB
+    return rows * m * 4 / _measure.MIB
 
 
 def measure_suite(
@@ -321,42 +251,39 @@ def measure_suite(
     timeout: float = 900.0,
     group: str = "all",
     threads: int | None = None,
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """Measure every case; returns the rows (with the ratios to the NL row of each group)."""
     rows: list[dict[str, Any]] = []
     for case in cases(quick, device, group, threads):
         macs, branch = counted_macs(case)
-        closed = analytic_macs(case)
-        if (macs, branch) != closed:
-            log.warning(
-                "%s: counted MACs %s differ from the closed form %s", case, (macs, branch), closed
-            )
         log.info("measuring %s %s %s %s", case.group, case.block, case.impl, case.size)
         res = measure_in_subprocess(case, timeout)
         n = case.size[0] * case.size[1]
-        row = {
-            "group": case.group,
-            "block": case.block,
-            "impl": case.impl,
-            "C": case.channels,
-            "size": list(case.size),
-            "width": case.width,
-            "N": n,
-            "M": {"apnb": 110, "se": 0}.get(case.block, n),
-            "fwd_ms": res.get("fwd_ms", float("nan")),
-            "fwd_ms_min": res.get("fwd_ms_min", float("nan")),
-            "branch_ms": res.get("branch_ms", float("nan")),
-            "reps": res.get("reps", 0),
-            "peak_extra_mib": res.get("peak_extra_mib", float("nan")),
-            "macs": macs,
-            "macs_branch": branch,
-            "map_mib": _map_mib(case),
-            "params": res.get("params", sum(p.numel() for p in build(case, "meta").parameters())),
-            "device": device,
-            "threads": case.threads or torch.get_num_threads(),
-            "note": case.note or res.get("error", ""),
-        }
-        rows.append(row)
+        nan = float("nan")
+        rows.append(
+            {
+                "group": case.group,
+                "block": case.block,
+                "impl": case.impl,
+                "C": case.channels,
+                "size": list(case.size),
+                "width": case.width,
+                "N": n,
+                "M": {"apnb": APNB_SAMPLES, "se": 0}.get(case.block, n),
+                "fwd_ms": res.get("fwd_ms", nan),
+                "fwd_ms_min": res.get("fwd_ms_min", nan),
+                "branch_ms": res.get("branch_ms", nan),
+                "reps": res.get("reps", 0),
+                "peak_extra_mib": res.get("peak_extra_mib", nan),
+                "macs": macs,
+                "macs_branch": branch,
+                "map_mib": _map_mib(case),
+                "params": params(case),
+                "device": device,
+                "threads": case.threads or torch.get_num_threads(),
+                "note": case.note or res.get("error", ""),
+            }
+        )
     _add_ratios(rows)
     return rows
 
@@ -364,9 +291,9 @@ def measure_suite(
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
     """``*_vs_nl``: each row over the NL row of its group, taken at the group's full map size.
 
-    A reference NL measured on a smaller map (not enough memory) is compared through its closed
-    form MACs and map size at the full size, and its time and memory scaled by (N_full/N)², the
-    order of its dominant terms; its ``note`` says so.
+    A reference NL measured on a smaller map (not enough memory) is compared through its MACs
+    and map size at the full size, and its time and memory scaled by (N_full/N)², the order of
+    its dominant terms; its ``note`` says so.
     """
     for group, ref_impl in (("apnb", "reference"), ("context", "fast")):
         grp = [r for r in rows if r["group"] == group]
@@ -379,8 +306,8 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
         if s != 1.0:
             ref["note"] += f"; ratios use its time and memory × {s:.0f} (N² scaling)"
         nl_full = Case(group, "nl", ref_impl, ref["C"], full_size, ref["width"])
-        ref_macs = float(analytic_macs(nl_full)[0])
-        ref_map = n_full * n_full * 4 / MIB
+        ref_macs = float(counted_macs(nl_full)[0])
+        ref_map = n_full * n_full * 4 / _measure.MIB
         for r in grp:
             own = r is ref
             r["macs_vs_nl"] = 1.0 if own else r["macs"] / ref_macs
@@ -430,35 +357,28 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def run(args: argparse.Namespace) -> list[dict]:
-    """Entry point of ``nonlocalnet bench --suite context``: measure, print, return the rows.
-
-    Reads ``args.quick`` and, when present, ``args.device``, ``args.timeout``, ``args.threads``,
-    ``args.context_group`` (``apnb``/``context``/``all``) and ``args.json``
-    (rows written to ``<json stem>_context.json`` next to it when the NL suite writes ``args.json``
-    too, i.e. ``--suite all``).
-    """
-    quick = bool(getattr(args, "quick", False))
-    device = getattr(args, "device", None) or "cpu"
-    timeout = float(getattr(args, "timeout", None) or 900.0)
-    group = getattr(args, "context_group", None) or "all"
-    threads = getattr(args, "threads", None)
+def run_suite(
+    quick: bool,
+    *,
+    device: str = "cpu",
+    timeout: float = 900.0,
+    group: str = "all",
+    threads: int | None = None,
+    json_path: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Measure, print the tables, write the rows to ``json_path`` (NaN as null); returns them."""
     rows = measure_suite(quick, device, timeout, group, threads)
     print(format_table(rows))
-    path = getattr(args, "json", None)
-    if path is not None:
-        path = Path(path)
-        if getattr(args, "suite", "context") != "context":
-            path = path.with_name(path.stem + "_context.json")
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
         safe = [{k: (None if v != v else v) for k, v in r.items()} for r in rows]  # NaN -> null
-        path.write_text(json.dumps(safe, indent=2))
+        json_path.write_text(json.dumps(safe, indent=2))
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m nonlocalnet.bench_context``."""
-    p = argparse.ArgumentParser(description=HELP)
+    """Parse the options and run the suite."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per row")
@@ -469,17 +389,24 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads per row (1 gives stable times on a loaded machine)",
     )
     p.add_argument("--json", type=Path, default=None, help="write the rows to this file")
-    p.add_argument(
-        "--group", dest="context_group", choices=("apnb", "context", "all"), default="all"
-    )
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--group", choices=("apnb", "context", "all"), default="all")
+    p.add_argument(_measure.WORKER_FLAG, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker is not None:
-        return _worker_main(args.worker)
+        return _measure.worker_main(_measure_case, args.worker)
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    run(args)
+    run_suite(
+        args.quick,
+        device=args.device,
+        timeout=args.timeout,
+        group=args.group,
+        threads=args.threads,
+        json_path=args.json,
+    )
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover
+if __name__ == "__main__":
     sys.exit(main())

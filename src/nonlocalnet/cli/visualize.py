@@ -1,0 +1,102 @@
+"""``nonlocalnet visualize``: attention figures of a trained model on one video or image.
+
+Loads the checkpoint's model (:func:`nonlocalnet.engine.checkpoint.load_model`), prepares the
+input from the checkpoint's ``config["data"]`` (:func:`nonlocalnet.viz.visualize.load_input`)
+and draws, for each attention block (or the one named with ``--block``) and each query, the
+arrows and heat map of :func:`nonlocalnet.viz.visualize.draw_model_attention`; prints one line per
+query and writes the figures and ``summary.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from nonlocalnet.engine.checkpoint import load_model
+from nonlocalnet.viz.visualize import (
+    draw_model_attention,
+    load_input,
+    model_is_video,
+    select_blocks,
+)
+
+HELP = "draw attention maps of a checkpoint's blocks on a video or image (arrows + heat maps)"
+
+
+def parse_query(text: str) -> tuple[float, ...]:
+    """``"t,y,x"`` or ``"y,x"`` (input pixels) -> a tuple of floats.
+
+    Raises:
+        ValueError: not 2 or 3 comma-separated numbers.
+    """
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in (2, 3):
+        raise ValueError(f"--queries: expected t,y,x or y,x in input pixels, got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``nonlocalnet visualize``."""
+    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint (.pt) to load")
+    parser.add_argument("--input", type=Path, required=True, help="a video or image file")
+    parser.add_argument(
+        "--block",
+        default=None,
+        help="qualified name of one attention block (default: every attention block)",
+    )
+    parser.add_argument(
+        "--queries",
+        nargs="+",
+        type=parse_query,
+        default=None,
+        metavar="T,Y,X",
+        help="query positions in pixels of the prepared input (after the test resize and "
+        "crop; t = frame of the clip): t,y,x for video, y,x for images; default: the "
+        "positions of largest input-feature norm",
+    )
+    parser.add_argument(
+        "--num-queries", type=int, default=3, help="queries picked when --queries is not given"
+    )
+    parser.add_argument("--k", type=int, default=20, help="arrows per query (default 20)")
+    parser.add_argument("--max-frames", type=int, default=8, help="frames per figure (default 8)")
+    parser.add_argument("--out", type=Path, default=Path("attention"), help="output folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the checkpoint, prepare the input, draw every asked block's figures."""
+    for name in ("k", "num_queries", "max_frames"):
+        v = getattr(args, name)
+        if v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {str(args.checkpoint)!r} does not exist")
+    model, config = load_model(args.checkpoint)
+    block_names = None if args.block is None else [args.block]
+    blocks = select_blocks(model, block_names)  # fail before reading the input
+    x, frames = load_input(args.input, config.get("data") or {}, video=model_is_video(model))
+    summary = draw_model_attention(
+        model,
+        x,
+        frames,
+        blocks=block_names,
+        queries=args.queries,
+        num_queries=args.num_queries,
+        k=args.k,
+        out_dir=args.out,
+        model_name=config.get("model", {}).get("name", type(model).__name__),
+        input_name=str(args.input),
+        max_frames=args.max_frames,
+        meta={"checkpoint": str(args.checkpoint)},
+    )
+    for entry in summary["blocks"]:
+        for q in entry["queries"]:
+            print(
+                f"{entry['block']} ({entry['type']}) query {q['feature_position']} -> pixel "
+                f"{[round(p, 1) for p in q['pixel']]}: top weight {q['topk_weights'][0]:.4f}; "
+                f"{', '.join(Path(f).name for f in q['files'])}"
+            )
+    print(f"wrote {len(blocks)} block(s) of figures and summary.json to {args.out}")
+    return 0
