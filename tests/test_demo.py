@@ -132,9 +132,9 @@ def test_configs_must_share_the_budget(tmp_path: Path) -> None:
 
 
 def test_cli_parses_demo_arguments() -> None:
-    from nonlocalnet.cli import _build_parser
+    from nonlocalnet.cli import parse
 
-    args = _build_parser("demo").parse_args(["demo", "--out", "x", "train.steps=3"])
+    args = parse(["demo", "train.steps=3", "--out", "x"])
     assert args.out == "x" and args.overrides == ["train.steps=3"]
     assert args._module.__name__ == "nonlocalnet.cli.demo"
 

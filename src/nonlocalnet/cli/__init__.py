@@ -36,40 +36,67 @@ SUMMARIES: dict[str, str] = {
 }
 
 
-def _build_parser(command: str | None) -> argparse.ArgumentParser:
+def _command_parser(command: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand, from its module."""
+    module = importlib.import_module(COMMANDS[command])
+    parser = argparse.ArgumentParser(
+        prog=f"nonlocalnet {command}", description=module.HELP, allow_abbrev=False
+    )
+    module.add_arguments(parser)
+    parser.set_defaults(_module=module, command=command)
+    return parser
+
+
+def _top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nonlocalnet",
         description="Non-local neural networks: blocks, networks, training and analysis.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module_name in COMMANDS.items():
-        if name != command:
-            sub.add_parser(name, help=SUMMARIES[name])
-            continue
-        module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        module.add_arguments(p)
-        p.set_defaults(_module=module)
+    for name in COMMANDS:
+        sub.add_parser(name, help=SUMMARIES[name], add_help=False)
     return parser
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse a command line: global options, the command, then its options and ``key=value``
+    overrides in any order (``train --config C train.steps=4 --out D``).
+
+    Raises:
+        SystemExit: ``--help``, or arguments argparse refuses (with its usage message).
+    """
+    argv = list(argv)
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    top = _top_parser()
+    if at is None or argv[at] not in COMMANDS:
+        args = top.parse_args(argv)  # prints the help / the list of commands, or no command
+        args.verbose = getattr(args, "verbose", False)
+        return args
+    head = top.parse_args([*argv[:at], argv[at]])
+    args = _command_parser(argv[at]).parse_intermixed_args(argv[at + 1 :])
+    args.verbose = head.verbose
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nonlocalnet`` command."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in argv if not a.startswith("-")), None)
-    parser = _build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
+    args = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if args.command is None:
-        parser.print_help()
+    if getattr(args, "command", None) is None:
+        _top_parser().print_help()
         return 2
     try:
         return int(args._module.run(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
-        # Bad input from the user: one clear line, no traceback.
+    except KeyboardInterrupt:
+        print(f"nonlocalnet {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, KeyError, RuntimeError) as err:
+        # Bad input or a stopped run: one clear line (the traceback with --verbose).
+        if args.verbose:
+            raise
         print(f"nonlocalnet {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 from pathlib import Path
@@ -23,7 +24,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.num_clips=3"
     )
-    parser.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    parser.add_argument(
+        "--json",
+        default=None,
+        help="also write the metrics and each sample's prediction to this JSON file",
+    )
+    parser.add_argument(
+        "--csv",
+        default=None,
+        help="write each sample's prediction (index, path, label, prediction, scores) as CSV",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,10 +46,18 @@ def run(args: argparse.Namespace) -> int:
         config = stored_config(args.checkpoint, args.overrides)
     else:
         config = load_config(args.config, args.overrides)
-    metrics = finite_metrics(evaluate(config, args.checkpoint))
-    if int(os.environ.get("RANK", "0")) == 0:
+    main = int(os.environ.get("RANK", "0")) == 0
+    if main:
+        print(f"test views: {_views(config)}")
+    wanted = bool(args.json or args.csv)
+    metrics = finite_metrics(evaluate(config, args.checkpoint, predictions=wanted))
+    if main:
+        predictions = metrics.pop("predictions", [])
         if args.json:
-            Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+            record = {**metrics, "views": _views(config), "predictions": predictions}
+            Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        if args.csv:
+            _write_csv(Path(args.csv), predictions)
         per_class = metrics.pop("per_class_iou", None)
         width = max(len(k) for k in metrics)
         for key, value in metrics.items():
@@ -49,3 +67,26 @@ def run(args: argparse.Namespace) -> int:
             print("per-class IoU: " + " ".join("-" if v is None else f"{v:.1f}" for v in per_class))
     cleanup_distributed()
     return 0
+
+
+def _views(config: object) -> str:
+    """The test protocol, in words."""
+    data, ev = config.data, config.eval  # type: ignore[attr-defined]
+    if data.task == "video":
+        return (
+            f"{ev.num_clips} clips x {ev.num_crops} crops of {data.test_crop} per video "
+            f"(short side {data.test_short_side}), softmax averaged over the "
+            f"{ev.num_clips * ev.num_crops} views"
+        )
+    if data.task == "image":
+        return f"one centre crop of {data.test_crop} (short side {data.test_short_side})"
+    return "the whole image, one view"
+
+
+def _write_csv(path: Path, predictions: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "path", "label", "prediction", "scores"])
+        for p in predictions:
+            scores = " ".join(f"{v:.6g}" for v in p["scores"])
+            writer.writerow([p["index"], p["path"], p["label"], p["prediction"], scores])

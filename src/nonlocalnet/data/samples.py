@@ -167,8 +167,14 @@ class SkipTracker:
         targets = next((batch[k] for k in ("label", "mask", "index") if k in batch), ())
         loaded = len(targets)
         index = batch.get("index")
-        if self.num_entries and isinstance(index, torch.Tensor) and len(index) == loaded:
-            failed = torch.as_tensor(batch.get("unreadable_index") or [], dtype=torch.long)
+        failed = torch.as_tensor(batch.get("unreadable_index") or [], dtype=torch.long)
+        named = (
+            self.num_entries
+            and isinstance(index, torch.Tensor)
+            and len(index) == loaded
+            and all(self._in_range(t) for t in (index, failed))
+        )
+        if named:
             self.read[index.long()] = 1
             self.read[failed] = 1
             self.failed[failed] = 1
@@ -179,6 +185,10 @@ class SkipTracker:
             self.anonymous += torch.tensor([skipped, skipped + loaded], dtype=torch.float64)
         if check:
             self.check()
+
+    def _in_range(self, index: torch.Tensor) -> bool:
+        """Every entry index within the dataset (a user's dataset may number otherwise)."""
+        return not len(index) or (int(index.min()) >= 0 and int(index.max()) < self.num_entries)
 
     def state(self) -> list[torch.Tensor]:
         """The tensors to combine over processes: bitmaps (max) and anonymous counts (sum)."""

@@ -23,11 +23,17 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from nonlocalnet.data.samples import SkipTracker
 from nonlocalnet.engine import checkpoint as ckpt
 from nonlocalnet.engine.build import build_datasets, build_model, collate_for
-from nonlocalnet.engine.config import Config, apply_overrides, config_from_dict
+from nonlocalnet.engine.config import Config, apply_overrides, config_from_dict, config_to_dict
 from nonlocalnet.engine.distributed import DistInfo, init_distributed
 from nonlocalnet.engine.metrics import ConfusionMatrix, ScoreAccumulator, multiview_scores
 from nonlocalnet.engine.sampling import EvalBatchSampler
-from nonlocalnet.engine.step import autocast_context, model_output, resolve_device, split_batch
+from nonlocalnet.engine.step import (
+    autocast_context,
+    model_output,
+    resolve_device,
+    skip_totals,
+    split_batch,
+)
 
 __all__ = ["evaluate", "finite_metrics", "run_evaluation", "stored_config"]
 
@@ -46,13 +52,27 @@ def run_evaluation(
     *,
     dist_info: DistInfo | None = None,
     device: torch.device | str = "cpu",
+    predictions: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``dataset`` with the protocol of ``config.data.task``.
+
+    Args:
+        model: the model.
+        dataset: the validation dataset (test views).
+        config: the run config (``data``, ``eval`` and ``train.amp`` are used).
+        dist_info: this process's rank (each process evaluates a shard).
+        device: where the model runs.
+        predictions: also return each sample's prediction (video/image).
 
     Returns:
         video/image: ``top1``, ``top5`` (percent; top-k with k > classes left out),
         ``num_samples``; segmentation: ``mean_iou``, ``per_class_iou``, ``pixel_accuracy``
-        (percent), ``num_pixels``. Skipped (unreadable) samples are counted in ``skipped``.
+        (percent), ``num_pixels``; always ``skipped``, the unreadable samples left out. With
+        ``predictions``: ``predictions``, one ``{"index", "path", "label", "prediction",
+        "scores"}`` per sample (scores averaged over its views), in index order.
+
+    Raises:
+        RuntimeError: more than ``data.max_skip_fraction`` of the samples were unreadable.
     """
     dist_info = dist_info or DistInfo()
     device = torch.device(device)
@@ -74,7 +94,8 @@ def run_evaluation(
     autocast = autocast_context(config.train.amp, device)
     scores = ScoreAccumulator()
     confusion = ConfusionMatrix(config.data.num_classes, config.data.ignore_index)
-    skips = SkipTracker(config.data.max_skip_fraction)
+    skips = SkipTracker(config.data.max_skip_fraction, num_entries=len(dataset))
+    paths: dict[int, str] = {}
     for batch_indices, batch in zip(sampler, loader, strict=True):
         skips.update(batch, check=False)
         inputs, target = split_batch(batch, task)
@@ -104,17 +125,45 @@ def run_evaluation(
                 logits = _logits(model(inputs))
             batch_scores = logits.float().softmax(dim=-1)  # (B, K)
         scores.update(indices, batch_scores, target)
+        if predictions:
+            paths.update(zip(indices.tolist(), batch.get("path") or [], strict=False))
     model.train(was_training)
+    skipped, read = skip_totals(skips)
     if task == "segmentation":
         out = confusion.compute(device)
     else:
         out = scores.compute(tuple(config.eval.topk), device)
-    if skips.num_skipped:
-        out["skipped"] = skips.num_skipped
+    out["skipped"] = skipped
+    skips.check_total(skipped, read)
+    if predictions and task != "segmentation":
+        out["predictions"] = _predictions(scores, paths, device)
     return out
 
 
-def evaluate(config: Config, checkpoint: str | Path) -> dict[str, Any]:
+def _predictions(
+    scores: ScoreAccumulator, paths: dict[int, str], device: torch.device
+) -> list[dict[str, Any]]:
+    """One record per sample (gathered over processes), in index order."""
+    index, score, label = scores.gather(device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        shards: list[dict[int, str]] = [{} for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather_object(shards, paths)
+        paths = {k: v for shard in shards for k, v in shard.items()}
+    return [
+        {
+            "index": int(i),
+            "path": paths.get(int(i)),
+            "label": int(y),
+            "prediction": int(row.argmax()),
+            "scores": [round(float(v), 6) for v in row],
+        }
+        for i, row, y in zip(index, score, label, strict=True)
+    ]
+
+
+def evaluate(
+    config: Config, checkpoint: str | Path, *, predictions: bool = False
+) -> dict[str, Any]:
     """Load ``checkpoint``'s weights into ``config``'s model and evaluate on the validation set.
 
     Args:
@@ -135,17 +184,22 @@ def evaluate(config: Config, checkpoint: str | Path) -> dict[str, Any]:
         path = found
     model = build_model(config)
     if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise FileNotFoundError(f"weights file {str(path)!r} not found")
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(path)))
+        state, stored = ckpt.load_weights(path), None
     else:
-        model.load_state_dict(ckpt.load_checkpoint(path)["model"])
+        saved = ckpt.load_checkpoint(path)
+        state, stored = saved["model"], saved.get("config")
+    ckpt.check_state_dict(
+        model, state, source=f"checkpoint {str(path)!r}", stored_config=stored,
+        config=config_to_dict(config),
+    )  # fmt: skip
+    model.load_state_dict(state)
     model.to(device)
     _, val_set = build_datasets(config, train=False)
-    metrics = run_evaluation(model, val_set, config, dist_info=dist_info, device=device)
-    logger.info("eval %s: %s", path, json.dumps(finite_metrics(metrics)))
+    metrics = run_evaluation(
+        model, val_set, config, dist_info=dist_info, device=device, predictions=predictions
+    )
+    shown = {k: v for k, v in finite_metrics(metrics).items() if k != "predictions"}
+    logger.info("eval %s: %s", path, json.dumps(shown))
     return metrics
 
 

@@ -5,9 +5,9 @@ the last stages (torchvision's ``replace_stride_with_dilation``), so ImageNet ch
 into ``model.backbone``. Heads:
 
 * ``fcn``: 3×3 conv → BN → ReLU → dropout → 1×1 classifier (the baseline).
-* ``nl`` / ``gc``: 3×3 conv to ``head_channels`` → NonLocal2d / GlobalContext → 3×3 conv →
-  dropout → classifier. A fresh attention block is the identity, so at initialisation these
-  equal the same head with the block removed.
+* any block of the factory (:func:`nonlocalnet.layers.create_block`: ``nl``, ``gc``, ...): 3×3
+  conv to ``head_channels`` → the block → 3×3 conv → dropout → classifier. A fresh attention
+  block is the identity, so at initialisation these equal the same head with the block removed.
 * ``ann`` (Zhu et al. 2019): AFNB(stage 4, stage 5) → 3×3 conv to 512 → APNB → classifier.
 
 Logits are bilinearly upsampled to the input size. In training mode the model returns
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nonlocalnet._checks import check_choice, check_feature_map
+from nonlocalnet.layers import AFNB, APNB, create_block, list_blocks
 from nonlocalnet.models.resnet import DEPTHS, ResNet
 
 __all__ = [
@@ -35,7 +36,8 @@ __all__ = [
     "create_segmentation_model",
 ]
 
-HEADS = ("fcn", "nl", "gc", "ann")
+#: heads with their own structure; any block name of the factory is a head too.
+HEADS = ("fcn", "ann")
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel: int = 3) -> nn.Sequential:
@@ -123,8 +125,6 @@ class ANNHead(nn.Module):
         dropout: float = 0.05,
     ):
         super().__init__()
-        from nonlocalnet.layers.asymmetric import AFNB, APNB
-
         self.fusion = AFNB(
             low_channels,
             high_channels,
@@ -212,7 +212,8 @@ def create_segmentation_model(
 
     Args:
         depth: ResNet depth (ignored when ``block`` and ``layers`` are given).
-        head: ``"fcn"``, ``"nl"``, ``"gc"`` or ``"ann"``.
+        head: ``"fcn"``, ``"ann"`` or a block name of :func:`nonlocalnet.layers.list_blocks`
+            (``"nl"``, ``"gc"``, ...).
         num_classes: segmentation classes (19: Cityscapes).
         output_stride: 8 or 16.
         aux: add the auxiliary FCN head on stage 4.
@@ -233,7 +234,7 @@ def create_segmentation_model(
     Returns:
         The model.
     """
-    check_choice("head", head, HEADS)
+    check_choice("head", head, (*HEADS, *list_blocks()))
     check_choice("output_stride", output_stride, (8, 16))
     if block is None or layers is None:
         if depth not in DEPTHS:
@@ -258,20 +259,11 @@ def create_segmentation_model(
         if kw:
             raise ValueError(f"head 'fcn' takes no head_kwargs, got {sorted(kw)}")
         head_module: nn.Module = FCNHead(c5, head_channels, num_classes, dropout)
-    elif head == "nl":
-        from nonlocalnet import NonLocal2d
-
-        head_module = BlockHead(
-            c5, head_channels, num_classes, NonLocal2d(head_channels, **kw), dropout
-        )
-    elif head == "gc":
-        from nonlocalnet.layers.global_context import GlobalContext
-
-        head_module = BlockHead(
-            c5, head_channels, num_classes, GlobalContext(head_channels, **kw), dropout
-        )
-    else:
+    elif head == "ann":
         head_module = ANNHead(c4, c5, head_channels, num_classes, **kw)
+    else:
+        block = create_block(head, head_channels, dims=2, **kw)
+        head_module = BlockHead(c5, head_channels, num_classes, block, dropout)
     aux_head = FCNHead(c4, max(head_channels // 2, 1), num_classes, dropout) if aux else None
     model = SegmentationModel(backbone, head_module, aux_head, aux_weight)
     model.default_input = tuple(default_input)
