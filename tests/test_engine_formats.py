@@ -36,7 +36,8 @@ def test_video_list_files_with_an_unreadable_video(tmp_path: Path) -> None:
     (folder / val_lines[0]).write_bytes(b"not an mp4")
     data = {"task": "video", "format": "list", "root": str(folder), "train_split": "train.txt",
             "val_split": "val.txt", "num_classes": 2, "num_frames": 4, "sampling_rate": 2,
-            "train_jitter": [32, 36], "train_crop": 32, "test_short_side": 32, "test_crop": 32}  # fmt: skip
+            "train_jitter": [32, 36], "train_crop": 32, "test_short_side": 32, "test_crop": 32,
+            "max_skip_fraction": 0.5}  # fmt: skip
     config = _cfg("nl_c2d_tiny", data)
     result = train(config, out_dir=tmp_path / "run")
     assert result["val_num_samples"] == 3 and result["val_skipped"] == 1

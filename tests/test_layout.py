@@ -3,7 +3,7 @@
 Every module of ``src/nonlocalnet`` is parsed (not imported); its imports, at module level and
 inside functions, form a graph. The rules are the table of docs/ARCHITECTURE.md:
 
-    functional ← layers ← models ← engine ← apps ← cli      (data and viz beside models)
+    functional ← layers ← models ← convert ← engine ← apps ← cli   (data and viz beside models)
 """
 
 from __future__ import annotations
@@ -26,10 +26,13 @@ ALLOWED: dict[str, set[str]] = {
     "data": {"_checks", "data"},
     "models": {"_checks", "functional", "layers", "models"},
     "viz": {"_checks", "functional", "layers", "analysis", "models", "data", "viz"},
-    "engine": {"_checks", "functional", "layers", "analysis", "models", "data", "engine"},
-    "apps": {"_checks", "functional", "layers", "analysis", "models", "data", "viz", "engine"},
-    "cli": {"_checks", "functional", "layers", "analysis", "models", "data", "viz", "engine"}
-    | {"apps", "cli"},
+    "convert": {"_checks", "functional", "layers", "models", "convert"},
+    "engine": {"_checks", "functional", "layers", "analysis", "models", "data", "convert"}
+    | {"engine"},
+    "apps": {"_checks", "functional", "layers", "analysis", "models", "data", "viz", "convert"}
+    | {"engine"},
+    "cli": {"_checks", "functional", "layers", "analysis", "models", "data", "viz", "convert"}
+    | {"engine", "apps", "cli"},
 }
 
 
