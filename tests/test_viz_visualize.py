@@ -17,7 +17,7 @@ from nonlocalnet.cli import main
 from nonlocalnet.cli.visualize import parse_query
 from nonlocalnet.engine.checkpoint import load_model, save_checkpoint
 from nonlocalnet.models import create_model
-from nonlocalnet.viz.attention import DPI, grid_figsize
+from nonlocalnet.viz.attention import DPI, format_weight, grid_figsize
 from nonlocalnet.viz.visualize import draw_model_attention, load_input
 
 DATA = {
@@ -81,14 +81,18 @@ def test_visualize_image_topk_match_the_reference_map(tmp_path: Path) -> None:
     ref = torch.topk(row, 6)
     assert query["topk_keys"] == ref.indices.tolist()
     np.testing.assert_allclose(query["topk_weights"], ref.values.numpy(), rtol=1e-5)
+    # the own key: the 2x2 pooled cell (t, h // 2, w // 2) = (2, 1, 1) of the (4, 2, 2) keys
+    assert entry["exclude_self"] is False
+    assert query["self_key"] == 2 * 4 + 1 * 2 + 1
+    assert query["self_weight"] == pytest.approx(float(row[query["self_key"]]), rel=1e-5)
     # pooled key (t, i, j) -> frame 2t + 0.5, pixel 16i + 4, 16j + 4 (centre of a 2x2 cell).
     for m, pix in zip(query["topk_keys"], query["topk_pixels"], strict=True):
         t, i, j = m // 4, (m // 2) % 2, m % 2
         assert pix == [2 * t + 0.5, 16.0 * i + 4.0, 16.0 * j + 4.0]
-    for f in query["files"]:
+    for f, legend in zip(query["files"], (True, False), strict=True):  # arrows, heat map
         with Image.open(f) as im:
             assert im.format == "PNG"
-            w, h = grid_figsize(2)
+            w, h = grid_figsize(2, legend=legend)
             assert im.size == (round(w * DPI), round(h * DPI))
 
 
@@ -174,3 +178,38 @@ def test_parse_query() -> None:
     for bad in ("1", "1,2,3,4", "a,b"):
         with pytest.raises(ValueError, match=f"expected t,y,x or y,x in input pixels, got '{bad}'"):
             parse_query(bad)
+
+
+def test_visualize_exclude_self(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--exclude-self: the top k of the other keys, weights as they are; the own key reported."""
+    ckpt = _checkpoint(tmp_path / "nl.pt", "nl_c2d_tiny")
+    img = tmp_path / "still.png"
+    Image.fromarray(_frames()[6]).save(img)
+    out = tmp_path / "figs"
+    argv = ["visualize", "--checkpoint", str(ckpt), "--input", str(img), "--out", str(out)]
+    argv += ["--block", "layer2.0.after", "--queries", "5,20,12", "--k", "4", "--exclude-self"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    (entry,) = json.loads((out / "summary.json").read_text())["blocks"]
+    (query,) = entry["queries"]
+    assert entry["exclude_self"] is True
+    own = query["self_key"]
+    assert own == 2 * 4 + 1 * 2 + 1
+
+    model, config = load_model(ckpt)
+    x, _ = load_input(img, config["data"], video=True)
+    block = model.get_submodule("layer2.0.after")
+    seen = {}
+    block.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+    with torch.no_grad():
+        model(x[None])
+    block.impl = "reference"
+    row = block.attention_map(seen["x"])[0, 2 * 16 + 2 * 4 + 2]  # (M,)
+    others = row.clone()
+    others[own] = -float("inf")
+    ref = torch.topk(others, 4)
+    assert own not in query["topk_keys"]
+    assert query["topk_keys"] == ref.indices.tolist()
+    np.testing.assert_allclose(query["topk_weights"], row[ref.indices].numpy(), rtol=1e-5)
+    assert query["self_weight"] == pytest.approx(float(row[own]), rel=1e-5)
+    assert f"own key weight {format_weight(query['self_weight'])}, top other weight" in printed

@@ -3,8 +3,9 @@
 Loads the checkpoint's model (:func:`nonlocalnet.engine.checkpoint.load_model`), prepares the
 input from the checkpoint's ``config["data"]`` (:func:`nonlocalnet.viz.visualize.load_input`)
 and draws, for each attention block (or the one named with ``--block``) and each query, the
-arrows and heat map of :func:`nonlocalnet.viz.visualize.draw_model_attention`; prints one line per
-query and writes the figures and ``summary.json`` to ``--out``.
+arrows and heat map of :func:`nonlocalnet.viz.visualize.draw_model_attention` (``--exclude-self``
+leaves each query's own key out); prints one line per query and writes the figures and
+``summary.json`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from nonlocalnet.engine.checkpoint import load_model
+from nonlocalnet.viz.attention import MIN_WEIGHT, format_weight
 from nonlocalnet.viz.visualize import (
     draw_model_attention,
     load_input,
@@ -62,6 +64,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--k", type=int, default=20, help="arrows per query (default 20)")
     parser.add_argument("--max-frames", type=int, default=8, help="frames per figure (default 8)")
+    parser.add_argument(
+        "--exclude-self",
+        action="store_true",
+        help="leave each query's own key out of the arrows and the heat map (its weight, often "
+        "the largest, is still written; nothing is renormalised); not for APNB/AFNB blocks",
+    )
+    parser.add_argument(
+        "--min-weight",
+        type=float,
+        default=MIN_WEIGHT,
+        help=f"keys of weight at or below it get no arrow (default {MIN_WEIGHT:g})",
+    )
     parser.add_argument("--out", type=Path, default=Path("attention"), help="output folder")
 
 
@@ -71,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         v = getattr(args, name)
         if v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if not 0 <= args.min_weight < 1:
+        raise ValueError(f"--min-weight must be in [0, 1), got {args.min_weight}")
     if not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {str(args.checkpoint)!r} does not exist")
     model, config = load_model(args.checkpoint)
@@ -89,13 +105,19 @@ def run(args: argparse.Namespace) -> int:
         model_name=config.get("model", {}).get("name", type(model).__name__),
         input_name=str(args.input),
         max_frames=args.max_frames,
+        exclude_self=args.exclude_self,
+        min_weight=args.min_weight,
         meta={"checkpoint": str(args.checkpoint)},
     )
     for entry in summary["blocks"]:
         for q in entry["queries"]:
+            own = q["self_weight"]
+            own_text = "" if own is None else f"own key weight {format_weight(own)}, "
+            top = q["topk_weights"][0] if q["topk_weights"] else float("nan")
+            label = "top other weight" if entry["exclude_self"] else "top weight"
             print(
                 f"{entry['block']} ({entry['type']}) query {q['feature_position']} -> pixel "
-                f"{[round(p, 1) for p in q['pixel']]}: top weight {q['topk_weights'][0]:.4f}; "
+                f"{[round(p, 1) for p in q['pixel']]}: {own_text}{label} {format_weight(top)}; "
                 f"{', '.join(Path(f).name for f in q['files'])}"
             )
     print(f"wrote {len(blocks)} block(s) of figures and summary.json to {args.out}")

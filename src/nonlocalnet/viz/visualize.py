@@ -3,9 +3,11 @@
 For each attention block (all of them, or the ones named) and each query (given in input pixels,
 or picked where the block's input features have the largest norm), :func:`draw_model_attention`
 writes two PNGs: arrows from the query to its k most attended positions on the frames (NL paper,
-Fig. 3) and the query's attention as a heat map over the frames (GCNet, Fig. 1); for a video,
-each is a grid of frames. ``summary.json`` lists the queries and their top-k keys (feature index,
-weight and pixel centre).
+Fig. 3) and the query's attention as a heat map over the frames, drawn in grey (GCNet, Fig. 1);
+for a video, each is a grid of frames. Both use an absolute colour scale (0 to the largest weight
+shown, the uniform weight marked) and write the weight of the query's own key next to it; the
+own key can be left out (``exclude_self``). ``summary.json`` lists the queries, their own key and
+its weight, and their top-k keys (feature index, weight and pixel centre).
 
 :func:`load_input` prepares a file as at test time, from a data config (``config["data"]`` of a
 checkpoint): for a video, a clip of ``num_frames`` frames every ``sampling_rate`` frames taken
@@ -27,6 +29,7 @@ from torch import nn
 
 from nonlocalnet.data.transforms import CenterCrop, Normalize, ShortSideScale
 from nonlocalnet.viz.attention import (
+    MIN_WEIGHT,
     attention_blocks,
     attention_figure,
     resolve_block,
@@ -144,6 +147,8 @@ def draw_model_attention(
     model_name: str | None = None,
     input_name: str = "input",
     max_frames: int = 8,
+    exclude_self: bool = False,
+    min_weight: float = MIN_WEIGHT,
     meta: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Draw the figures of every asked block and write ``summary.json`` to ``out_dir``.
@@ -164,16 +169,21 @@ def draw_model_attention(
         input_name: the input's path or name, kept as given in the summary; the titles show
             its file name.
         max_frames: frames per figure.
+        exclude_self: leave each query's own key out of the top k and the figures (nothing is
+            renormalised; its weight stays in the summary and the titles). Pyramid blocks (APNB,
+            AFNB) have no own key: asking for them raises.
+        min_weight: keys of weight at or below it get no arrow.
         meta: fields put first in the summary (e.g. the checkpoint it came from).
 
     Returns:
         The summary: ``meta``, ``model``, ``input``, ``input_shape`` and, per block, its
-        ``block`` name, ``type``, attention ``kind`` and ``queries`` (``feature_position``,
-        ``pixel``, ``topk_keys``, ``topk_weights``, ``topk_pixels``, ``files``).
+        ``block`` name, ``type``, attention ``kind``, ``exclude_self`` and ``queries``
+        (``feature_position``, ``pixel``, ``self_key`` and ``self_weight`` (None for a pyramid),
+        ``topk_keys``, ``topk_weights``, ``topk_pixels``, ``files``).
 
     Raises:
-        ValueError: a block name is unknown, the model has no attention block, or the input or
-            a query does not fit the model.
+        ValueError: a block name is unknown, the model has no attention block, the input or a
+            query does not fit the model, or ``exclude_self`` meets a pyramid block.
     """
     selected = select_blocks(model, blocks)
     model_name = model_name or type(model).__name__
@@ -198,16 +208,21 @@ def draw_model_attention(
             model_name=model_name,
             input_name=Path(input_name).name,
             max_frames=max_frames,
+            exclude_self=exclude_self,
+            min_weight=min_weight,
         )
         entry: dict[str, Any] = {
             "block": name,
             "type": type(block).__name__,
             "kind": res.attention.kind,
+            "exclude_self": exclude_self,
             "queries": [],
         }
-        for pos, pix, (idx, w, centres), paths in zip(
+        for pos, pix, own, own_w, (idx, w, centres), paths in zip(
             res.attention.positions,
             res.attention.pixels,
+            res.self_keys,
+            res.self_weights,
             res.topk,
             res.paths,
             strict=True,
@@ -216,6 +231,8 @@ def draw_model_attention(
                 {
                     "feature_position": list(pos),
                     "pixel": list(pix),
+                    "self_key": own,
+                    "self_weight": own_w,
                     "topk_keys": idx.tolist(),
                     "topk_weights": w.tolist(),
                     "topk_pixels": centres.tolist(),
