@@ -189,3 +189,54 @@ def test_forward_stages_with_grad_checkpointing():
     sum(t.square().sum() for t in sb).backward()
     for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         torch.testing.assert_close(pa.grad, pb.grad, msg=n)
+
+
+def test_deep_stem_has_the_keys_and_shapes_of_mmseg_resnetv1c():
+    # mmseg ResNetV1c (deep_stem=True, stem_channels=64): backbone.stem.{0,1,3,4,6,7}
+    model = create_resnet(depth=50, deep_stem=True)
+    stem = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("stem.")}
+    bn = ("weight", "bias", "running_mean", "running_var")
+    expected = {"stem.0.weight": (32, 3, 3, 3), "stem.3.weight": (32, 32, 3, 3)}
+    expected["stem.6.weight"] = (64, 32, 3, 3)
+    for i, c in (("1", 32), ("4", 32), ("7", 64)):
+        expected.update({f"stem.{i}.{n}": (c,) for n in bn})
+        expected[f"stem.{i}.num_batches_tracked"] = ()
+    assert stem == expected
+    plain = create_resnet(depth=50)
+    rest = {k for k in plain.state_dict() if not k.startswith(("conv1.", "bn1."))}
+    assert set(model.state_dict()) - set(stem) == rest  # every other key unchanged
+    assert not hasattr(model, "conv1") and model.deep_stem is True
+
+
+def test_deep_stem_forward_is_three_convs_then_the_max_pooling():
+    model = create_resnet(depth=18, deep_stem=True, num_classes=3).double().eval()
+    with torch.no_grad():
+        for m in model.stem:
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    x = torch.randn(2, 3, 37, 41, dtype=torch.float64)
+
+    def conv_bn_relu(x, conv, bn, stride):
+        y = torch.nn.functional.conv2d(x, conv.weight, stride=stride, padding=1)
+        return torch.relu(
+            torch.nn.functional.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias)
+        )
+
+    s = model.stem
+    with torch.no_grad():
+        y = conv_bn_relu(conv_bn_relu(conv_bn_relu(x, s[0], s[1], 2), s[3], s[4], 1), s[6], s[7], 1)
+        torch.testing.assert_close(model.forward_stem(x), y, rtol=0, atol=1e-12)
+        y = torch.nn.functional.max_pool2d(y, 3, 2, 1)
+        torch.testing.assert_close(model.layer1(y), model.forward_stages(x)[0], rtol=0, atol=0)
+
+
+def test_deep_stem_bad_input():
+    from nonlocalnet.models.resnet import ResNet
+
+    with pytest.raises(ValueError, match="deep_stem is a 2D stem"):
+        ResNet("basic", (1, 1, 1, 1), dims=3, deep_stem=True)
+    with pytest.raises(ValueError, match="even stem_channels"):
+        ResNet("basic", (1, 1, 1, 1), stem_channels=7, deep_stem=True)

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "flops": "nonlocalnet.cli.flops",
     "visualize": "nonlocalnet.cli.visualize",
     "analyze": "nonlocalnet.cli.analyze",
+    "convert": "nonlocalnet.cli.convert",
 }
 
 #: one line per subcommand for the top-level help (the modules are imported only when used).
@@ -33,6 +34,7 @@ SUMMARIES: dict[str, str] = {
     "flops": "parameters and multiply-adds of a model, per stage and per block",
     "visualize": "draw what a trained block attends to",
     "analyze": "GCNet's query-independence analysis of a trained model",
+    "convert": "convert a checkpoint of another implementation (official, mm*, SlowFast, timm...)",
 }
 
 

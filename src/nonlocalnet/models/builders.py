@@ -32,6 +32,7 @@ def create_resnet(
     layers: Sequence[int] | None = None,
     widths: Sequence[int] = (64, 128, 256, 512),
     stem_channels: int = 64,
+    deep_stem: bool = False,
     dropout: float = 0.0,
     nonlocal_placement: Sequence[Sequence[int]] | None = None,
     nonlocal_kwargs: Mapping[str, Any] | None = None,
@@ -58,6 +59,8 @@ def create_resnet(
         layers: blocks per stage, with ``block``.
         widths: stage widths.
         stem_channels: ``conv1`` channels.
+        deep_stem: mmseg's ResNetV1c stem (three 3×3 convs, ``stem.*`` keys) instead of
+            ``conv1``/``bn1``.
         dropout: dropout before ``fc``.
         nonlocal_placement: per stage, residual blocks followed by a ``NonLocal2d``.
         nonlocal_kwargs: keyword arguments of :class:`~nonlocalnet.NonLocal2d`.
@@ -89,6 +92,7 @@ def create_resnet(
         grad_checkpointing=grad_checkpointing,
         widths=widths,
         stem_channels=stem_channels,
+        deep_stem=deep_stem,
         dropout=dropout,
     )
     model.default_input = tuple(default_input)

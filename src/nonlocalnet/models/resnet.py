@@ -309,12 +309,19 @@ class ResNet(nn.Module):
     avgpool → dropout → fc``. ``pool2`` (video only) is a temporal max pooling after res2;
     without it, and with ``dropout=0``, this is exactly torchvision's forward.
 
+    ``deep_stem=True`` replaces ``conv1``/``bn1`` by the deep stem of mmseg's ResNetV1c (Bag of
+    Tricks' ResNet-C): ``stem`` = [3×3 conv (stride ``conv1_stride``) to ``stem_channels // 2``,
+    BN, ReLU, 3×3 conv, BN, ReLU, 3×3 conv to ``stem_channels``, BN, ReLU], bias-free convs with
+    padding 1, so that ``stem.{0,1,3,4,6,7}`` are the keys and shapes of mmseg's
+    ``backbone.stem``. The other keys do not change.
+
     Args:
         block: ``"basic"`` or ``"bottleneck"``.
         layers: residual blocks per stage (any positive depths).
         num_classes: classes of ``fc``; 0 removes the head (``fc`` is then ``nn.Identity``).
         in_channels: input channels.
-        stem_channels: channels of ``conv1``.
+        stem_channels: channels of ``conv1`` (of the stem's last conv with ``deep_stem``).
+        deep_stem: three 3×3 convs instead of the 7×7 ``conv1`` (2D only; see above).
         widths: ``planes`` of each stage (output channels ``planes * expansion``).
         groups: groups of the 3×3 convolutions (ResNeXt).
         width_per_group: width per group (ResNeXt).
@@ -346,6 +353,7 @@ class ResNet(nn.Module):
         num_classes: int = 1000,
         in_channels: int = 3,
         stem_channels: int = 64,
+        deep_stem: bool = False,
         widths: Sequence[int] = (64, 128, 256, 512),
         groups: int = 1,
         width_per_group: int = 64,
@@ -401,17 +409,21 @@ class ResNet(nn.Module):
         self.inplanes = stem_channels
         self.dilation = 1
 
+        self.deep_stem = bool(deep_stem)
         k1 = _triple(conv1_kernel, "conv1_kernel", dims)
         s1 = _triple(conv1_stride, "conv1_stride", dims)
-        self.conv1 = CONV[dims](
-            in_channels,
-            stem_channels,
-            k1,
-            stride=s1,
-            padding=tuple(k // 2 for k in k1),
-            bias=False,
-        )
-        self.bn1 = _norm(norm, dims, stem_channels)
+        if self.deep_stem:
+            self.stem = self._deep_stem(in_channels, stem_channels, s1, norm, dims)
+        else:
+            self.conv1 = CONV[dims](
+                in_channels,
+                stem_channels,
+                k1,
+                stride=s1,
+                padding=tuple(k // 2 for k in k1),
+                bias=False,
+            )
+            self.bn1 = _norm(norm, dims, stem_channels)
         self.relu = nn.ReLU(inplace=True)
         if pool1_kernel is None:
             self.maxpool: nn.Module = nn.Identity()
@@ -444,6 +456,25 @@ class ResNet(nn.Module):
         self.num_features = widths[3] * block_cls.expansion
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights(zero_init_residual=zero_init_residual)
+
+    @staticmethod
+    def _deep_stem(
+        in_channels: int, channels: int, stride: tuple[int, ...], norm: str, dims: int
+    ) -> nn.Sequential:
+        """mmseg's ResNetV1c stem: 3×3 convs in → C/2 (strided) → C/2 → C, each BN + ReLU."""
+        if dims != 2:
+            raise ValueError("deep_stem is a 2D stem (mmseg's ResNetV1c); video ResNets use conv1")
+        if channels % 2 or channels < 2:
+            raise ValueError(f"deep_stem needs an even stem_channels >= 2, got {channels}")
+        half = channels // 2
+        layers: list[nn.Module] = []
+        for i, (c_in, c_out) in enumerate(((in_channels, half), (half, half), (half, channels))):
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, stride=stride if i == 0 else 1, padding=1, bias=False),
+                _norm(norm, dims, c_out),
+                nn.ReLU(inplace=True),
+            ]
+        return nn.Sequential(*layers)
 
     def _make_layer(
         self,
@@ -532,6 +563,12 @@ class ResNet(nn.Module):
             x = checkpoint(blk, x, use_reentrant=False)
         return x
 
+    def forward_stem(self, x: Tensor) -> Tensor:
+        """The stem before the max pooling: ``relu(bn1(conv1(x)))``, or the deep stem."""
+        if self.deep_stem:
+            return self.stem(x)
+        return self.relu(self.bn1(self.conv1(x)))
+
     def forward_stages(self, x: Tensor) -> list[Tensor]:
         """The stem, then the outputs of the four stages (res2..res5, ``layer1``..``layer4``).
 
@@ -541,7 +578,7 @@ class ResNet(nn.Module):
         Returns:
             ``[c2, c3, c4, c5]``, each ``(B, C_k, *S_k)``.
         """
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.forward_stem(x))
         c2 = self._run_stage(self.layer1, x)
         c3 = self._run_stage(self.layer2, self.pool2(c2))
         c4 = self._run_stage(self.layer3, c3)

@@ -226,6 +226,10 @@ def load_2d_checkpoint(
     Returns:
         The result of ``load_state_dict(strict=False)``: ``missing_keys`` are the video
         network's keys not initialised (inserted blocks, a head of another size).
+
+    Raises:
+        ValueError: no tensor of the checkpoint fits the video network (another architecture,
+            keys of another library), with the number of tensors and a few of their keys.
     """
     if isinstance(state_2d, str):
         loaded = torch.load(state_2d, map_location="cpu", weights_only=True)
@@ -235,6 +239,13 @@ def load_2d_checkpoint(
                 break
         state_2d = loaded
     state, skipped = inflate_state_dict(state_2d, model_3d)
+    if not state:
+        keys = list(state_2d)
+        raise ValueError(
+            f"load_2d_checkpoint: none of the {len(keys)} tensors of the checkpoint fits "
+            f"{type(model_3d).__name__} (keys such as {', '.join(keys[:4]) or 'none'}); a 2D "
+            "ResNet with torchvision's keys is expected (nonlocalnet.convert converts others)"
+        )
     if skipped:
         logger.info("2D checkpoint keys not loaded: %s", ", ".join(skipped))
     return model_3d.load_state_dict(state, strict=False)
