@@ -373,3 +373,84 @@ def test_cost_claims_at_the_cityscapes_size() -> None:
     nl_map, apnb_map = n * n * 4, n * 110 * 4  # float32 bytes
     assert nl_map == 4 * 2**30 and apnb_map / 2**20 == pytest.approx(13.75)
     assert nl_map / apnb_map >= 100
+
+
+# -- low precision: sums that float16 cannot hold --------------------------------------------
+
+
+def _scaled(module: nn.Module) -> nn.Module:
+    """Weights of unit gain (std 1/√fan_in) and BN statistics at identity, eval mode."""
+    with torch.no_grad():
+        for p in module.parameters():
+            fan_in = p[0].numel() if p.dim() > 1 else 4
+            p.copy_(torch.randn_like(p) / fan_in**0.5)
+    return module.eval()
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_float16_large_inputs_stay_finite(dims: int, impl: str) -> None:
+    """float16 sums that leave its range (65504): logits ~1e5 (1d, 2d: inputs ~300), pyramid
+    averages over 4096 positions a frame (3d, the float16 adaptive_avg_pool3d sums in float16).
+    They gave inf and NaN; accumulated in float32 the blocks stay within float16 rounding of
+    the float64 result."""
+    size, magnitude = {1: ((40,), 300), 2: ((12, 12), 300), 3: ((2, 64, 64), 30)}[dims]
+    x = torch.randn(2, 16, *size, generator=torch.Generator().manual_seed(0)) * magnitude
+    apnb = _scaled(APNB(16, 12, 8, 8, dims=dims, impl=impl, zero_init=False))
+    afnb = _scaled(AFNB(16, 16, 12, 8, 8, dims=dims, impl=impl, zero_init=False))
+    for block, inputs in ((apnb, (x,)), (afnb, (x.flip(1), x))):
+        with torch.no_grad():
+            want = block.double()(*(t.double() for t in inputs))
+            got = block.half()(*(t.half() for t in inputs))
+            maps = block.attention_map(*(t.half() for t in inputs))
+        assert got.dtype == torch.float16
+        assert bool(torch.isfinite(got).all()), type(block).__name__
+        assert float((got.double() - want).norm() / want.norm()) <= 5e-3
+        assert maps.dtype == torch.float32 and bool(torch.isfinite(maps).all())
+        torch.testing.assert_close(maps.sum(-1), torch.ones_like(maps[..., 0]))
+
+
+def test_pyramid_pooling_averages_in_float32() -> None:
+    x = torch.full((1, 2, 8, 64, 64), 60000.0, dtype=torch.float16)  # float16 max is 65504
+    x[:, :, ::2] = 50000.0
+    for dt in (torch.float16, torch.bfloat16):
+        s = PyramidPooling((1, 2), dims=3, pool_time=True)(x.to(dt))
+        assert s.dtype == dt
+        want = torch.full((1, 2, 5), 55000.0)
+        torch.testing.assert_close(s.float(), want, rtol=4e-3, atol=0)
+
+
+# -- dtype of the input ------------------------------------------------------------------------
+
+
+def test_input_dtype_must_be_the_parameters() -> None:
+    def msg(block: str, name: str) -> str:
+        return (
+            rf"^{block}: {name} dtype torch\.float64 differs from the parameters' torch\.float32; "
+            rf"call block\.to\(torch\.float64\) or cast the {name} to torch\.float32$"
+        )
+
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    apnb = APNB(8, key_channels=4, value_channels=4)
+    with pytest.raises(TypeError, match=msg("APNB", "input")):
+        apnb(x)
+    with pytest.raises(TypeError, match=msg("APNB", "input")):
+        apnb.attention_map(x)
+    afnb = AFNB(8, 8, 4, 4, 4)
+    with pytest.raises(TypeError, match=msg("AFNB", "low")):
+        afnb(x, x.float())
+    with pytest.raises(TypeError, match=msg("AFNB", "high")):
+        afnb(x.float(), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert apnb(x.bfloat16()).shape == x.shape
+        assert afnb(x.float(), x.bfloat16()).shape == (2, 4, 5, 5)
+    assert apnb.double()(x).dtype == torch.float64
+
+
+def test_training_batch_norm_needs_two_values() -> None:
+    apnb = APNB(8, key_channels=4, value_channels=4)
+    with pytest.raises(ValueError, match=r"APNB: a BatchNorm in training mode.*\(1, 8, 1, 1\)"):
+        apnb(torch.randn(1, 8, 1, 1))
+    assert apnb.eval()(torch.randn(1, 8, 1, 1)).shape == (1, 8, 1, 1)
+    with pytest.raises(ValueError, match="AFNB: a BatchNorm in training mode"):
+        AFNB(8, 8, 4, 4, 4)(torch.randn(1, 8, 3, 3), torch.randn(1, 8, 1, 1))

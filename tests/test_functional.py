@@ -337,3 +337,92 @@ def test_bad_kernel_is_named() -> None:
     with pytest.raises(ValueError, match="kernel applies to the softmax forms"):
         NLF.aggregate("dot_product", q, k, v, kernel="blocked")
     assert not hasattr(NLF, "CPU_SOFTMAX_KERNEL")  # a kernel is an argument, not a global
+
+
+# -- low precision: logits and sums that float16 cannot hold -----------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pairwise", NLF.PAIRWISE)
+def test_large_logits_in_half_precision(pairwise: str, dtype: torch.dtype) -> None:
+    """Logits beyond float16's range (65504): the reference path and the materialised weights
+    (computed in float32) stay finite and close to float64, as the fast path does; weights come
+    back in the inputs' dtype unless asked for another."""
+    g = torch.Generator().manual_seed(0)
+    d = 1 if pairwise == "concatenation" else 8
+    big = 3e4 if pairwise == "concatenation" else 300.0  # q·k ~ 1e5, a + b ~ 6e4
+    q, k = (torch.randn(2, n, d, generator=g) * big for n in (9, 7))
+    v = torch.randn(2, 7, 3, generator=g)
+    if pairwise == "dot_product":
+        v = v / 1e4  # the result itself inside float16's range, its partial sums kᵀv not
+    scale = 0.05 if "gaussian" in pairwise else 1.0
+    # float16 rounds q and k: compare with float64 on the rounded inputs
+    q16, k16, v16 = (t.to(dtype) for t in (q, k, v))
+    qd, kd, vd = (t.double() for t in (q16, k16, v16))
+    want = NLF.aggregate(pairwise, qd, kd, vd, scale=scale, impl="reference")
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    for impl in NLF.IMPLS:
+        got = NLF.aggregate(pairwise, q16, k16, v16, scale=scale, impl=impl)
+        assert got.dtype == dtype
+        assert bool(torch.isfinite(got).all()), impl
+        assert _rel(got.double(), want) <= tol, impl
+    w = NLF.pairwise_weights(pairwise, q16, k16, scale=scale)
+    w32 = NLF.pairwise_weights(pairwise, q16, k16, scale=scale, dtype=torch.float32)
+    w_want = NLF.pairwise_weights(pairwise, qd, kd, scale=scale)
+    assert w.dtype == dtype and w32.dtype == torch.float32
+    assert bool(torch.isfinite(w32).all())
+    assert _rel(w32.double(), w_want) <= 1e-5
+    if pairwise in ("gaussian", "embedded_gaussian"):
+        torch.testing.assert_close(w32.sum(-1), torch.ones(2, 9), rtol=0, atol=1e-6)
+
+
+def test_reference_accumulates_in_float32_under_autocast() -> None:
+    q, k, v = torch.randn(1, 6, 4) * 400, torch.randn(1, 5, 4) * 400, torch.randn(1, 5, 3)
+    want = NLF.softmax_aggregate(q.double(), k.double(), v.double(), scale=0.1, impl="reference")
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = NLF.softmax_aggregate(q.half(), k.half(), v.half(), scale=0.1, impl="reference")
+        w = NLF.pairwise_weights("gaussian", q.half(), k.half(), scale=0.1, dtype=torch.float32)
+    assert bool(torch.isfinite(got).all()) and bool(torch.isfinite(w).all())
+    assert _rel(got.double(), want) <= 2e-2
+
+
+# -- the counts of the concatenation form, without a binary search ------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_merged_counts_equal_searchsorted(dtype: torch.dtype) -> None:
+    """#{j : t_j < q_i} from one merged sort (what ONNX export uses) equals torch.searchsorted,
+    ties (t_j = q_i, not counted), repeated values and infinities included."""
+    g = torch.Generator().manual_seed(0)
+    for b, n, m in [(1, 1, 1), (2, 9, 7), (3, 50, 40), (1, 7, 1), (1, 1, 9)]:
+        t = torch.sort(torch.randint(-3, 4, (b, m), generator=g).to(dtype))[0]
+        q = torch.randint(-4, 5, (b, n), generator=g).to(dtype)
+        q[0, 0] = float("inf")
+        if n > 1:
+            q[0, 1] = -float("inf")
+        assert torch.equal(NLF.merged_counts(t, q), torch.searchsorted(t, q))
+        cont_t = torch.sort(torch.randn(b, m, generator=g, dtype=dtype))[0]
+        cont_q = torch.randn(b, n, generator=g, dtype=dtype)
+        assert torch.equal(NLF.merged_counts(cont_t, cont_q), torch.searchsorted(cont_t, cont_q))
+    # the thresholds need not be sorted
+    t, q = torch.tensor([[2.0, -1.0, 0.5, -1.0]]), torch.tensor([[-1.0, 0.5, 3.0, -2.0]])
+    assert NLF.merged_counts(t, q).tolist() == [[0, 2, 4, 0]]
+
+
+def test_concatenation_under_onnx_export_uses_merged_counts(monkeypatch) -> None:
+    """While exporting to ONNX, the fast concatenation takes the merged counts: same result."""
+    a = torch.tensor([[[1.0], [-2.0], [0.5], [3.0]]], dtype=DT)
+    b = torch.tensor([[[-1.0], [2.0], [-0.5], [2.0], [-3.0]]], dtype=DT)
+    v = torch.randn(1, 5, 3, dtype=DT)
+    want = NLF.concatenation_aggregate(a, b, v)
+    calls = []
+    merged = NLF.merged_counts
+
+    def spy(*args):
+        calls.append(1)
+        return merged(*args)
+
+    monkeypatch.setattr(NLF, "merged_counts", spy)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    got = NLF.concatenation_aggregate(a, b, v)
+    assert calls and torch.equal(got, want)

@@ -380,3 +380,105 @@ def test_bad_inputs(cls) -> None:
         block([[1.0]])
     with pytest.raises(ValueError, match=r"5-d tensor \(B, C, T, H, W\)"):
         cls(16, dims=3)(torch.randn(1, 16, 4, 4))
+
+
+# -- timm's LayerNorm eps ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fuse_add", "fuse_scale"), [(True, False), (False, True), (True, True)])
+def test_norm_eps_reproduces_timm(fuse_add: bool, fuse_scale: bool) -> None:
+    """timm's GlobalContext (LayerNorm2d, eps 1e-6) with its weights copied: equal with
+    norm_eps=1e-6, not with the default 1e-5 (mmcv's)."""
+    timm_gc = pytest.importorskip("timm.layers.global_context")
+    c = 16
+    theirs = timm_gc.GlobalContext(c, fuse_add=fuse_add, fuse_scale=fuse_scale, rd_ratio=1 / 4)
+    theirs = _randomize(theirs.double(), 0.3)
+    with torch.no_grad():  # a small bottleneck variance, where eps matters
+        for mlp in (theirs.mlp_add, theirs.mlp_scale):
+            if mlp is not None:
+                mlp.fc1.weight.mul_(0.01)
+                mlp.fc1.bias.mul_(0.01)
+    fusion = tuple(f for f, on in (("add", fuse_add), ("mul", fuse_scale)) if on)
+    x = torch.randn(2, c, 5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        want = theirs(x)
+    errs = {}
+    for eps in (1e-6, 1e-5):
+        kw = {} if eps == 1e-5 else {"norm_eps": eps}
+        ours = GlobalContext(c, ratio=1 / 4, fusion=fusion, dtype=torch.float64, **kw)
+        assert ours.transform_add is None or ours.transform_add[1].eps == eps
+        state = {
+            "conv_mask.weight": theirs.conv_attn.weight,
+            "conv_mask.bias": theirs.conv_attn.bias,
+        }
+        for ours_name, mlp in (
+            ("transform_add", theirs.mlp_add),
+            ("transform_mul", theirs.mlp_scale),
+        ):
+            if mlp is None:
+                continue
+            state |= {
+                f"{ours_name}.0.weight": mlp.fc1.weight,
+                f"{ours_name}.0.bias": mlp.fc1.bias,
+                f"{ours_name}.1.weight": mlp.norm.weight.reshape(-1, 1, 1),
+                f"{ours_name}.1.bias": mlp.norm.bias.reshape(-1, 1, 1),
+                f"{ours_name}.3.weight": mlp.fc2.weight,
+                f"{ours_name}.3.bias": mlp.fc2.bias,
+            }
+        ours.load_state_dict(state)
+        with torch.no_grad():
+            errs[eps] = float((ours(x) - want).abs().max() / want.abs().max())
+    assert errs[1e-6] <= 1e-12
+    assert errs[1e-5] > 1e-4
+
+
+def test_norm_eps_default_and_bad_values() -> None:
+    assert GlobalContext(32).transform_add[1].eps == 1e-5  # PyTorch's, mmcv's
+    gc = GlobalContext(32, norm_eps=1e-6, fusion=("mul", "add"))
+    assert gc.transform_mul[1].eps == gc.transform_add[1].eps == 1e-6 and gc.norm_eps == 1e-6
+    assert "norm_eps=1e-06" in repr(gc)
+    for bad in (0, -1e-5, float("nan"), "1e-6", True):
+        with pytest.raises(ValueError, match="GlobalContext: norm_eps must be a positive number"):
+            GlobalContext(32, norm_eps=bad)
+
+
+# -- dtype of the input ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [SimplifiedNonLocal, GlobalContext, SqueezeExcite])
+def test_input_dtype_must_be_the_parameters(cls) -> None:
+    block = cls(16)
+    x = torch.randn(2, 16, 3, 4, dtype=torch.float64)
+    msg = (
+        rf"^{cls.__name__}: input dtype torch\.float64 differs from the parameters' "
+        rf"torch\.float32; call block\.to\(torch\.float64\) or cast the input to torch\.float32$"
+    )
+    with pytest.raises(TypeError, match=msg):
+        block(x)
+    if hasattr(block, "attention_map"):
+        with pytest.raises(TypeError, match=msg):
+            block.attention_map(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert block(x.bfloat16()).shape == x.shape
+    assert block.double()(x).dtype == torch.float64
+
+
+def test_bad_flags() -> None:
+    with pytest.raises(TypeError, match="GlobalContext: layer_norm must be a bool, got 'yes'"):
+        GlobalContext(16, layer_norm="yes")
+    with pytest.raises(ValueError, match="GlobalContext: fusion must be 'add', 'mul' or a"):
+        GlobalContext(16, fusion=3)
+    with pytest.raises(ValueError, match="GlobalContext: unknown fusion 'sum'"):
+        GlobalContext(16, fusion=("sum",))
+    with pytest.raises(ValueError, match="SimplifiedNonLocal: unknown dims 0"):
+        SimplifiedNonLocal(16, dims=0)
+    with pytest.raises(TypeError, match="SimplifiedNonLocal: zero_init must be a bool"):
+        SimplifiedNonLocal(16, zero_init=None)
+
+
+def test_attention_maps_are_float32_for_half_inputs() -> None:
+    x = torch.randn(1, 16, 4, 4, dtype=torch.bfloat16)
+    for block in (SimplifiedNonLocal(16), GlobalContext(16), GlobalContext(16, pooling="avg")):
+        m = block.to(torch.bfloat16).attention_map(x)
+        assert m.dtype == torch.float32
+        torch.testing.assert_close(m.sum(-1), torch.ones(1, 1), atol=1e-6, rtol=0)

@@ -21,6 +21,17 @@ NL_LAYOUTS = [
     (3, "space", (3, 5, 3)),
     (3, "time", (3, 5, 3)),
 ]
+#: odd sizes for the floor rounding (the last row/column of 7×9 is in no window)
+FLOOR_LAYOUTS = [
+    (1, "spacetime", (7,)),
+    (2, "spacetime", (7, 9)),
+    (3, "spacetime", (3, 7, 9)),
+    (3, "space", (3, 7, 9)),
+    (3, "time", (3, 7, 9)),
+]
+#: (sub_sample, rounding, layouts)
+ROUNDED = [(False, "ceil", NL_LAYOUTS), (True, "ceil", NL_LAYOUTS), (True, "floor", FLOOR_LAYOUTS)]
+_CASES = [(sub, rounding, *lay) for sub, rounding, lays in ROUNDED for lay in lays]
 
 
 def _positions(size) -> list[tuple[int, ...]]:
@@ -52,16 +63,33 @@ def _randomise(block: torch.nn.Module) -> torch.nn.Module:
 # -- NL -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("dims", "extent", "size"), NL_LAYOUTS)
-@pytest.mark.parametrize("sub", [False, True])
-def test_nl_key_cells_are_what_the_max_pooling_reads(dims, extent, size, sub) -> None:
-    block = NonLocalNd(4, dims=dims, extent=extent, sub_sample=sub)
+_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_WINDOW = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}
+
+
+@pytest.mark.parametrize(("sub", "rounding", "dims", "extent", "size"), _CASES)
+def test_nl_key_cells_are_what_the_max_pooling_reads(sub, rounding, dims, extent, size) -> None:
+    block = NonLocalNd(
+        4, dims=dims, extent=extent, sub_sample=sub, sub_sample_rounding=rounding, dtype=DT
+    )
     layout = block.layout(size)
-    # The block's own pooling of one-hot maps: pooled[p, j] = 1 iff position p is in window j.
+    # Max pooling of one-hot maps: pooled[p, j] = 1 iff position p is in window j. torch's own
+    # pooling (ceil_mode for ceil), and the block's, which must be the same.
     onehot = _one_hot(size)
-    pooled = (block._pool(onehot) if sub else onehot)[0]  # (N, *S_pooled)
+    w = _WINDOW[dims]
+    pooled = _POOL[dims](onehot, w, w, ceil_mode=rounding == "ceil") if sub else onehot
+    if sub:
+        assert torch.equal(block._pool(onehot), pooled)
+    pooled = pooled[0]  # (N, *S_pooled)
     grid = pooled.shape[1:]
     assert tuple(grid) == layout.key_grid
+    fed = pooled.flatten(1).sum(1).reshape(size) > 0  # (*S,): positions that feed some key
+    if sub and rounding == "floor":  # the last odd row/column (and the last odd L) feed none
+        axes = [torch.arange(n) < g * k for n, g, k in zip(size, grid, w, strict=True)]
+        assert torch.equal(fed, torch.stack(torch.meshgrid(*axes, indexing="ij")).all(0))
+        assert not bool(fed.all())
+    else:
+        assert bool(fed.all())
     for fold in range(layout.folds):
         if extent == "spacetime":  # one fold, key j = pooled position j
             want = pooled.flatten(1).T  # (M, N)
@@ -69,7 +97,8 @@ def test_nl_key_cells_are_what_the_max_pooling_reads(dims, extent, size, sub) ->
             want = pooled[:, fold].flatten(1).T  # (H'W', N)
         else:  # fold = pixel (h, w), key j = frame j of the pooled cell of (h, w)
             h, w = divmod(fold, size[2])
-            cell = (h // 2, w // 2) if sub else (h, w)
+            # past the last full window (floor), the pixel reads the last cell, the nearest
+            cell = (min(h // 2, grid[1] - 1), min(w // 2, grid[2] - 1)) if sub else (h, w)
             want = pooled[:, :, cell[0], cell[1]].T  # (T, N)
         members = _dense_cells(layout, fold) > 0  # (M, N)
         assert torch.equal(members, want > 0), f"fold {fold}"
@@ -78,9 +107,11 @@ def test_nl_key_cells_are_what_the_max_pooling_reads(dims, extent, size, sub) ->
         torch.testing.assert_close(share, 1.0 / count[key])
 
 
-@pytest.mark.parametrize(("dims", "extent", "size"), NL_LAYOUTS)
-@pytest.mark.parametrize(("sub", "pos"), [(False, "after"), (True, "after"), (True, "before")])
-def test_nl_block_keys_hold_the_positions_of_their_cells(dims, extent, size, sub, pos) -> None:
+@pytest.mark.parametrize(("sub", "rounding", "dims", "extent", "size"), _CASES)
+@pytest.mark.parametrize("pos", ["after", "before"])
+def test_nl_block_keys_hold_the_positions_of_their_cells(
+    sub, rounding, dims, extent, size, pos
+) -> None:
     """Gaussian NL on one-hot channels: key token (fold, j) is nonzero exactly on its cell."""
     n = math.prod(size)
     block = NonLocalNd(
@@ -88,6 +119,7 @@ def test_nl_block_keys_hold_the_positions_of_their_cells(dims, extent, size, sub
         pairwise="gaussian",
         sub_sample=sub,
         sub_sample_position=pos,
+        sub_sample_rounding=rounding,
         dims=dims,
         extent=extent,
         dtype=DT,
@@ -104,11 +136,15 @@ def test_nl_block_keys_hold_the_positions_of_their_cells(dims, extent, size, sub
     assert torch.equal(q[folds, index], eye)
 
 
-@pytest.mark.parametrize(("dims", "extent", "size"), NL_LAYOUTS)
-@pytest.mark.parametrize("sub", [False, True])
-def test_nl_attention_rows_are_indexed_as_the_layout_says(dims, extent, size, sub) -> None:
+@pytest.mark.parametrize(("sub", "rounding", "dims", "extent", "size"), _CASES)
+def test_nl_attention_rows_are_indexed_as_the_layout_says(
+    sub, rounding, dims, extent, size
+) -> None:
     """Row (fold, index) of attention_map is softmax_j(s θ(x_p)ᵀ φ̄_j), φ̄_j max-pooled by hand."""
-    block = _randomise(NonLocalNd(4, 3, dims=dims, extent=extent, sub_sample=sub, dtype=DT))
+    block = NonLocalNd(
+        4, 3, dims=dims, extent=extent, sub_sample=sub, sub_sample_rounding=rounding, dtype=DT
+    )
+    block = _randomise(block)
     x = torch.randn(2, 4, *size, dtype=DT)
     layout = block.layout(size)
     amap = block.attention_map(x)  # (B', N, M)
@@ -155,6 +191,32 @@ def test_nl_layout_numbers() -> None:
     assert key.tolist() == [0, 1, 2, 3]
     assert pos.tolist() == [t * 35 + 4 * 7 + 6 for t in range(4)]
     assert share.tolist() == [1.0] * 4
+
+
+def test_floor_layout_numbers() -> None:
+    """7×9 and 3×7×9: floor leaves 3×4 cells, ceil 4×5; the time extent's pixels of the last
+    odd row/column read the last cell."""
+    lay = NonLocalNd(4, sub_sample=True, sub_sample_rounding="floor").layout((7, 9))
+    assert (lay.key_grid, lay.num_keys, lay.rounding) == ((3, 4), 12, "floor")
+    assert NonLocalNd(4, sub_sample=True).layout((7, 9)).num_keys == 20
+    key, pos, share = lay.key_cells()
+    assert len(pos) == 6 * 8 and share.tolist() == [0.25] * 48  # full 2×2 windows only
+    assert sorted(pos.tolist()) == [h * 9 + w for h in range(6) for w in range(8)]
+    lay = NonLocalNd(4, dims=3, extent="time", sub_sample=True, sub_sample_rounding="floor").layout(
+        (3, 7, 9)
+    )
+    assert (lay.folds, lay.num_queries, lay.num_keys, lay.key_grid) == (63, 3, 3, (3, 3, 4))
+    key, pos, share = lay.key_cells(6 * 9 + 8)  # pixel (6, 8): reads cell (2, 3), rows 4-5, 6-7
+    assert key.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert pos.tolist() == [t * 63 + h * 9 + w for t in range(3) for h in (4, 5) for w in (6, 7)]
+    assert share.tolist() == [0.25] * 12
+    # fold_keys gives that pixel the keys of cell (2, 3)
+    keys = torch.randn(1, 2, 3, 3, 4, dtype=DT)  # (B, C, T, H', W')
+    tokens = lay.fold_keys(keys)  # (B·H·W, T, C)
+    assert torch.equal(tokens[6 * 9 + 8], keys[0, :, :, 2, 3].T)
+    assert torch.equal(tokens[5 * 9 + 7], keys[0, :, :, 2, 3].T)
+    with pytest.raises(ValueError, match="unknown rounding 'nearest'"):
+        AttentionLayout.pairwise((4, 4), window=(2, 2), rounding="nearest")
 
 
 # -- SNL / GC ------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import nonlocalnet.functional
 import nonlocalnet.layers.nonlocal_block
-from nonlocalnet import NonLocal1d, NonLocal2d, NonLocal3d
+from nonlocalnet import NonLocal1d, NonLocal2d, NonLocal3d, NonLocalNd
 from nonlocalnet.functional import PAIRWISE
 
 DT = torch.float64
@@ -23,6 +23,8 @@ SIZES = {1: (7,), 2: (5, 3), 3: (3, 3, 5)}
 LAYOUTS = [(1, "spacetime"), (2, "spacetime"), (3, "spacetime"), (3, "space"), (3, "time")]
 #: (sub_sample, sub_sample_position)
 SUBSAMPLING = [(False, "after"), (False, "before"), (True, "after"), (True, "before")]
+#: the peers' rounding (floor), checked against the same oracles on the odd SIZES
+FLOOR_SIZES = {1: (7,), 2: (5, 7), 3: (3, 5, 7)}
 
 
 def _scales(pairwise: str) -> list[bool | None]:
@@ -35,6 +37,15 @@ def _configs() -> list[tuple]:
         for pw in PAIRWISE
         for (dims, extent), (sub, pos) in itertools.product(LAYOUTS, SUBSAMPLING)
         for use_scale in _scales(pw)
+    ]
+
+
+def _floor_configs() -> list[tuple]:
+    return [
+        (pw, dims, extent, pos)
+        for pw in PAIRWISE
+        for (dims, extent) in LAYOUTS
+        for pos in ("after", "before")
     ]
 
 
@@ -101,6 +112,20 @@ def test_fast_equals_reference(pairwise, dims, extent, sub, pos, use_scale) -> N
     assert float((fast(x) - x).abs().max()) > 1e-2
 
 
+@pytest.mark.parametrize(("pairwise", "dims", "extent", "pos"), _floor_configs())
+def test_fast_equals_reference_floor_rounding(pairwise, dims, extent, pos) -> None:
+    kw = {"sub_sample_rounding": "floor", "zero_init": False}
+    fast = _make(pairwise, dims, extent, True, pos, **kw)
+    _randomize(fast)
+    ref = _make(pairwise, dims, extent, True, pos, impl="reference", **kw)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(2, C, *FLOOR_SIZES[dims], dtype=DT)
+    grad = torch.randn_like(x)
+    got = _outputs_and_grads(fast, x, grad)
+    want = _outputs_and_grads(ref, x, grad)
+    assert float((got - want).detach().norm() / want.detach().norm()) <= 1e-10
+
+
 def test_config_count() -> None:
     """Every pairwise × layout × sub-sampling × scale choice is covered."""
     assert len(_configs()) == 5 * 4 * (3 + 3 + 2 + 2)
@@ -117,11 +142,13 @@ def _conv1x1(conv: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _maxpool(x: torch.Tensor, dims: int) -> torch.Tensor:
-    """Max over windows of 2 (1d), 2×2 (2d), 1×2×2 (3d), partial last windows kept."""
+def _maxpool(x: torch.Tensor, dims: int, rounding: str = "ceil") -> torch.Tensor:
+    """Max over windows of 2 (1d), 2×2 (2d), 1×2×2 (3d); partial last windows kept (ceil) or
+    dropped (floor)."""
     spatial = x.shape[2:]
     steps = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}[dims]
-    out_size = [math.ceil(s / k) for s, k in zip(spatial, steps, strict=True)]
+    rnd = math.ceil if rounding == "ceil" else math.floor
+    out_size = [rnd(s / k) for s, k in zip(spatial, steps, strict=True)]
     out = torch.empty(*x.shape[:2], *out_size, dtype=x.dtype)
     for idx in itertools.product(*(range(s) for s in out_size)):
         window = tuple(slice(i * k, i * k + k) for i, k in zip(idx, steps, strict=True))
@@ -135,7 +162,8 @@ def _paper_block(block, x: torch.Tensor, pairwise: str, use_scale, extent: str) 
     """z = BN(W_z y) + x with y_i = 1/C(x) Σ_j f(x_i, x_j) g(x_j), one query at a time."""
     dims = x.dim() - 2
     sub, pos = block.sub_sample, block.sub_sample_position
-    pool = (lambda t: _maxpool(t, dims)) if sub else (lambda t: t)
+    rounding = block.sub_sample_rounding
+    pool = (lambda t: _maxpool(t, dims, rounding)) if sub else (lambda t: t)
     xk = pool(x) if pos == "before" else x
     g = _conv1x1(block.g, xk)
     g = pool(g) if pos == "after" else g
@@ -155,7 +183,8 @@ def _paper_block(block, x: torch.Tensor, pairwise: str, use_scale, extent: str) 
             if extent == "space":
                 keys = [(i[0], *j) for j in itertools.product(*(range(s) for s in ksize[1:]))]
             elif extent == "time":
-                hw = (i[1] // 2, i[2] // 2) if sub else (i[1], i[2])
+                # the pixel's own cell; with floor rounding, past the last full window, the last
+                hw = (min(i[1] // 2, ksize[1] - 1), min(i[2] // 2, ksize[2] - 1)) if sub else i[1:]
                 keys = [(t, *hw) for t in range(ksize[0])]
             else:
                 keys = list(itertools.product(*(range(s) for s in ksize)))
@@ -187,12 +216,30 @@ def _paper_block(block, x: torch.Tensor, pairwise: str, use_scale, extent: str) 
 
 @pytest.mark.parametrize("pairwise", PAIRWISE)
 @pytest.mark.parametrize(("dims", "extent"), LAYOUTS)
-@pytest.mark.parametrize(("sub", "pos"), [(False, "after"), (True, "after"), (True, "before")])
-def test_reference_equals_paper_formula(pairwise, dims, extent, sub, pos) -> None:
+@pytest.mark.parametrize(
+    ("sub", "pos", "rounding"),
+    [
+        (False, "after", "ceil"),
+        (True, "after", "ceil"),
+        (True, "before", "ceil"),
+        (True, "after", "floor"),
+        (True, "before", "floor"),
+    ],
+)
+def test_reference_equals_paper_formula(pairwise, dims, extent, sub, pos, rounding) -> None:
     for use_scale in _scales(pairwise)[:2]:
-        block = _make(pairwise, dims, extent, sub, pos, use_scale, impl="reference")
+        block = _make(
+            pairwise,
+            dims,
+            extent,
+            sub,
+            pos,
+            use_scale,
+            impl="reference",
+            sub_sample_rounding=rounding,
+        )
         _randomize(block)
-        x = _input(dims)
+        x = _input(dims) if rounding == "ceil" else torch.randn(2, C, *FLOOR_SIZES[dims], dtype=DT)
         with torch.no_grad():
             got = block(x)
             want = _paper_block(block, x, pairwise, use_scale, extent)
@@ -242,6 +289,95 @@ def test_subsampled_key_count_is_ceil(dims, extent, size, n, m, pos, pairwise) -
     assert v.shape[1] == m
     assert block(x).shape == x.shape
     assert block.attention_map(x).shape[1:] == (n, m)
+
+
+@pytest.mark.parametrize(
+    ("dims", "extent", "size", "n", "m"),
+    [
+        (1, "spacetime", (7,), 7, 3),
+        (2, "spacetime", (7, 9), 63, 3 * 4),
+        (2, "spacetime", (2, 9), 18, 1 * 4),
+        (3, "spacetime", (3, 7, 9), 189, 3 * 3 * 4),
+        (3, "space", (3, 7, 9), 63, 3 * 4),
+        (3, "time", (3, 7, 9), 3, 3),
+        (3, "spacetime", (1, 2, 2), 4, 1),  # time is never pooled: T = 1 is fine
+    ],
+)
+@pytest.mark.parametrize("pos", ["after", "before"])
+@pytest.mark.parametrize("pairwise", PAIRWISE)
+def test_subsampled_key_count_is_floor_with_floor_rounding(
+    dims, extent, size, n, m, pos, pairwise
+) -> None:
+    block = _make(pairwise, dims, extent, True, pos, sub_sample_rounding="floor")
+    x = torch.randn(2, C, *size, dtype=DT)
+    q, k, v = block.embed(x)
+    assert (q.shape[1], k.shape[1], v.shape[1]) == (n, m, m)
+    assert block(x).shape == x.shape
+    assert block.attention_map(x).shape[1:] == (n, m)
+
+
+_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+
+@pytest.mark.parametrize(("dims", "size"), [(1, (7,)), (2, (7, 9)), (3, (3, 7, 9))])
+def test_sub_sample_rounding_is_max_pool_ceil_mode(dims, size) -> None:
+    """floor is max pooling without ceil_mode (the official code, mmcv, SlowFast,
+    pytorchvideo); ceil, the default, with it: on odd sizes they differ."""
+    x = torch.randn(2, 3, *size, dtype=DT)
+    window = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}[dims]
+    pools = {}
+    for rounding, ceil_mode in (("floor", False), ("ceil", True)):
+        block = NonLocalNd(3, sub_sample=True, sub_sample_rounding=rounding, dims=dims)
+        pools[rounding] = block._pool(x)
+        want = _MAX_POOL[dims](x, window, window, ceil_mode=ceil_mode)
+        assert torch.equal(pools[rounding], want)
+        assert torch.equal(_maxpool(x, dims, rounding), want)
+        assert block.layout(size).key_grid == tuple(want.shape[2:])
+    assert pools["floor"].shape != pools["ceil"].shape
+    assert NonLocalNd(3, sub_sample=True).sub_sample_rounding == "ceil"  # the default
+
+
+@pytest.mark.parametrize("pos", ["after", "before"])
+def test_floor_rounding_is_the_peers_block(pos) -> None:
+    """An mmcv-style NL (embedded Gaussian, logits × C'^-1/2, floor max pooling of φ and g, or
+    of x before them), written with torch ops, on a 7×9 map: floor matches it, ceil does not."""
+    x = torch.randn(2, C, 7, 9, dtype=DT)
+    outs = {}
+    for rounding in ("ceil", "floor"):
+        block = _make("embedded_gaussian", 2, "spacetime", True, pos, sub_sample_rounding=rounding)
+        torch.manual_seed(1)
+        _randomize(block)  # the same weights for both roundings
+        with torch.no_grad():
+            outs[rounding] = block.residual(x)
+
+            def pool(t):
+                return F.max_pool2d(t, 2, 2)  # floor, as the peers
+
+            xk = pool(x) if pos == "before" else x
+            theta = block.theta(x).flatten(2)  # (B, C', N)
+            phi, g = block.phi(xk), block.g(xk)
+            if pos == "after":
+                phi, g = pool(phi), pool(g)
+            logits = torch.einsum("bcn,bcm->bnm", theta, phi.flatten(2)) * CI**-0.5
+            y = torch.einsum("bnm,bcm->bcn", torch.softmax(logits, -1), g.flatten(2))
+            want = block.norm(block.conv_out(y.reshape(2, CI, 7, 9)))
+    torch.testing.assert_close(outs["floor"], want, rtol=1e-12, atol=1e-12)
+    assert float((outs["ceil"] - want).abs().max()) > 1e-3
+
+
+def test_floor_rounding_needs_two_positions_per_pooled_axis() -> None:
+    block = NonLocal2d(8, sub_sample=True, sub_sample_rounding="floor")
+    with pytest.raises(ValueError, match=r"NonLocal2d: sub_sample_rounding='floor'.*\(1, 9\)"):
+        block(torch.randn(2, 8, 1, 9))
+    with pytest.raises(ValueError, match="floor rounding needs at least 2 positions"):
+        block.layout((1, 9))
+    # ceil keeps a size-1 axis at 1; without sub-sampling the rounding does not matter
+    assert NonLocal2d(8, sub_sample=True)(torch.randn(2, 8, 1, 9)).shape == (2, 8, 1, 9)
+    assert NonLocal2d(8, sub_sample_rounding="floor")(torch.randn(2, 8, 1, 1)).shape[2:] == (1, 1)
+    video = NonLocal3d(8, sub_sample=True, sub_sample_rounding="floor")
+    assert video(torch.randn(2, 8, 1, 2, 3)).shape == (2, 8, 1, 2, 3)  # time is not pooled
+    with pytest.raises(ValueError, match="unknown sub_sample_rounding 'round'"):
+        NonLocal2d(8, sub_sample_rounding="round")
 
 
 # -- identity at initialisation ---------------------------------------------------------------
@@ -401,6 +537,56 @@ def test_bad_inputs(dims) -> None:
         block(good.tolist())
     with pytest.raises(ValueError, match="8 channels"):
         block.attention_map(torch.randn(1, 4, *([3] * dims)))
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_input_dtype_must_be_the_parameters(dims, impl) -> None:
+    """One line naming the block and both dtypes, not torch's "Input type (double) and bias
+    type (float) should be the same"; under autocast mixed dtypes are legitimate."""
+    block = CLASSES[dims](8, sub_sample=True, impl=impl)
+    x = torch.randn(2, 8, *([3] * dims), dtype=torch.float64)
+    name = CLASSES[dims].__name__
+    msg = (
+        rf"^{name}: input dtype torch\.float64 differs from the parameters' torch\.float32; "
+        rf"call block\.to\(torch\.float64\) or cast the input to torch\.float32$"
+    )
+    with pytest.raises(TypeError, match=msg):
+        block(x)
+    with pytest.raises(TypeError, match=msg):
+        block.attention_map(x)
+    with pytest.raises(TypeError, match=r"input dtype torch\.float32 differs.*torch\.float64"):
+        block.double()(x.float())
+    block.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert block(x.bfloat16()).shape == x.shape  # autocast casts float32 and half types
+        assert block(x.half()).shape == x.shape
+        with pytest.raises(TypeError, match=msg):  # but never float64
+            block(x)
+    assert block(x.float()).dtype == torch.float32
+
+
+def test_bad_flags_and_dims() -> None:
+    with pytest.raises(ValueError, match="NonLocalNd: unknown dims True"):
+        NonLocalNd(8, dims=True)
+    with pytest.raises(TypeError, match="NonLocal2d: sub_sample must be a bool, got 'yes'"):
+        NonLocal2d(8, sub_sample="yes")
+    with pytest.raises(TypeError, match="NonLocal2d: use_scale must be None or a bool"):
+        NonLocal2d(8, use_scale=1)
+    with pytest.raises(ValueError, match="NonLocal2d: unknown pairwise 'cosine'"):
+        NonLocal2d(8, pairwise="cosine")
+    with pytest.raises(ValueError, match=r"NonLocal2d: use_scale applies to the softmax forms"):
+        NonLocal2d(8, pairwise="dot_product", use_scale=True)
+
+
+def test_training_batch_norm_needs_two_values() -> None:
+    block = NonLocal2d(8)
+    with pytest.raises(
+        ValueError, match=r"NonLocal2d: a BatchNorm in training mode.*\(1, 8, 1, 1\)"
+    ):
+        block(torch.randn(1, 8, 1, 1))
+    assert block.eval()(torch.randn(1, 8, 1, 1)).shape == (1, 8, 1, 1)
+    assert NonLocal2d(8, norm=False)(torch.randn(1, 8, 1, 1)).shape == (1, 8, 1, 1)
 
 
 def test_bad_attention_queries() -> None:

@@ -112,3 +112,19 @@ def test_register_block() -> None:
         from nonlocalnet.layers import registry
 
         registry._REGISTRY.pop("test_se_r4", None)
+
+
+def test_presets_take_the_peer_options() -> None:
+    """The options converters need pass through the presets: floor sub-sampling (NL peers),
+    LayerNorm eps 1e-6 (timm's GlobalContext)."""
+    nl = create_block("nl", 8, sub_sample=True, sub_sample_rounding="floor")
+    assert nl.sub_sample_rounding == "floor"
+    _, k, _ = nl.embed(torch.randn(1, 8, 7, 9))
+    assert k.shape[1] == 3 * 4  # floor: ⌊7/2⌋·⌊9/2⌋ keys
+    assert create_block("nl_dot", 8, sub_sample=True).layout((7, 9)).num_keys == 4 * 5
+    gc = create_block("gc_mul", 32, norm_eps=1e-6)
+    assert gc.transform_mul[1].eps == 1e-6
+    with pytest.raises(ValueError, match="GlobalContext: norm_eps must be a positive number"):
+        create_block("gc", 32, norm_eps=-1.0)
+    with pytest.raises(ValueError, match="NonLocalNd: unknown sub_sample_rounding 'up'"):
+        create_block("nl", 8, sub_sample_rounding="up")

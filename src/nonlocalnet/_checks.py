@@ -1,18 +1,82 @@
-"""Input validation shared by every block: errors name what was expected and what came."""
+"""Input validation shared by every block: errors name what was expected and what came.
+
+The checks of a forward pass stand aside while :mod:`torch.fx` traces symbolically (the input is
+then a ``torch.fx.Proxy`` whose shape and dtype are not known), so that
+``torchvision.models.feature_extraction.create_feature_extractor`` and other fx-based tools can
+trace models built of the blocks; :func:`is_tracing` tells when.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.fx
+
+try:  # torch.fx symbolic tracing only (not torch.export, which traces real fake tensors)
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _fx_tracing
+except ImportError:  # older torch
+    from torch.fx._symbolic_trace import is_fx_tracing as _fx_tracing
+
+__all__ = [
+    "autocast_enabled",
+    "check_choice",
+    "check_feature_map",
+    "check_tokens",
+    "is_tracing",
+    "query_index",
+]
+
+_LAYOUTS = {1: "(B, C, L)", 2: "(B, C, H, W)", 3: "(B, C, T, H, W)"}
 
 
-def check_choice(name: str, value: object, choices: Iterable[object]) -> None:
-    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
+def is_tracing(*values: object) -> bool:
+    """True while :mod:`torch.fx` traces symbolically, or when a value is a ``torch.fx.Proxy``.
+
+    Shapes and dtypes of proxies are themselves proxies, so a Python test on them cannot run;
+    input checks skip themselves then (the traced graph runs on real tensors later, through the
+    same functional core). ``torch.compile`` and ``torch.export`` trace with real (fake)
+    tensors, so the checks run there and become guards.
+    """
+    return _fx_tracing() or any(isinstance(v, torch.fx.Proxy) for v in values)
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (False for devices without autocast, e.g. meta)."""
+    available = getattr(torch.amp, "is_autocast_available", None)
+    if available is not None and not available(device_type):
+        return False
+    return torch.is_autocast_enabled(device_type)
+
+
+def _autocast_mixes(a: torch.dtype, b: torch.dtype, device: torch.device) -> bool:
+    """Whether autocast reconciles dtypes ``a`` and ``b``: it casts every floating tensor but
+    float64 to its own dtype."""
+    return torch.float64 not in (a, b) and autocast_enabled(device.type)
+
+
+def check_choice(
+    name: str, value: object, choices: Iterable[object], *, owner: str | None = None
+) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``choices``.
+
+    Args:
+        name: the argument's name.
+        value: the value given.
+        choices: the accepted values.
+        owner: the module or function reporting the error (prefixes the message).
+    """
     choices = tuple(choices)
-    if value not in choices:
+    try:
+        ok = value in choices
+    except Exception:  # a value that cannot be compared (e.g. a tensor)
+        ok = False
+    if isinstance(value, bool):  # True == 1: a flag is not a choice of 1
+        ok = any(c is value for c in choices)
+    if not ok:
+        prefix = f"{owner}: " if owner else ""
         raise ValueError(
-            f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}"
+            f"{prefix}unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}"
         )
 
 
@@ -23,8 +87,12 @@ def check_feature_map(
     channels: int | None,
     name: str = "input",
     owner: str = "block",
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
 ) -> None:
     """Check that ``x`` is a floating (B, C, *spatial) tensor with non-empty dimensions.
+
+    Skipped while :mod:`torch.fx` traces (see :func:`is_tracing`).
 
     Args:
         x: the tensor to check.
@@ -33,16 +101,22 @@ def check_feature_map(
         channels: expected channel count, or None to accept any.
         name: how the tensor is called in the error message.
         owner: the module reporting the error.
+        dtype: the dtype of the owner's parameters, which ``x`` must have, unless autocast is
+            on for its device and neither is float64 (autocast casts all other floating
+            dtypes to its own); None to accept any.
+        device: the device of the owner's parameters, which ``x`` must be on; None to accept any.
 
     Raises:
-        TypeError: not a tensor, or not a floating-point dtype.
-        ValueError: wrong rank, wrong channel count or an empty dimension.
+        TypeError: not a tensor, not a floating-point dtype, or a dtype other than the
+            parameters'.
+        ValueError: wrong rank, wrong channel count, an empty dimension, or another device
+            than the parameters'.
     """
+    if is_tracing(x):
+        return
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    layout = {1: "(B, C, L)", 2: "(B, C, H, W)", 3: "(B, C, T, H, W)"}.get(
-        spatial_dims, f"(B, C, {spatial_dims} spatial dims)"
-    )
+    layout = _LAYOUTS.get(spatial_dims, f"(B, C, {spatial_dims} spatial dims)")
     if x.dim() != spatial_dims + 2:
         raise ValueError(
             f"{owner}: {name} must be a {spatial_dims + 2}-d tensor {layout}, "
@@ -57,10 +131,22 @@ def check_feature_map(
         )
     if any(s == 0 for s in x.shape):
         raise ValueError(f"{owner}: {name} has an empty dimension: shape {tuple(x.shape)} {layout}")
+    if device is not None and x.device != device:
+        raise ValueError(
+            f"{owner}: {name} is on {x.device}, the parameters on {device}; move the block "
+            f"or the {name} to one device"
+        )
+    if dtype is not None and x.dtype != dtype and not _autocast_mixes(x.dtype, dtype, x.device):
+        raise TypeError(
+            f"{owner}: {name} dtype {x.dtype} differs from the parameters' {dtype}; "
+            f"call block.to({x.dtype}) or cast the {name} to {dtype}"
+        )
 
 
 def check_tokens(x: torch.Tensor, name: str, rank: int = 3) -> None:
-    """Check a (B, N, C) token tensor of the functional core."""
+    """Check a (B, N, C) token tensor of the functional core (skipped under fx tracing)."""
+    if is_tracing(x):
+        return
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != rank:
@@ -82,11 +168,21 @@ def query_index(
         device: device of the result.
 
     Raises:
-        ValueError: no index, or an index outside [0, n).
+        ValueError: no index, an index outside [0, n), or indices that are not integers.
     """
     if queries is None:
         return torch.arange(n, device=device)
-    idx = torch.as_tensor(queries, dtype=torch.long, device=device).reshape(-1)
+    if isinstance(queries, torch.Tensor) and (
+        queries.is_floating_point() or queries.is_complex() or queries.dtype == torch.bool
+    ):
+        raise ValueError(f"attention_map: queries must be integer indices, got {queries.dtype}")
+    try:
+        idx = torch.as_tensor(queries, dtype=torch.long, device=device).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(
+            f"attention_map: queries must be a sequence of ints or a long tensor, got "
+            f"{type(queries).__name__}"
+        ) from e
     if idx.numel() == 0:
         raise ValueError("attention_map: queries is empty")
     if int(idx.min()) < 0 or int(idx.max()) >= n:

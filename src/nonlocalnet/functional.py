@@ -37,13 +37,22 @@ Two implementations of each:
     J_i = {j : b_j > −a_i}. Sorting b in decreasing order makes every J_i a prefix of the sorted
     keys, so prefix sums of v and of b·v, indexed by a binary search (:func:`torch.searchsorted`), give every y_i in
     O((N + M)·log M·C_v). Exact, and differentiable by autograd through sort and gather
-    (at a_i + b_j = 0 the key is left out, matching ReLU'(0) = 0).
+    (at a_i + b_j = 0 the key is left out, matching ReLU'(0) = 0). ONNX has no binary search:
+    while :func:`torch.onnx.export` traces, the counts |J_i| come from one sort of the queries
+    merged with the keys instead (:func:`merged_counts`), which exports and gives the same
+    integers.
+
+Precision: half and bfloat16 inputs (autocast included) are accumulated in float32 wherever a
+sum could leave their range: the logits and softmax of the reference path and of
+:func:`pairwise_weights`, the kᵀv product of the dot product, the prefix sums of the
+concatenation and the blocked softmax kernels. Every aggregate returns the values' dtype.
 
 This module depends on torch alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -61,6 +70,7 @@ __all__ = [
     "concatenation_aggregate",
     "default_scale",
     "dot_product_aggregate",
+    "merged_counts",
     "pairwise_weights",
     "softmax_aggregate",
     "symmetric_softmax_aggregate",
@@ -122,27 +132,72 @@ def _check_qkv(query: Tensor, key: Tensor, value: Tensor, same_dim: bool) -> Non
         )
 
 
-def pairwise_weights(pairwise: str, query: Tensor, key: Tensor, *, scale: float = 1.0) -> Tensor:
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled, on devices that have autocast (not on ``meta``)."""
+    if not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def _accumulation_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32 for half and bfloat16 inputs, float32/float64 otherwise (the widest given)."""
+    dt = torch.float32
+    for t in tensors:
+        dt = torch.promote_types(dt, t.dtype)
+    return dt
+
+
+def _weights(pairwise: str, query: Tensor, key: Tensor, scale: float) -> Tensor:
+    """f(q_i, k_j) / C(x) as ``(B, N, M)``, computed and returned in (at least) float32."""
+    acc = _accumulation_dtype(query, key)
+    m = key.shape[1]
+    with _autocast_off(query.device.type):
+        q, k = query.to(acc), key.to(acc)
+        if pairwise in SOFTMAX_PAIRWISE:
+            logits = torch.bmm(q, k.transpose(1, 2)) * scale  # (B, N, M)
+            return torch.softmax(logits, dim=-1)
+        if pairwise == "dot_product":
+            return torch.bmm(q, k.transpose(1, 2)) / m  # (B, N, M)
+        # concatenation: f = ReLU(a_i + b_j), a: (B, N, 1), b: (B, M, 1)
+        return F.relu(q + k.transpose(1, 2)) / m  # (B, N, M)
+
+
+def _weighted_sum(weights: Tensor, value: Tensor) -> Tensor:
+    """``weights @ value`` in the weights' (accumulation) dtype, returned in the values' dtype."""
+    acc = torch.promote_types(weights.dtype, value.dtype)
+    with _autocast_off(value.device.type):
+        out = torch.bmm(weights.to(acc), value.to(acc))  # (B, N, C_v)
+    return out.to(value.dtype)
+
+
+def pairwise_weights(
+    pairwise: str,
+    query: Tensor,
+    key: Tensor,
+    *,
+    scale: float = 1.0,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
     """The normalised pairwise weights f(q_i, k_j) / C(x), materialised.
+
+    The logits, the softmax and the products are computed in (at least) float32, also for
+    half and bfloat16 inputs and under autocast, so that large logits neither overflow to inf
+    (float16 tops out at 65504) nor turn the softmax into NaN.
 
     Args:
         pairwise: one of :data:`PAIRWISE`.
         query: ``(B, N, C_q)`` (``(B, N, 1)`` holding a_i for concatenation).
         key: ``(B, M, C_q)`` (``(B, M, 1)`` holding b_j for concatenation).
         scale: logit scale of the softmax forms.
+        dtype: dtype of the result; by default that of the inputs. The blocks' ``attention_map``
+            asks for at least float32.
 
     Returns:
         ``(B, N, M)`` weights; rows sum to 1 for the softmax forms.
     """
     check_choice("pairwise", pairwise, PAIRWISE)
-    m = key.shape[1]
-    if pairwise in SOFTMAX_PAIRWISE:
-        logits = torch.bmm(query, key.transpose(1, 2)) * scale  # (B, N, M)
-        return torch.softmax(logits, dim=-1)
-    if pairwise == "dot_product":
-        return torch.bmm(query, key.transpose(1, 2)) / m  # (B, N, M)
-    # concatenation: f = ReLU(a_i + b_j), a: (B, N, 1), b: (B, M, 1)
-    return F.relu(query + key.transpose(1, 2)) / m  # (B, N, M)
+    out_dtype = dtype if dtype is not None else torch.promote_types(query.dtype, key.dtype)
+    return _weights(pairwise, query, key, scale).to(out_dtype)
 
 
 def _check_kernel(kernel: str, impl: str) -> None:
@@ -205,7 +260,7 @@ def softmax_aggregate(
     check_choice("impl", impl, IMPLS)
     _check_kernel(kernel, impl)
     if impl == "reference":
-        return torch.bmm(pairwise_weights("gaussian", query, key, scale=scale), value)
+        return _weighted_sum(_weights("gaussian", query, key, scale), value)
     if kernel == "blocked":
         return chunked_softmax_aggregate(query, key, value, scale=scale)
     c_q, c_v = query.shape[-1], value.shape[-1]
@@ -460,9 +515,54 @@ def dot_product_aggregate(
     """
     check_choice("impl", impl, IMPLS)
     if impl == "reference":
-        return torch.bmm(pairwise_weights("dot_product", query, key), value)
-    kv = torch.bmm(key.transpose(1, 2), value)  # (B, C_q, C_v)
-    return torch.bmm(query, kv) / key.shape[1]  # (B, N, C_v)
+        return _weighted_sum(_weights("dot_product", query, key, 1.0), value)
+    # kᵀv sums over all M keys: accumulate half and bfloat16 in float32, where it cannot
+    # overflow (float16 tops out at 65504).
+    acc = _accumulation_dtype(query, key, value)
+    with _autocast_off(query.device.type):
+        q, k, v = query.to(acc), key.to(acc), value.to(acc)
+        kv = torch.bmm(k.transpose(1, 2), v)  # (B, C_q, C_v)
+        out = torch.bmm(q, kv) / key.shape[1]  # (B, N, C_v)
+    return out.to(value.dtype)
+
+
+def merged_counts(thresholds: Tensor, query: Tensor) -> Tensor:
+    """#{j : t_j < q_i} for every query, by one sort of queries and thresholds together.
+
+    What ``torch.searchsorted(thresholds, query)`` gives for sorted thresholds, from operations
+    that ONNX has (sort, cumsum, gather, scatter): in the merged ascending order, the count of
+    a query is the number of thresholds in the groups of equal values before its own, so ties
+    (t_j = q_i, not counted) come out exact whatever order the sort leaves equal values in.
+    O((N + M)·log(N + M)).
+
+    Args:
+        thresholds: ``(B, M)`` thresholds t_j (in any order).
+        query: ``(B, N)`` values q_i.
+
+    Returns:
+        ``(B, N)`` long counts.
+    """
+    n = query.shape[1]
+    merged = torch.cat([query, thresholds.to(query.dtype)], dim=1)  # (B, N + M)
+    is_key = torch.cat(
+        [torch.zeros_like(query, dtype=torch.long), torch.ones_like(thresholds, dtype=torch.long)],
+        dim=1,
+    )  # (B, N + M): 1 for a threshold
+    values, order = torch.sort(merged, dim=1)  # (B, N + M)
+    key_sorted = torch.gather(is_key, 1, order)  # (B, N + M)
+    new_group = torch.cat(
+        [
+            torch.ones_like(values[:, :1], dtype=torch.long),
+            (values[:, 1:] != values[:, :-1]).long(),
+        ],
+        dim=1,
+    )  # (B, N + M): 1 where a run of equal values starts
+    group = torch.cumsum(new_group, dim=1) - 1  # (B, N + M): run index in [0, N + M)
+    per_group = torch.zeros_like(key_sorted).scatter_add(1, group, key_sorted)  # (B, N + M)
+    before = torch.cumsum(per_group, dim=1) - per_group  # thresholds in earlier runs
+    counts = torch.gather(before, 1, group)  # (B, N + M), in sorted order
+    counts = torch.zeros_like(counts).scatter(1, order, counts)  # (B, N + M), merged order
+    return counts[:, :n]  # (B, N)
 
 
 def concatenation_aggregate(a: Tensor, b: Tensor, value: Tensor, *, impl: str = "fast") -> Tensor:
@@ -484,7 +584,7 @@ def concatenation_aggregate(a: Tensor, b: Tensor, value: Tensor, *, impl: str = 
             f"got {tuple(a.shape)} and {tuple(b.shape)}"
         )
     if impl == "reference":
-        return torch.bmm(pairwise_weights("concatenation", a, b), value)
+        return _weighted_sum(_weights("concatenation", a, b, 1.0), value)
     m = b.shape[1]
     out_dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), value.dtype)
     # The prefix sums below add large partial sums (a_i Σ v + Σ b v): accumulate half and
@@ -503,7 +603,11 @@ def concatenation_aggregate(a: Tensor, b: Tensor, value: Tensor, *, impl: str = 
     prefix_bv = torch.cumsum(F.pad(bv_sorted, (1, 0)), dim=-1)  # (B, C_v, M + 1)
     # |J_i| = #{j : -b_j < a_i}; -b_sorted is ascending. Keys with b_j == -a_i are left out
     # (they contribute ReLU(0) = 0, and ReLU'(0) = 0).
-    count = torch.searchsorted((-b_sorted).contiguous(), a.squeeze(-1).contiguous())  # (B, N)
+    thresholds, queries = (-b_sorted).contiguous(), a.squeeze(-1).contiguous()  # (B, M), (B, N)
+    if torch.onnx.is_in_onnx_export():  # ONNX has no searchsorted
+        count = merged_counts(thresholds, queries)  # (B, N)
+    else:
+        count = torch.searchsorted(thresholds, queries)  # (B, N)
     index = count.unsqueeze(1).expand(-1, v_t.shape[1], -1)  # (B, C_v, N)
     sum_v = torch.gather(prefix_v, 2, index).transpose(1, 2)  # (B, N, C_v)
     sum_bv = torch.gather(prefix_bv, 2, index).transpose(1, 2)  # (B, N, C_v)

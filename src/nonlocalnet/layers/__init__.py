@@ -10,6 +10,10 @@
 
 Every block takes its channel count first and ``dims`` (1, 2 or 3) as a keyword; the layers
 import only :mod:`nonlocalnet.functional`, the checks of :mod:`nonlocalnet._checks` and each other.
+An input whose dtype or device differs from the parameters' is refused with one line naming the
+block (autocast excepted). The forward passes trace with :mod:`torch.fx`
+(``torchvision.models.feature_extraction.create_feature_extractor``), export to ONNX and compile
+with ``fullgraph=True``.
 """
 
 from nonlocalnet.layers.asymmetric import AFNB, APNB, PyramidPooling

@@ -9,6 +9,7 @@ This module depends on torch alone.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -21,9 +22,11 @@ __all__ = [
     "DIMS",
     "DROPOUT",
     "MAX_POOL",
+    "check_batch_norm_values",
     "check_dims",
     "check_dropout",
     "check_positive_int",
+    "parameter_placement",
 ]
 
 #: the ``dims`` every block accepts: dimensions after (B, C).
@@ -36,9 +39,9 @@ MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 ADAPTIVE_AVG_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
 
 
-def check_dims(dims: object) -> None:
-    """Raise ``ValueError`` unless ``dims`` is 1, 2 or 3."""
-    check_choice("dims", dims, DIMS)
+def check_dims(dims: object, owner: str | None = None) -> None:
+    """Raise ``ValueError`` unless ``dims`` is 1, 2 or 3 (``owner`` prefixes the message)."""
+    check_choice("dims", dims, DIMS, owner=owner)
 
 
 def check_positive_int(owner: str, name: str, value: object) -> None:
@@ -51,3 +54,37 @@ def check_dropout(owner: str, p: object) -> None:
     """Raise ``ValueError`` unless ``p`` is a probability in [0, 1)."""
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
         raise ValueError(f"{owner}: dropout must be a probability in [0, 1), got {p!r}")
+
+
+def parameter_placement(module: nn.Module) -> tuple[torch.dtype | None, torch.device | None]:
+    """``(dtype, device)`` of a block's first floating parameter, which its input must share.
+
+    ``(None, None)`` for a block without parameters.
+    """
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype, p.device
+    return None, None
+
+
+def check_batch_norm_values(block: nn.Module, x: torch.Tensor, owner: str) -> None:
+    """Raise ``ValueError`` if a norm of ``block`` would see a single value to normalise.
+
+    A BatchNorm in training mode needs more than one value per channel (batch × positions > 1),
+    a GroupNorm more than one value per group (a norm given as a callable may be one).
+    """
+    per_channel = x.numel() // x.shape[1]
+    if per_channel > 1:
+        return
+    for m in block.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            raise ValueError(
+                f"{owner}: a BatchNorm in training mode needs more than one value per channel, "
+                f"got input shape {tuple(x.shape)} (batch × positions = 1); call block.eval() "
+                f"or give a larger input"
+            )
+        if isinstance(m, nn.GroupNorm) and m.num_channels // m.num_groups < 2:
+            raise ValueError(
+                f"{owner}: its GroupNorm({m.num_groups}, {m.num_channels}) needs more than one "
+                f"value per group, got input shape {tuple(x.shape)}; give a larger input"
+            )

@@ -17,6 +17,11 @@ the N×S weights (``impl="reference"``).
 * :class:`AFNB` (fusion): queries from the high-level map (stage 5), keys and values from the
   low-level map (stage 4); fusion concat [context, high] → conv → BN → dropout.
 
+The pyramid pooling averages in (at least) float32 and casts back: a float16 average over
+thousands of positions (3d maps) would overflow. The forward passes trace with :mod:`torch.fx`
+(``create_feature_extractor``): the input checks stand aside while tracing, and the pooling and
+the attention are leaf calls.
+
 Submodule names follow the official code (``f_query``, ``f_key``, ``f_value``; its ``W`` is
 ``conv_out`` here, its ``conv_bn_dropout`` is ``fusion``), so official checkpoints map by renaming
 ``stages.0.W`` → ``conv_out`` and ``conv_bn_dropout`` → ``fusion``.
@@ -32,22 +37,43 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from nonlocalnet._checks import check_choice, check_feature_map, query_index
+from nonlocalnet._checks import check_choice, check_feature_map, is_tracing, query_index
 from nonlocalnet.functional import IMPLS, pairwise_weights, softmax_aggregate
 from nonlocalnet.layers._dims import (
     ADAPTIVE_AVG_POOL,
     BATCH_NORM,
     CONV,
     DROPOUT,
+    check_batch_norm_values,
     check_dims,
     check_dropout,
     check_positive_int,
+    parameter_placement,
 )
-from nonlocalnet.layers.layout import AttentionLayout
+from nonlocalnet.layers.layout import AttentionLayout, spatial_size
 
 __all__ = ["AFNB", "APNB", "PyramidPooling"]
 
 DEFAULT_BINS = (1, 3, 6, 8)
+
+
+def _pyramid_samples(x: Tensor, sizes: Sequence[Sequence[int]], dims: int) -> Tensor:
+    """Adaptive average poolings of ``x`` to each size, flattened and concatenated: ``(B, C, S)``.
+
+    Averaged in (at least) float32, so that half-precision sums over large windows stay finite;
+    returned in x's dtype.
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    pool = ADAPTIVE_AVG_POOL[dims]
+    xa = x.to(acc)
+    pooled = [pool(xa, tuple(s)).flatten(2) for s in sizes]  # (B, C, Π s) each
+    return torch.cat(pooled, dim=2).to(x.dtype)  # (B, C, S)
+
+
+# Leaf calls under torch.fx symbolic tracing: the dtype choices and the attention kernel's
+# dispatch read dtypes and devices, which are proxies there.
+torch.fx.wrap("_pyramid_samples")
+torch.fx.wrap("softmax_aggregate")
 
 
 class PyramidPooling(nn.Module):
@@ -68,11 +94,13 @@ class PyramidPooling(nn.Module):
         self, bins: Sequence[int] = DEFAULT_BINS, *, dims: int = 2, pool_time: bool = False
     ) -> None:
         super().__init__()
-        check_dims(dims)
-        if isinstance(bins, int) or not isinstance(bins, Sequence) or len(bins) == 0:
+        check_dims(dims, owner="PyramidPooling")
+        if isinstance(bins, (int, str)) or not isinstance(bins, Sequence) or len(bins) == 0:
             raise ValueError(f"PyramidPooling: bins must be a non-empty sequence, got {bins!r}")
         for b in bins:
             check_positive_int("PyramidPooling", "each bin", b)
+        if not isinstance(pool_time, bool):
+            raise TypeError(f"PyramidPooling: pool_time must be a bool, got {pool_time!r}")
         self.bins = tuple(bins)
         self.dims = dims
         self.pool_time = pool_time
@@ -82,6 +110,7 @@ class PyramidPooling(nn.Module):
 
         ``(b,)`` in 1d, ``(b, b)`` in 2d, ``(T, b, b)`` (or ``(1, b, b)`` with pool_time) in 3d.
         """
+        size = tuple(size)
         if len(size) != self.dims:
             raise ValueError(f"PyramidPooling: size must have {self.dims} dims, got {tuple(size)}")
         if self.dims == 3:
@@ -94,11 +123,13 @@ class PyramidPooling(nn.Module):
         return sum(math.prod(s) for s in self.output_sizes(size))
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(B, C, *S)`` -> ``(B, C, S)`` samples, bins in order, each flattened row major."""
+        """``(B, C, *S)`` -> ``(B, C, S)`` samples, bins in order, each flattened row major.
+
+        Averaged in (at least) float32, returned in x's dtype.
+        """
         check_feature_map(x, spatial_dims=self.dims, channels=None, owner="PyramidPooling")
-        pool = ADAPTIVE_AVG_POOL[self.dims]
-        pooled = [pool(x, s).flatten(2) for s in self.output_sizes(x.shape[2:])]  # (B, C, Π s)
-        return torch.cat(pooled, dim=2)  # (B, C, S)
+        sizes = self.output_sizes(spatial_size(x, self.dims))
+        return _pyramid_samples(x, sizes, self.dims)  # (B, C, S)
 
     def extra_repr(self) -> str:
         return f"bins={self.bins}, dims={self.dims}, pool_time={self.pool_time}"
@@ -142,8 +173,10 @@ class _PyramidAttention(nn.Module):
         for n, v in widths.items():
             check_positive_int(name, n, v)
         check_dropout(name, dropout)
-        check_dims(dims)
-        check_choice("impl", impl, IMPLS)
+        check_dims(dims, owner=name)
+        check_choice("impl", impl, IMPLS, owner=name)
+        if not isinstance(zero_init, bool):
+            raise TypeError(f"{name}: zero_init must be a bool, got {zero_init!r}")
         for n, v in widths.items():
             setattr(self, n, v)
         self.zero_init = zero_init
@@ -175,7 +208,7 @@ class _PyramidAttention(nn.Module):
 
     def _embed(self, low: Tensor, high: Tensor, shared: bool) -> tuple[Tensor, Tensor, Tensor]:
         """Query tokens of ``high``, pyramid-sampled key/value tokens of ``low``."""
-        lay = self._layout(low.shape[2:], high.shape[2:])
+        lay = self._layout(spatial_size(low, self.dims), spatial_size(high, self.dims))
         key_map = self.f_key(low)  # (B, K, *S_low)
         query_map = key_map if shared else self.f_query(high)  # (B, K, *S_high)
         q = lay.fold(query_map)  # (B, N, K)
@@ -189,7 +222,23 @@ class _PyramidAttention(nn.Module):
 
     def _map(self, q: Tensor, k: Tensor, queries: Sequence[int] | Tensor | None) -> Tensor:
         idx = query_index(q.shape[1], queries, q.device)
-        return pairwise_weights("gaussian", q[:, idx], k, scale=self.scale)  # (B, Nq, S)
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        return pairwise_weights("gaussian", q[:, idx], k, scale=self.scale, dtype=dtype)
+
+    def _check_map(self, x: Tensor, channels: int, name: str) -> None:
+        dtype, device = parameter_placement(self)
+        owner = type(self).__name__
+        check_feature_map(
+            x,
+            spatial_dims=self.dims,
+            channels=channels,
+            name=name,
+            owner=owner,
+            dtype=dtype,
+            device=device,
+        )
+        if not is_tracing(x):
+            check_batch_norm_values(self, x, owner)
 
 
 class APNB(_PyramidAttention):
@@ -235,6 +284,8 @@ class APNB(_PyramidAttention):
         super().__init__()
         if out_channels is None:
             out_channels = channels
+        if not isinstance(share_query_key, bool):
+            raise TypeError(f"APNB: share_query_key must be a bool, got {share_query_key!r}")
         self._setup(
             {
                 "channels": channels,
@@ -268,7 +319,7 @@ class APNB(_PyramidAttention):
         self.reset_parameters()
 
     def _check(self, x: Tensor) -> None:
-        check_feature_map(x, spatial_dims=self.dims, channels=self.channels, owner="APNB")
+        self._check_map(x, self.channels, "input")
 
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Query ``(B, N, d)``, key ``(B, S, d)`` and value ``(B, S, V)`` tokens."""
@@ -278,7 +329,7 @@ class APNB(_PyramidAttention):
     def context(self, x: Tensor) -> Tensor:
         """The attention output before conv_out: ``(B, V, *S)``."""
         q, k, v = self.embed(x)
-        return self._attend(q, k, v, x.shape[0], self.layout(x.shape[2:]))
+        return self._attend(q, k, v, x.shape[0], self.layout(spatial_size(x, self.dims)))
 
     def residual(self, x: Tensor) -> Tensor:
         """conv_out(context): the output before the fusion, ``(B, C, *S)``."""
@@ -293,7 +344,7 @@ class APNB(_PyramidAttention):
         """softmax_s(d^-1/2 q_iᵀ k_s) for the given query positions (all N when omitted).
 
         Returns:
-            ``(B, Nq, S)``; rows sum to 1.
+            ``(B, Nq, S)``; rows sum to 1. In (at least) float32.
         """
         q, k, _ = self.embed(x)
         return self._map(q, k, queries)
@@ -387,12 +438,10 @@ class AFNB(_PyramidAttention):
         self.reset_parameters()
 
     def _check(self, low: Tensor, high: Tensor) -> None:
-        check_feature_map(
-            low, spatial_dims=self.dims, channels=self.low_channels, name="low", owner="AFNB"
-        )
-        check_feature_map(
-            high, spatial_dims=self.dims, channels=self.high_channels, name="high", owner="AFNB"
-        )
+        self._check_map(low, self.low_channels, "low")
+        self._check_map(high, self.high_channels, "high")
+        if is_tracing(low, high):
+            return
         if low.shape[0] != high.shape[0]:
             raise ValueError(
                 f"AFNB: low and high must have the same batch size, got {low.shape[0]} "
@@ -407,7 +456,8 @@ class AFNB(_PyramidAttention):
     def context(self, low: Tensor, high: Tensor) -> Tensor:
         """The attention output before conv_out: ``(B, V, *S_high)``."""
         q, k, v = self.embed(low, high)
-        return self._attend(q, k, v, high.shape[0], self.layout(low.shape[2:], high.shape[2:]))
+        lay = self.layout(spatial_size(low, self.dims), spatial_size(high, self.dims))
+        return self._attend(q, k, v, high.shape[0], lay)
 
     def residual(self, low: Tensor, high: Tensor) -> Tensor:
         """conv_out(context): the output before the fusion, ``(B, out_channels, *S_high)``."""
@@ -424,7 +474,7 @@ class AFNB(_PyramidAttention):
         """softmax_s(d^-1/2 q_iᵀ k_s) for the given positions of ``high`` (all when omitted).
 
         Returns:
-            ``(B, Nq, S)``; rows sum to 1.
+            ``(B, Nq, S)``; rows sum to 1. In (at least) float32.
         """
         q, k, _ = self.embed(low, high)
         return self._map(q, k, queries)

@@ -20,6 +20,13 @@ path computes the 1×N softmax once and contracts it with x in its native ``(B, 
 bmm), never broadcasting the weights over the channels. Softmax and LayerNorm run in (at least)
 float32, also under bfloat16/float16 autocast.
 
+The LayerNorm's eps is ``norm_eps``: 1e-5 (PyTorch's default, as mmcv's ``ContextBlock`` and the
+official code) unless given; timm's ``GlobalContext`` uses 1e-6 (its ``LayerNorm2d``), so
+``norm_eps=1e-6`` reproduces converted timm weights exactly.
+
+The forward passes trace with :mod:`torch.fx` (``create_feature_extractor``): the input checks
+stand aside while tracing, and the attention pooling and the float32 LayerNorm are leaf calls.
+
 This module depends on torch alone.
 """
 
@@ -34,7 +41,7 @@ from torch import Tensor, nn
 
 from nonlocalnet._checks import check_choice, check_feature_map, query_index
 from nonlocalnet.functional import IMPLS, softmax_aggregate
-from nonlocalnet.layers._dims import CONV, check_dims, check_positive_int
+from nonlocalnet.layers._dims import CONV, check_dims, check_positive_int, parameter_placement
 from nonlocalnet.layers.layout import AttentionLayout
 
 __all__ = [
@@ -60,6 +67,24 @@ def _reduced_channels(owner: str, channels: int, ratio: float) -> int:
             f"{owner}: channels * ratio must be >= 1, got {channels} * {ratio} = {channels * ratio}"
         )
     return planes
+
+
+def _check_input(block: nn.Module, x: Tensor) -> None:
+    """The input check of SNL, GC and SE: shape, channels, and the parameters' dtype/device."""
+    dtype, device = parameter_placement(block)
+    check_feature_map(
+        x,
+        spatial_dims=block.dims,
+        channels=block.channels,
+        owner=type(block).__name__,
+        dtype=dtype,
+        device=device,
+    )
+
+
+def _unit_dims(c: Tensor, dims: int) -> Tensor:
+    """``(B, C)`` -> ``(B, C, 1, ...)``, one 1 per spatial dim (a view)."""
+    return c[(..., *([None] * dims))]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -88,6 +113,11 @@ def attention_pool(x: Tensor, logits: Tensor, *, impl: str = "fast") -> Tensor:
         return c.squeeze(1)  # (B, C)
     w = torch.softmax(logits, dim=-1, dtype=_compute_dtype(logits.dtype))  # (B, N)
     return torch.bmm(x, w.to(x.dtype).unsqueeze(-1)).squeeze(-1)  # (B, C, 1) -> (B, C)
+
+
+# One leaf call each under torch.fx symbolic tracing (their dtype and autocast choices read the
+# inputs' dtypes and devices, which are proxies there).
+torch.fx.wrap("attention_pool")
 
 
 def _attention_weights(logits: Tensor) -> Tensor:
@@ -122,6 +152,21 @@ def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=device_type, enabled=False)
 
 
+def _layer_norm_fp32(
+    x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """``F.layer_norm`` computed in (at least) float32 with autocast off, returned in x's dtype."""
+    dt = _compute_dtype(x.dtype)
+    with _autocast_off(x.device.type):
+        w = weight.to(dt) if weight is not None else None
+        b = bias.to(dt) if bias is not None else None
+        out = F.layer_norm(x.to(dt), shape, w, b, eps)
+    return out.to(x.dtype)
+
+
+torch.fx.wrap("_layer_norm_fp32")
+
+
 class _LayerNormFp32(nn.LayerNorm):
     """LayerNorm computed in (at least) float32, also under half-precision autocast.
 
@@ -129,12 +174,7 @@ class _LayerNormFp32(nn.LayerNorm):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        dt = _compute_dtype(x.dtype)
-        with _autocast_off(x.device.type):
-            w = self.weight.to(dt) if self.weight is not None else None
-            b = self.bias.to(dt) if self.bias is not None else None
-            out = F.layer_norm(x.to(dt), self.normalized_shape, w, b, self.eps)
-        return out.to(x.dtype)
+        return _layer_norm_fp32(x, tuple(self.normalized_shape), self.weight, self.bias, self.eps)
 
 
 class SimplifiedNonLocal(nn.Module):
@@ -166,8 +206,9 @@ class SimplifiedNonLocal(nn.Module):
         super().__init__()
         name = type(self).__name__
         check_positive_int(name, "channels", channels)
-        check_dims(dims)
-        check_choice("impl", impl, IMPLS)
+        check_dims(dims, owner=name)
+        check_choice("impl", impl, IMPLS, owner=name)
+        _check_bool(name, "zero_init", zero_init)
         self.channels = channels
         self.dims = dims
         self.zero_init = zero_init
@@ -188,16 +229,14 @@ class SimplifiedNonLocal(nn.Module):
             nn.init.zeros_(self.conv_value.bias)
 
     def _check(self, x: Tensor) -> None:
-        check_feature_map(
-            x, spatial_dims=self.dims, channels=self.channels, owner="SimplifiedNonLocal"
-        )
+        _check_input(self, x)
 
     def context(self, x: Tensor) -> Tensor:
         """c = Σ_j softmax_j(W_k x_j) x_j: ``(B, C, 1, ...)`` (one 1 per spatial dim)."""
         self._check(x)
         logits = self.conv_mask(x).flatten(1)  # (B, N)
         c = attention_pool(x.flatten(2), logits, impl=self.impl)  # (B, C)
-        return c.reshape(*c.shape, *([1] * self.dims))  # (B, C, 1, ...)
+        return _unit_dims(c, self.dims)  # (B, C, 1, ...)
 
     def residual(self, x: Tensor) -> Tensor:
         """The branch added to x: W_v c, ``(B, C, 1, ...)`` (the same for every position)."""
@@ -216,7 +255,7 @@ class SimplifiedNonLocal(nn.Module):
             queries: query positions; the one row is expanded (a view) to ``len(queries)`` rows.
 
         Returns:
-            ``(B, 1, N)``, or ``(B, len(queries), N)``; rows sum to 1.
+            ``(B, 1, N)``, or ``(B, len(queries), N)``; rows sum to 1. In (at least) float32.
         """
         self._check(x)
         w = _attention_weights(self.conv_mask(x).flatten(1)).unsqueeze(1)  # (B, 1, N)
@@ -239,6 +278,7 @@ def _transform(
     channels: int,
     planes: int,
     layer_norm: bool,
+    norm_eps: float,
     device: torch.device | str | None,
     dtype: torch.dtype | None,
 ) -> nn.Sequential:
@@ -249,7 +289,7 @@ def _transform(
     conv = CONV[dims]
     kw = {"kernel_size": 1, "device": device, "dtype": dtype}
     norm: nn.Module = (
-        _LayerNormFp32([planes] + [1] * dims, device=device, dtype=dtype)
+        _LayerNormFp32([planes] + [1] * dims, eps=norm_eps, device=device, dtype=dtype)
         if layer_norm
         else nn.Identity()
     )
@@ -260,8 +300,12 @@ def _transform(
 
 def _avg_pool(x: Tensor, dims: int) -> Tensor:
     """Mean over all positions: ``(B, C, *S)`` -> ``(B, C, 1, ...)``."""
-    c = x.flatten(2).mean(-1)  # (B, C)
-    return c.reshape(*c.shape, *([1] * dims))  # (B, C, 1, ...)
+    return _unit_dims(x.flatten(2).mean(-1), dims)  # (B, C) -> (B, C, 1, ...)
+
+
+def _check_bool(owner: str, name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be a bool, got {value!r}")
 
 
 class GlobalContext(nn.Module):
@@ -288,6 +332,8 @@ class GlobalContext(nn.Module):
         zero_init: zero the last conv of each transform.
         impl: ``"fast"`` or ``"reference"`` (see :func:`attention_pool`).
         dims: number of dimensions after (B, C): 1, 2 or 3.
+        norm_eps: the LayerNorm's eps: 1e-5 (PyTorch, mmcv, official code) by default, 1e-6 to
+            match timm's ``GlobalContext``.
         device: device of the parameters.
         dtype: dtype of the parameters.
     """
@@ -303,6 +349,7 @@ class GlobalContext(nn.Module):
         impl: str = "fast",
         *,
         dims: int = 2,
+        norm_eps: float = 1e-5,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -310,14 +357,26 @@ class GlobalContext(nn.Module):
         name = type(self).__name__
         check_positive_int(name, "channels", channels)
         planes = _reduced_channels(name, channels, ratio)
-        check_choice("pooling", pooling, POOLINGS)
-        check_dims(dims)
-        check_choice("impl", impl, IMPLS)
+        check_choice("pooling", pooling, POOLINGS, owner=name)
+        check_dims(dims, owner=name)
+        check_choice("impl", impl, IMPLS, owner=name)
+        _check_bool(name, "layer_norm", layer_norm)
+        _check_bool(name, "zero_init", zero_init)
+        if (
+            isinstance(norm_eps, bool)
+            or not isinstance(norm_eps, (int, float))
+            or not 0 < norm_eps < float("inf")
+        ):
+            raise ValueError(f"{name}: norm_eps must be a positive number, got {norm_eps!r}")
         if isinstance(fusion, str):
             fusion = (fusion,)
+        if not isinstance(fusion, (tuple, list)):
+            raise ValueError(
+                f"{name}: fusion must be 'add', 'mul' or a collection of them, got {fusion!r}"
+            )
         fusion = tuple(fusion)
         for f in fusion:
-            check_choice("fusion", f, FUSIONS)
+            check_choice("fusion", f, FUSIONS, owner=name)
         if not fusion or len(set(fusion)) != len(fusion):
             raise ValueError(
                 f"{name}: fusion must be a non-empty collection of distinct 'add'/'mul', "
@@ -329,6 +388,7 @@ class GlobalContext(nn.Module):
         self.pooling = pooling
         self.fusion = tuple(f for f in ("mul", "add") if f in fusion)  # application order
         self.layer_norm = layer_norm
+        self.norm_eps = float(norm_eps)
         self.zero_init = zero_init
         self.impl = impl
         self.dims = dims
@@ -336,12 +396,12 @@ class GlobalContext(nn.Module):
         if pooling == "att":
             self.conv_mask = conv(channels, 1, kernel_size=1, device=device, dtype=dtype)
         self.transform_add = (
-            _transform(dims, channels, planes, layer_norm, device, dtype)
+            _transform(dims, channels, planes, layer_norm, self.norm_eps, device, dtype)
             if "add" in self.fusion
             else None
         )
         self.transform_mul = (
-            _transform(dims, channels, planes, layer_norm, device, dtype)
+            _transform(dims, channels, planes, layer_norm, self.norm_eps, device, dtype)
             if "mul" in self.fusion
             else None
         )
@@ -363,7 +423,7 @@ class GlobalContext(nn.Module):
                 nn.init.zeros_(t[-1].bias)
 
     def _check(self, x: Tensor) -> None:
-        check_feature_map(x, spatial_dims=self.dims, channels=self.channels, owner="GlobalContext")
+        _check_input(self, x)
 
     def context(self, x: Tensor) -> Tensor:
         """The pooled context c: ``(B, C, 1, ...)`` (one 1 per spatial dim)."""
@@ -372,7 +432,7 @@ class GlobalContext(nn.Module):
             return _avg_pool(x, self.dims)
         logits = self.conv_mask(x).flatten(1)  # (B, N)
         c = attention_pool(x.flatten(2), logits, impl=self.impl)  # (B, C)
-        return c.reshape(*c.shape, *([1] * self.dims))  # (B, C, 1, ...)
+        return _unit_dims(c, self.dims)  # (B, C, 1, ...)
 
     def residual(self, x: Tensor) -> Tensor:
         """The transform output before fusion, ``(B, C, 1, ...)``, the same for every position.
@@ -403,12 +463,12 @@ class GlobalContext(nn.Module):
             queries: query positions; the one row is expanded (a view) to ``len(queries)`` rows.
 
         Returns:
-            ``(B, 1, N)``, or ``(B, len(queries), N)``; rows sum to 1.
+            ``(B, 1, N)``, or ``(B, len(queries), N)``; rows sum to 1. In (at least) float32.
         """
         self._check(x)
         if self.pooling == "avg":
             n = x[0, 0].numel()
-            w = x.new_full((x.shape[0], 1, n), 1.0 / n)  # (B, 1, N)
+            w = x.new_full((x.shape[0], 1, n), 1.0 / n, dtype=_compute_dtype(x.dtype))  # (B, 1, N)
         else:
             w = _attention_weights(self.conv_mask(x).flatten(1)).unsqueeze(1)  # (B, 1, N)
         return _map_rows(w, queries)
@@ -424,7 +484,8 @@ class GlobalContext(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.channels}, ratio={self.ratio:.4g}, pooling={self.pooling!r}, "
-            f"fusion={self.fusion!r}, layer_norm={self.layer_norm}, dims={self.dims}, "
+            f"fusion={self.fusion!r}, layer_norm={self.layer_norm}, norm_eps={self.norm_eps:g}, "
+            f"dims={self.dims}, "
             f"impl={self.impl!r}"
         )
 
@@ -457,7 +518,7 @@ class SqueezeExcite(nn.Module):
         name = type(self).__name__
         check_positive_int(name, "channels", channels)
         planes = _reduced_channels(name, channels, ratio)
-        check_dims(dims)
+        check_dims(dims, owner=name)
         self.channels = channels
         self.ratio = ratio
         self.planes = planes
@@ -474,7 +535,7 @@ class SqueezeExcite(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """z = x ⊙ sigmoid(fc2(ReLU(fc1(mean x)))), same shape as ``x``."""
-        check_feature_map(x, spatial_dims=self.dims, channels=self.channels, owner="SqueezeExcite")
+        _check_input(self, x)
         s = self.fc2(F.relu(self.fc1(_avg_pool(x, self.dims))))  # (B, C, 1, ...)
         return x * torch.sigmoid(s)
 

@@ -13,14 +13,20 @@ the block computes. The layout tells:
   ``(key_index, position_index, share)`` triplets with share = 1 / (positions of the key's cell):
 
   - ``"pairwise"`` (NL): key j is one position, or, with sub-sampling, the max-pooling window of
-    2 (1d), 2×2 (2d) or 1×2×2 (3d) it reads; windows round up on odd sizes (``ceil_mode``), so a
-    position at coordinate c lies in cell c // 2 along each pooled axis;
+    2 (1d), 2×2 (2d) or 1×2×2 (3d) it reads; a position at coordinate c lies in cell c // 2 along
+    each pooled axis. On odd sizes the windows round up by default (``rounding="ceil"``,
+    ``ceil_mode``: the last window is partial, every position feeds a key); with
+    ``rounding="floor"`` (the peers' pooling) the last odd row/column feeds no key;
   - ``"query_independent"`` (SNL, GC): one softmax over all positions, key j is position j;
   - ``"pyramid"`` (APNB, AFNB): the keys are adaptive average poolings at each bin, concatenated
     in order; cell i of b along an axis of n positions covers [⌊i·n/b⌋, ⌈(i+1)·n/b⌉), as
     ``adaptive_avg_pool`` reads it, so cells of one bin overlap when b does not divide n.
 
-This module depends on torch alone.
+Sizes may be symbolic: ``torch.SymInt`` under ``torch.compile``, ``torch.fx.Proxy`` under
+``torch.fx`` symbolic tracing (the folding then traces to reshapes and permutes, and the checks
+of concrete sizes stand aside). :func:`spatial_size` reads them from a tensor either way.
+
+This module depends on torch and :mod:`nonlocalnet._checks`.
 """
 
 from __future__ import annotations
@@ -30,13 +36,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.fx
 from torch import Tensor
 
-__all__ = ["KINDS", "AttentionLayout"]
+from nonlocalnet._checks import check_choice, is_tracing
+
+__all__ = ["KINDS", "ROUNDINGS", "AttentionLayout", "spatial_size"]
 
 #: what the keys of a block are: positions (or max-pooled cells) of the query map, one map shared
 #: by every query, or the cells of a pooling pyramid.
 KINDS = ("pairwise", "query_independent", "pyramid")
+#: how max-pooled keys round on odd sizes: ``"ceil"`` keeps the last, partial window; ``"floor"``
+#: drops it.
+ROUNDINGS = ("ceil", "floor")
+
+
+def spatial_size(t: Tensor, dims: int) -> tuple[int, ...]:
+    """The ``dims`` sizes after (B, C) of ``t``, axis by axis.
+
+    Equal to ``tuple(t.shape[2:])``; read one axis at a time so that under ``torch.fx``
+    symbolic tracing (where ``t.shape`` is a proxy that cannot be iterated) each size is a
+    proxy of its own.
+    """
+    return tuple(t.shape[2 + d] for d in range(dims))
 
 
 def _check_size(name: str, size: Sequence[int], dims: int | None = None) -> tuple[int, ...]:
@@ -44,6 +66,8 @@ def _check_size(name: str, size: Sequence[int], dims: int | None = None) -> tupl
     if dims is not None and len(size) != dims:
         raise ValueError(f"AttentionLayout: {name} must have {dims} dims, got {size}")
     for n in size:
+        if isinstance(n, torch.fx.Proxy):  # fx symbolic tracing: not known yet
+            continue
         if isinstance(n, bool) or not isinstance(n, (int, torch.SymInt)) or n < 1:
             raise ValueError(f"AttentionLayout: {name} must be positive ints, got {size}")
     return size
@@ -88,6 +112,9 @@ class AttentionLayout:
         window: max-pooling window (= stride) of the keys along each axis of ``key_size``; 1 where
             the keys are not pooled. Unused by the pyramid.
         bins: for the pyramid, the output size of each adaptive pooling, in order.
+        rounding: one of :data:`ROUNDINGS`, how the pooled key grid rounds on sizes that the
+            window does not divide: ``"ceil"`` (the last window is partial) or ``"floor"`` (the
+            positions past the last full window feed no key).
     """
 
     kind: str
@@ -96,6 +123,7 @@ class AttentionLayout:
     fold_dims: tuple[int, ...] = ()
     window: tuple[int, ...] = ()
     bins: tuple[tuple[int, ...], ...] = ()
+    rounding: str = "ceil"
 
     # -- constructors ---------------------------------------------------------------------------
 
@@ -106,18 +134,33 @@ class AttentionLayout:
         *,
         window: Sequence[int] | None = None,
         fold_dims: Sequence[int] = (),
+        rounding: str = "ceil",
     ) -> AttentionLayout:
-        """NL: queries and keys on one map; keys max-pooled by ``window`` (ceil rounding).
+        """NL: queries and keys on one map; keys max-pooled by ``window``.
 
         Args:
             size: the input's spatial size.
             window: pooling window per axis (all 1, no pooling, when omitted).
             fold_dims: axes folded into the batch; their keys are those of the query's own
-                (pooled) coordinate along them.
+                (pooled) coordinate along them. With ``rounding="floor"`` a query past the last
+                full window of a folded axis reads the last cell, the nearest.
+            rounding: ``"ceil"`` or ``"floor"`` (see :data:`ROUNDINGS`).
+
+        Raises:
+            ValueError: bad sizes or axes, or floor rounding on an axis shorter than its window
+                (no key would be left).
         """
         size = _check_size("size", size)
         window = (1,) * len(size) if window is None else tuple(window)
         _check_size("window", window, len(size))
+        check_choice("rounding", rounding, ROUNDINGS, owner="AttentionLayout")
+        if rounding == "floor":
+            for d, (n, w) in enumerate(zip(size, window, strict=True)):
+                if not isinstance(n, torch.fx.Proxy) and n < w:
+                    raise ValueError(
+                        f"AttentionLayout: floor rounding needs at least {w} positions along "
+                        f"pooled axis {d}, got size {size}"
+                    )
         fold_dims = tuple(fold_dims)
         if sorted(set(fold_dims)) != list(fold_dims) or any(
             not 0 <= d < len(size) for d in fold_dims
@@ -126,7 +169,7 @@ class AttentionLayout:
                 f"AttentionLayout: fold_dims must be increasing axes of a {len(size)}-d map, "
                 f"got {fold_dims}"
             )
-        return cls("pairwise", size, size, fold_dims, window)
+        return cls("pairwise", size, size, fold_dims, window, rounding=rounding)
 
     @classmethod
     def query_independent(cls, size: Sequence[int]) -> AttentionLayout:
@@ -160,6 +203,10 @@ class AttentionLayout:
                 f"AttentionLayout: window must have one entry per axis of key_size "
                 f"{self.key_size}, got {self.window}"
             )
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(
+                f"AttentionLayout: rounding must be one of {ROUNDINGS}, got {self.rounding!r}"
+            )
         if (self.kind == "pyramid") != bool(self.bins):
             raise ValueError(
                 f"AttentionLayout: bins are given exactly for the pyramid, got kind "
@@ -188,7 +235,10 @@ class AttentionLayout:
         """Size of the (pooled) key map of the pairwise and query-independent kinds."""
         if self.kind == "pyramid":
             raise ValueError("AttentionLayout: a pyramid has no key grid; see bins")
-        return tuple(-(-n // w) for n, w in zip(self.key_size, self.window, strict=True))
+        pairs = zip(self.key_size, self.window, strict=True)
+        if self.rounding == "floor":
+            return tuple(n // w for n, w in pairs)
+        return tuple(-(-n // w) for n, w in pairs)
 
     @property
     def num_keys(self) -> int:
@@ -233,7 +283,8 @@ class AttentionLayout:
         Returns:
             ``(key_index, position_index, share)``, each ``(P,)``: key j in [0, M) stands for the
             row-major position of ``key_size`` with weight ``share`` = 1 / (positions in its
-            cell); the shares of each key sum to 1.
+            cell); the shares of each key sum to 1. With floor rounding the positions past the
+            last full window are in no cell, so they are not listed.
 
         Raises:
             ValueError: ``fold`` outside [0, B'/B).
@@ -246,15 +297,20 @@ class AttentionLayout:
             return self._pyramid_cells()
         coords = _grid_coords(self.key_size)  # (P, D)
         cell = coords // torch.tensor(self.window)  # (P, D): the pooled key coordinate
+        grid = self.key_grid
         fd, qd = list(self.fold_dims), list(self.query_dims)
         position = torch.arange(coords.shape[0])
+        keep = (cell < torch.tensor(grid)).all(1)  # floor rounding: the last odd row feeds none
         if fd:
             fold_at = torch.stack(
                 torch.unravel_index(torch.tensor(fold), [self.size[d] for d in fd])
             )  # (len(fd),)
-            own = (cell[:, fd] == fold_at // torch.tensor([self.window[d] for d in fd])).all(1)
-            cell, position = cell[own], position[own]
-        grid = self.key_grid
+            own_cell = torch.minimum(
+                fold_at // torch.tensor([self.window[d] for d in fd]),
+                torch.tensor([grid[d] - 1 for d in fd]),
+            )  # (len(fd),): the cell the fold reads, the last one past the last full window
+            keep &= (cell[:, fd] == own_cell).all(1)
+        cell, position = cell[keep], position[keep]
         key = _ravel(cell[:, qd], [grid[d] for d in qd])
         count = torch.bincount(key, minlength=self.num_keys).to(torch.float64)
         return key, position, 1.0 / count[key]
@@ -282,7 +338,7 @@ class AttentionLayout:
     # -- tokens ---------------------------------------------------------------------------------
 
     def _to_tokens(self, t: Tensor) -> Tensor:
-        b, c = t.shape[:2]
+        b, c = t.shape[0], t.shape[1]
         if not self.fold_dims:
             return t.flatten(2).transpose(1, 2)  # (B, N, C)
         fd, qd = self.fold_dims, self.query_dims
@@ -299,7 +355,7 @@ class AttentionLayout:
         Raises:
             ValueError: ``t`` does not have the query map's size.
         """
-        if tuple(t.shape[2:]) != self.size:
+        if not is_tracing(t) and tuple(t.shape[2:]) != self.size:
             raise ValueError(
                 f"AttentionLayout.fold: expected a (B, C, *{self.size}) map, got {tuple(t.shape)}"
             )
@@ -309,27 +365,32 @@ class AttentionLayout:
         """Lay the key (or value) map out as ``(B', M, C)`` tokens, M keys per query fold.
 
         Pairwise and query-independent kinds: ``t`` is the pooled key map ``(B, C, *key_grid)``;
-        along a folded axis that is pooled each query reads its own cell, so the map is expanded
-        back to the query's size there first. Pyramid: ``t`` is the ``(B, C, M)`` sampled map.
+        along a folded axis that is pooled each query reads its own cell (floor rounding: the
+        last cell past the last full window), so the map is expanded back to the query's size
+        there first. Pyramid: ``t`` is the ``(B, C, M)`` sampled map.
 
         Raises:
             ValueError: ``t`` does not have the key map's size.
         """
+        tracing = is_tracing(t)
         if self.kind == "pyramid":
-            if t.dim() != 3 or t.shape[2] != self.num_keys:
+            if not tracing and (t.dim() != 3 or t.shape[2] != self.num_keys):
                 raise ValueError(
                     f"AttentionLayout.fold_keys: expected (B, C, {self.num_keys}) pyramid "
                     f"samples, got {tuple(t.shape)}"
                 )
             return t.transpose(1, 2)  # (B, M, C)
-        if tuple(t.shape[2:]) != self.key_grid:
+        grid = self.key_grid
+        if not tracing and tuple(t.shape[2:]) != grid:
             raise ValueError(
-                f"AttentionLayout.fold_keys: expected a (B, C, *{self.key_grid}) key map, "
+                f"AttentionLayout.fold_keys: expected a (B, C, *{grid}) key map, "
                 f"got {tuple(t.shape)}"
             )
         for d in self.fold_dims:
             if self.window[d] > 1:  # each folded position reads its own pooled cell
-                t = t.repeat_interleave(self.window[d], dim=2 + d).narrow(2 + d, 0, self.size[d])
+                cell = torch.arange(self.size[d], device=t.device) // self.window[d]
+                cell = cell.clamp(max=grid[d] - 1)  # (S_d,): the nearest cell past the last
+                t = t.index_select(2 + d, cell)  # (B, C, ..., S_d, ...)
         return self._to_tokens(t)
 
     def unfold(self, y: Tensor, batch: int) -> Tensor:

@@ -8,9 +8,18 @@ inputs: the convolutions are 1×1(×1), and the positions are flattened into tok
 functional core (:mod:`nonlocalnet.functional`) aggregates them.
 
 Sub-sampling (``sub_sample=True``) max-pools the key/value side only (φ and g; θ keeps all N
-queries) with a window and stride of 2 (1d), 2×2 (2d) or 1×2×2 (3d, never in time). Odd sizes
-round *up*: the last window is partial (``ceil_mode``), so every position feeds some key, a
-size-1 dimension stays 1, and M = ⌈H/2⌉·⌈W/2⌉ (times T in 3d).
+queries) with a window and stride of 2 (1d), 2×2 (2d) or 1×2×2 (3d, never in time). On odd
+sizes the pooling rounds *up* by default (``sub_sample_rounding="ceil"``): the last window is
+partial (``ceil_mode``), so every position feeds some key, a size-1 dimension stays 1, and
+M = ⌈H/2⌉·⌈W/2⌉ (times T in 3d). The official code, mmcv, SlowFast and pytorchvideo round
+*down* (``sub_sample_rounding="floor"``, plain max pooling): M = ⌊H/2⌋·⌊W/2⌋, the positions of a
+last odd row/column feed no key, and every pooled axis needs at least 2 positions. On even sizes
+the two agree; on a 7×9 map they do not (20 keys against 12), so converted peer weights are
+reproduced exactly with ``"floor"``.
+
+The forward pass traces with :mod:`torch.fx` (``create_feature_extractor``): the input checks
+stand aside while tracing, sizes are read axis by axis, and the functional core
+:func:`~nonlocalnet.functional.aggregate` is one leaf call of the graph.
 
 :meth:`NonLocalNd.layout` describes the folding of queries (by the extent) and the cell of input
 positions behind each key; the block lays its own tokens out through it.
@@ -23,15 +32,36 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from nonlocalnet._checks import check_choice, check_feature_map, query_index
+from nonlocalnet._checks import check_choice, check_feature_map, is_tracing, query_index
 from nonlocalnet.functional import IMPLS, PAIRWISE, aggregate, default_scale, pairwise_weights
-from nonlocalnet.layers._dims import BATCH_NORM, CONV, MAX_POOL, check_dims, check_positive_int
-from nonlocalnet.layers.layout import AttentionLayout
+from nonlocalnet.layers._dims import (
+    BATCH_NORM,
+    CONV,
+    MAX_POOL,
+    check_batch_norm_values,
+    check_dims,
+    check_positive_int,
+    parameter_placement,
+)
+from nonlocalnet.layers.layout import ROUNDINGS, AttentionLayout, spatial_size
 
-__all__ = ["EXTENTS", "NonLocal1d", "NonLocal2d", "NonLocal3d", "NonLocalNd"]
+__all__ = [
+    "EXTENTS",
+    "SUB_SAMPLE_ROUNDINGS",
+    "NonLocal1d",
+    "NonLocal2d",
+    "NonLocal3d",
+    "NonLocalNd",
+]
+
+# The functional core is one leaf call under torch.fx symbolic tracing: its kernel choice reads
+# devices, dtypes and sizes, which are proxies there.
+torch.fx.wrap("aggregate")
 
 EXTENTS = ("spacetime", "space", "time")
 SUB_SAMPLE_POSITIONS = ("after", "before")
+#: rounding of the sub-sampling on odd sizes: ``"ceil"`` (default) or ``"floor"`` (the peers').
+SUB_SAMPLE_ROUNDINGS = ROUNDINGS
 
 #: max-pooling window (= stride) of the key/value side, per dims: never in time.
 POOL_WINDOW = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}
@@ -55,6 +85,10 @@ class NonLocalNd(nn.Module):
         sub_sample: max-pool the key/value side (see the module docstring).
         sub_sample_position: ``"after"`` pools the outputs of φ and g (paper); ``"before"`` pools
             x before the φ and g convolutions (official code; cheaper).
+        sub_sample_rounding: on odd sizes, ``"ceil"`` (default: the last window is partial, so
+            every position feeds a key and a size-1 dimension stays 1) or ``"floor"`` (the
+            official code, mmcv, SlowFast, pytorchvideo: the last odd row/column feeds no key;
+            each pooled axis needs at least 2 positions). See the module docstring.
         norm: ``True`` for a BatchNorm after W_z, ``False`` for none, or a callable
             ``norm(channels) -> nn.Module``.
         zero_init: start the block as the identity: the norm's weight is zeroed, or, without a
@@ -82,24 +116,34 @@ class NonLocalNd(nn.Module):
         *,
         dims: int = 2,
         extent: str = "spacetime",
+        sub_sample_rounding: str = "ceil",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        check_dims(dims)
+        check_dims(dims, owner=name)
         check_positive_int(name, "channels", channels)
         if inner_channels is None:
             inner_channels = max(channels // 2, 1)
         check_positive_int(name, "inner_channels", inner_channels)
-        check_choice("pairwise", pairwise, PAIRWISE)
-        check_choice("sub_sample_position", sub_sample_position, SUB_SAMPLE_POSITIONS)
-        check_choice("impl", impl, IMPLS)
-        check_choice("extent", extent, EXTENTS)
+        check_choice("pairwise", pairwise, PAIRWISE, owner=name)
+        check_choice("sub_sample_position", sub_sample_position, SUB_SAMPLE_POSITIONS, owner=name)
+        check_choice("sub_sample_rounding", sub_sample_rounding, SUB_SAMPLE_ROUNDINGS, owner=name)
+        check_choice("impl", impl, IMPLS, owner=name)
+        check_choice("extent", extent, EXTENTS, owner=name)
+        for flag, value in (("sub_sample", sub_sample), ("zero_init", zero_init)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}: {flag} must be a bool, got {value!r}")
+        if use_scale is not None and not isinstance(use_scale, bool):
+            raise TypeError(f"{name}: use_scale must be None or a bool, got {use_scale!r}")
         if extent != "spacetime" and dims != 3:
             raise ValueError(f"{name}: extent {extent!r} needs 3d (B, C, T, H, W) inputs")
         dot_dim = channels if pairwise == "gaussian" else inner_channels
-        self.scale = default_scale(pairwise, dot_dim, use_scale)  # validates use_scale
+        try:
+            self.scale = default_scale(pairwise, dot_dim, use_scale)  # validates use_scale
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
 
         self.dims = dims
         self.channels = channels
@@ -108,6 +152,7 @@ class NonLocalNd(nn.Module):
         self.use_scale = use_scale
         self.sub_sample = sub_sample
         self.sub_sample_position = sub_sample_position
+        self.sub_sample_rounding = sub_sample_rounding
         self.zero_init = zero_init
         self.impl = impl
         self.extent = extent
@@ -178,16 +223,41 @@ class NonLocalNd(nn.Module):
                 f"{type(self).__name__}.layout: size must have {self.dims} dims, got {size}"
             )
         window = POOL_WINDOW[self.dims] if self.sub_sample else None
-        return AttentionLayout.pairwise(size, window=window, fold_dims=FOLD_DIMS[self.extent])
+        return AttentionLayout.pairwise(
+            size,
+            window=window,
+            fold_dims=FOLD_DIMS[self.extent],
+            rounding=self.sub_sample_rounding,
+        )
 
     def _pool(self, t: Tensor) -> Tensor:
         window = POOL_WINDOW[self.dims]
-        return MAX_POOL[self.dims](t, window, window, ceil_mode=True)
+        ceil = self.sub_sample_rounding == "ceil"
+        return MAX_POOL[self.dims](t, window, window, ceil_mode=ceil)
 
     def _check(self, x: Tensor) -> None:
+        name = type(self).__name__
+        dtype, device = parameter_placement(self)
         check_feature_map(
-            x, spatial_dims=self.dims, channels=self.channels, owner=type(self).__name__
+            x,
+            spatial_dims=self.dims,
+            channels=self.channels,
+            owner=name,
+            dtype=dtype,
+            device=device,
         )
+        if is_tracing(x):
+            return
+        size = tuple(x.shape[2:])
+        if self.sub_sample and self.sub_sample_rounding == "floor":
+            window = POOL_WINDOW[self.dims]
+            if any(n < w for n, w in zip(size, window, strict=True)):
+                raise ValueError(
+                    f"{name}: sub_sample_rounding='floor' pools windows of {window} and needs at "
+                    f"least that many positions along each axis, got spatial size {size}; "
+                    f"use sub_sample_rounding='ceil' for such inputs"
+                )
+        check_batch_norm_values(self, x, name)
 
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries, keys and values of the functional core, as tokens.
@@ -201,7 +271,7 @@ class NonLocalNd(nn.Module):
             folded as :meth:`layout` says.
         """
         self._check(x)
-        lay = self.layout(x.shape[2:])
+        lay = self.layout(spatial_size(x, self.dims))
         sub = self.sub_sample
         xk = self._pool(x) if sub and self.sub_sample_position == "before" else x
         value = self.g(xk)
@@ -252,7 +322,7 @@ class NonLocalNd(nn.Module):
         """y = 1/C(x) Σ_j f(x_i, x_j) g(x_j), before W_z: ``(B, C', *S)``."""
         q, k, v = self.embed(x)
         y = aggregate(self.pairwise, q, k, v, scale=self.scale, impl=self.impl)  # (B', N, C')
-        return self.layout(x.shape[2:]).unfold(y, x.shape[0])
+        return self.layout(spatial_size(x, self.dims)).unfold(y, x.shape[0])
 
     def residual(self, x: Tensor) -> Tensor:
         """The residual branch BN(W_z y), before adding x."""
@@ -285,24 +355,26 @@ class NonLocalNd(nn.Module):
             ``(B', len(queries), M)``. B' = B for spacetime (N = T·H·W or H·W or L), B·T for
             ``extent="space"`` (N = H·W per frame), B·H·W for ``extent="time"`` (N = T); key j
             stands for the positions ``layout(x.shape[2:]).key_cells(fold)`` lists. Rows sum to 1
-            for the softmax forms.
+            for the softmax forms. Computed and returned in (at least) float32.
         """
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"attention_map: chunk_size must be an int >= 1, got {chunk_size!r}")
         q, k, _ = self.embed(x)
         n = q.shape[1]
         idx = query_index(n, queries, q.device)
-        if chunk_size < 1:
-            raise ValueError(f"attention_map: chunk_size must be >= 1, got {chunk_size}")
+        dtype = torch.promote_types(q.dtype, torch.float32)
         rows = [
-            pairwise_weights(self.pairwise, q[:, chunk], k, scale=self.scale)  # (B', n_c, M)
+            pairwise_weights(self.pairwise, q[:, chunk], k, scale=self.scale, dtype=dtype)
             for chunk in idx.split(chunk_size)
-        ]
+        ]  # (B', n_c, M) each
         return torch.cat(rows, dim=1)
 
     def extra_repr(self) -> str:
         return (
             f"{self.channels}, dims={self.dims}, pairwise={self.pairwise!r}, "
             f"scale={self.scale:.4g}, sub_sample={self.sub_sample}, "
-            f"sub_sample_position={self.sub_sample_position!r}, extent={self.extent!r}, "
+            f"sub_sample_position={self.sub_sample_position!r}, "
+            f"sub_sample_rounding={self.sub_sample_rounding!r}, extent={self.extent!r}, "
             f"impl={self.impl!r}"
         )
 
