@@ -213,3 +213,32 @@ def test_visualize_exclude_self(tmp_path: Path, capsys: pytest.CaptureFixture[st
     np.testing.assert_allclose(query["topk_weights"], row[ref.indices].numpy(), rtol=1e-5)
     assert query["self_weight"] == pytest.approx(float(row[own]), rel=1e-5)
     assert f"own key weight {format_weight(query['self_weight'])}, top other weight" in printed
+
+
+def test_detection_models_are_drawn_and_analysed_on_their_backbone(tmp_path: Path) -> None:
+    """A detector's blocks are seen on the image as the detector resizes and normalises it."""
+    from nonlocalnet.models.detection import create_detection_model
+    from nonlocalnet.viz.analyze import analyze_model
+    from nonlocalnet.viz.visualize import detection_view, draw_model_attention, select_blocks
+
+    torch.manual_seed(0)
+    model = create_detection_model(
+        arch="faster_rcnn", blocks="gc", num_classes=3, min_size=128, max_size=160
+    ).eval()
+    image = (torch.rand(100, 140, 3) * 255).to(torch.uint8)
+    body, x, frames = detection_view(model, image)
+    assert x.shape == (3, 128, 160) and frames.shape == (1, 128, 160, 3)
+    # the drawn pixels are the detector's own input (de-normalised), not the file's
+    mean = torch.tensor(model.transform.image_mean).view(3, 1, 1)
+    std = torch.tensor(model.transform.image_std).view(3, 1, 1)
+    back = torch.from_numpy(frames[0]).permute(2, 0, 1).float() / 255
+    assert torch.allclose(back, (x * std + mean).clamp(0, 1), atol=1 / 255)
+    names = [n for n, _ in select_blocks(body)]
+    assert names[0] == "layer2.0.gc" and len(names) == 13  # GC in every bottleneck of c3-c5
+    summary = draw_model_attention(
+        body, x, frames, blocks=[names[0]], num_queries=1, k=4, out_dir=tmp_path
+    )
+    assert summary["blocks"][0]["kind"] == "query_independent"
+    rows = analyze_model(body, [x], num_pairs=40, block_names=names[:2])
+    assert [r["block"] for r in rows] == names[:2]
+    assert all(r["attention_mean"] < 1e-9 for r in rows)  # GC: one map for every query

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from nonlocalnet.engine.build import build_datasets
@@ -32,6 +33,9 @@ from nonlocalnet.viz.analyze import (
 from nonlocalnet.viz.visualize import (
     IMAGE_SUFFIXES,
     VIDEO_SUFFIXES,
+    detection_view,
+    is_detection_model,
+    load_image_file,
     load_input,
     model_is_video,
     select_blocks,
@@ -48,20 +52,24 @@ def _split_samples(config: Mapping[str, Any], split: str, video: bool) -> Iterat
     return dataset_samples(train_set if split == "train" else val_set, video=video)
 
 
-def _file_samples(paths: Sequence[Path], data: Mapping[str, Any], video: bool) -> Iterator[Tensor]:
-    """The video and image files given (folders searched recursively), prepared as at test time."""
+def _files(paths: Sequence[Path], suffixes: Sequence[str]) -> list[Path]:
+    """The files given, folders searched recursively for ``suffixes``."""
     files: list[Path] = []
     for p in paths:
         if p.is_dir():
-            files += sorted(
-                f for f in p.rglob("*") if f.suffix.lower() in VIDEO_SUFFIXES + IMAGE_SUFFIXES
-            )
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in suffixes)
         elif p.is_file():
             files.append(p)
         else:
             raise FileNotFoundError(f"--data: {str(p)!r} does not exist")
     if not files:
         raise ValueError(f"--data: no video or image files in {', '.join(map(str, paths))}")
+    return files
+
+
+def _file_samples(paths: Sequence[Path], data: Mapping[str, Any], video: bool) -> Iterator[Tensor]:
+    """The video and image files given (folders searched recursively), prepared as at test time."""
+    files = _files(paths, VIDEO_SUFFIXES + IMAGE_SUFFIXES)
     return (load_input(f, data, video=video)[0] for f in files)
 
 
@@ -95,20 +103,31 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {str(args.checkpoint)!r} does not exist")
     model, config = load_model(args.checkpoint)
-    select_blocks(model, args.block)  # fail before reading any data
+    detector = model if is_detection_model(model) else None
+    names = args.block
+    if detector is not None:
+        # the blocks live in the backbone, which sees the detector's resized images
+        names = [n.removeprefix("backbone.body.") for n in names] if names else None
+        model = detection_view(detector, torch.zeros(8, 8, 3, dtype=torch.uint8))[0]
+    select_blocks(model, names)  # fail before reading any data
     video = model_is_video(model)
     if len(args.data) == 1 and args.data[0] in ("val", "train"):
         samples = _split_samples(config, args.data[0], video)
         data_name = f"{args.data[0]} set ({(config.get('data') or {}).get('format', '?')})"
+    elif detector is not None:
+        samples = (load_image_file(f) for f in _files([Path(p) for p in args.data], IMAGE_SUFFIXES))
+        data_name = ", ".join(Path(p).name for p in args.data)
     else:
         samples = _file_samples([Path(p) for p in args.data], config.get("data") or {}, video)
         data_name = ", ".join(Path(p).name for p in args.data)
+    if detector is not None:
+        samples = (detection_view(detector, x)[1] for x in samples)
     rows = analyze_model(
         model,
         itertools.islice(samples, args.samples),
         num_pairs=args.pairs,
         seed=args.seed,
-        block_names=args.block,
+        block_names=names,
     )
     model_name = (config.get("model") or {}).get("name", type(model).__name__)
     count = rows[0]["samples"]

@@ -16,7 +16,10 @@ from pathlib import Path
 from nonlocalnet.engine.checkpoint import load_model
 from nonlocalnet.viz.attention import MIN_WEIGHT, format_weight
 from nonlocalnet.viz.visualize import (
+    detection_view,
     draw_model_attention,
+    is_detection_model,
+    load_image_file,
     load_input,
     model_is_video,
     select_blocks,
@@ -91,10 +94,17 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"checkpoint {str(args.checkpoint)!r} does not exist")
     model, config = load_model(args.checkpoint)
     block_names = None if args.block is None else [args.block]
-    blocks = select_blocks(model, block_names)  # fail before reading the input
-    x, frames = load_input(args.input, config.get("data") or {}, video=model_is_video(model))
+    if is_detection_model(model):
+        # the blocks live in the backbone, which sees the detector's resized image
+        prefix = "backbone.body."
+        block_names = [n.removeprefix(prefix) for n in block_names] if block_names else None
+        net, x, frames = detection_view(model, load_image_file(args.input))
+    else:
+        net = model
+        x, frames = load_input(args.input, config.get("data") or {}, video=model_is_video(model))
+    blocks = select_blocks(net, block_names)
     summary = draw_model_attention(
-        model,
+        net,
         x,
         frames,
         blocks=block_names,

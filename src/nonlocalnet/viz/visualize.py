@@ -14,6 +14,10 @@ checkpoint): for a video, a clip of ``num_frames`` frames every ``sampling_rate`
 from the middle of the video; short side resized to ``test_short_side``, centre crop of
 ``test_crop``, normalised with ``mean``/``std``. An image given to a video model is repeated over
 ``num_frames`` frames.
+
+A detection model (torchvision's Mask / Faster R-CNN around our ResNet) resizes and normalises its
+images itself; :func:`detection_view` runs that transform and returns the backbone with the image
+it sees, so that every block of the backbone is drawn on the pixels its features come from.
 """
 
 from __future__ import annotations
@@ -39,7 +43,10 @@ from nonlocalnet.viz.attention import (
 __all__ = [
     "IMAGE_SUFFIXES",
     "VIDEO_SUFFIXES",
+    "detection_view",
     "draw_model_attention",
+    "is_detection_model",
+    "load_image_file",
     "load_input",
     "model_is_video",
     "select_blocks",
@@ -67,6 +74,63 @@ def select_blocks(
         return [resolve_block(model, n) for n in names]
     resolve_block(model)  # raises, naming the model's modules, when there is none
     return attention_blocks(model)
+
+
+def is_detection_model(model: nn.Module) -> bool:
+    """True for a torchvision detector (it takes a list of images and transforms them itself)."""
+    return isinstance(getattr(model, "transform", None), nn.Module) and hasattr(model, "backbone")
+
+
+def load_image_file(path: str | Path) -> torch.Tensor:
+    """An image file as RGB uint8 ``(H, W, 3)``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not an image file (by its suffix).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input {str(path)!r} does not exist")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(
+            f"a detection model takes images ({', '.join(IMAGE_SUFFIXES)}), got {path.name}"
+        )
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB")).copy())  # (H, W, 3)
+
+
+@torch.no_grad()
+def detection_view(
+    model: nn.Module, image: torch.Tensor
+) -> tuple[nn.Module, torch.Tensor, np.ndarray]:
+    """The backbone of a detector and the image as it reaches the backbone.
+
+    Args:
+        model: a torchvision ``GeneralizedRCNN`` (``model.transform``, ``model.backbone.body``).
+        image: RGB uint8 ``(H, W, 3)``, or float ``(3, H, W)`` in [0, 1] (a detection dataset's
+            sample).
+
+    Returns:
+        ``(body, x, frames)``: the backbone's ResNet body, the resized and normalised image
+        ``(3, H', W')`` (padded as the detector pads it) and the same pixels as uint8
+        ``(1, H', W', 3)`` for drawing.
+    """
+    if not is_detection_model(model):
+        raise ValueError(f"expected a torchvision detection model, got {type(model).__name__}")
+    transform = model.transform
+    transform.eval()
+    uint8 = image.dtype == torch.uint8
+    img = image.permute(2, 0, 1).float() / 255 if uint8 else image.float()  # (3, H, W) in [0, 1]
+    batch, _ = transform([img])
+    x = batch.tensors[0]  # (3, H', W'), normalised, padded
+    mean = torch.as_tensor(transform.image_mean).view(3, 1, 1)
+    std = torch.as_tensor(transform.image_std).view(3, 1, 1)
+    shown = (x * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)  # (3, H', W')
+    frames = shown.permute(1, 2, 0).unsqueeze(0).contiguous().numpy()  # (1, H', W', 3)
+    body = getattr(model.backbone, "body", model.backbone)
+    return body, x, frames
 
 
 def _decode_video(path: Path, num_frames: int, rate: int) -> torch.Tensor:
