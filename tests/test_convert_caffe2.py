@@ -5,8 +5,9 @@ official NL I3D ResNet-50 (resnet_video_org + nonlocal_helper), as :func:`offici
 derives them from the official code's naming rules. A checkpoint with random blobs is written
 as the official ones are (a Python 2 pickle of numpy arrays), read back by the library, converted,
 and the converted model is checked against forwards computed here from the raw arrays, with
-Caffe2's formulas: the stem, a bottleneck with projection shortcut and temporal kernel, and a
-non-local block (pooling before φ/g, floor, logits × C'^-1/2, out-conv bias, BN eps 1.0000001e-5).
+Caffe2's formulas: the stem, a bottleneck with projection shortcut and temporal kernel, a
+non-local block (pooling before φ/g, floor, logits × C'^-1/2, out-conv bias, BN eps 1.0000001e-5),
+and the whole network (pool1 padding 0, pool2, pool5, the classifier) at odd sizes.
 """
 
 from __future__ import annotations
@@ -235,6 +236,24 @@ def c2_nonlocal(x, blobs, prefix):
     return x + out
 
 
+def c2_network(x, blobs, blocks=(3, 4, 6, 3)):
+    """resnet_video_org's test net: conv1, pool1 (pads 0), res2, pool2, res3..res5 with the NL
+    blocks, pool5 (the average over res5's whole map), pred."""
+    y = F.max_pool3d(c2_stem(x, blobs), (2, 3, 3), (2, 2, 2), padding=0)
+    for stage, n in enumerate(blocks, start=2):
+        for i in range(n):
+            p = f"res{stage}_{i}"
+            stride = 2 if i == 0 and stage > 2 else 1
+            temporal = np.asarray(blobs[f"{p}_branch2a_w"]).shape[2] // 2
+            y = c2_bottleneck(y, blobs, p, stride, temporal)
+            if f"nonlocal_conv{stage}_{i}_theta_w" in blobs:
+                y = c2_nonlocal(y, blobs, f"nonlocal_conv{stage}_{i}")
+        if stage == 2:
+            y = F.max_pool3d(y, (2, 1, 1), (2, 1, 1))  # pool2
+    y = y.mean(dim=(2, 3, 4))  # pool5: AveragePool with res5's T x 7 x 7 as kernel at 224
+    return y @ t(blobs, "pred_w").T + t(blobs, "pred_b")
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).detach().norm() / b.detach().norm())
 
@@ -281,8 +300,30 @@ def test_conversion_infers_the_model_and_the_options(converted) -> None:
     assert {how for _, how in conv.report.derived} == {
         "num_batches_tracked = 0 (not in the source)"
     }
+    assert conv.overrides["pool1_padding"] == (0, 0, 0)
     table = conv.report.table()
     assert "layer2 (res3) NL blocks" in table and "pool1 pads 0" in table
+    assert conv.report.exact
+
+
+def test_the_whole_network_matches_the_official_forward(converted) -> None:
+    """73x81 pixels: pool1 gives 18x20 (torchvision's padding: 19x21), res3 9x10, res4 5x5."""
+    blobs, conv = converted
+    x = torch.randn(1, 3, 16, 73, 81, dtype=torch.float64)
+    with torch.no_grad():
+        assert conv.model.maxpool(conv.model.forward_stem(x)).shape[-2:] == (18, 20)
+        assert rel(conv.model(x), c2_network(x, blobs)) <= 1e-10
+
+
+def test_a_given_model_must_pool_as_the_official_net(converted) -> None:
+    from nonlocalnet.models import create_model
+
+    blobs, conv = converted
+    other = {k: v for k, v in conv.overrides.items() if k != "pool1_padding"}
+    with pytest.raises(
+        ConversionError, match=r"pool1_padding is \(0, 1, 1\), the source's \(0, 0, 0\)"
+    ):
+        convert_state_dict(blobs, "caffe2", create_model("nl_i3d_r50", **other))
 
 
 def test_stem_matches_the_official_forward(converted) -> None:
@@ -451,6 +492,9 @@ def test_a_pretrained_start_may_differ_from_the_source_and_says_so(converted) ->
     norms = sum(name.endswith("_bn_s") for name, _ in read_fixture())
     assert not report.new and len(report.loaded) == len(read_fixture()) + norms  # + BN counters
     assert any("sub_sample_rounding is 'ceil', the source's 'floor'" in r for r in report.inexact)
+    assert any(
+        "the stem: pool1_padding is (0, 1, 1), the source's (0, 0, 0)" in r for r in report.inexact
+    )
 
 
 def test_the_out_conv_bias_folds_into_the_norm_where_the_model_has_no_slot() -> None:

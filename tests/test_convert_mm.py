@@ -12,7 +12,6 @@ nl_head,gc_head}.py``. The stubs live only while this module's tests run.
 from __future__ import annotations
 
 import importlib
-import inspect
 import site
 import sys
 import types
@@ -287,13 +286,23 @@ def segmentor_state(backbone, head, aux) -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.mark.parametrize("kind", ["ann", "nl", "gc"])
-def test_mmseg_segmentor(mm, kind) -> None:
-    backbone, head, aux = mmseg_backbone(mm), mmseg_head(mm, kind), mmseg_aux(mm)
+def mmseg_logits(backbone, head, x: torch.Tensor) -> torch.Tensor:
+    """The segmentor's inference (EncoderDecoder.encode_decode): backbone, then the decode
+    head's own ``predict`` (its forward, then bilinear resizing to the image)."""
+    return head.predict(backbone(x), [{"img_shape": x.shape[2:]}], None)
+
+
+@pytest.mark.parametrize(
+    "kind,concat_input", [("ann", False), ("nl", False), ("nl", True), ("gc", False), ("gc", True)]
+)
+def test_mmseg_segmentor(mm, kind, concat_input) -> None:
+    backbone, aux = mmseg_backbone(mm), mmseg_aux(mm)
+    head = mmseg_head(mm, kind, concat_input)
     for m in (backbone, head, aux):
         prepared(m)
     conv = converted(segmentor_state(backbone, head, aux), "mmseg")
     assert conv.model_name == {"ann": "ann_r50_os8", "nl": "nl_r101_os8", "gc": "gc_r101_os8"}[kind]
+    assert conv.overrides.get("concat_input", False) is concat_input
     model = conv.model
     x = torch.randn(1, 3, 65, 81, dtype=torch.float64)
     with torch.no_grad():
@@ -306,48 +315,43 @@ def test_mmseg_segmentor(mm, kind) -> None:
         else:
             assert rel(model.head(ours[3]), head(list(feats))) <= 1e-10
         assert rel(model.aux_head(ours[2]), aux(list(feats))) <= 1e-10
+        # end to end: the logits at the image's size
+        assert rel(model(x)["out"], mmseg_logits(backbone, head, x)) <= 1e-10
     if kind == "gc":
         assert conv.report.exact
 
 
 def test_mmseg_refuses_what_our_models_lack(mm) -> None:
-    backbone, aux = mmseg_backbone(mm), mmseg_aux(mm)
-    with pytest.raises(ConversionError, match="concat_input=True"):
-        convert_state_dict(segmentor_state(backbone, mmseg_head(mm, "nl", True), aux), "mmseg")
+    backbone, head = mmseg_backbone(mm), mmseg_head(mm, "nl", True)
+    aux = mm.heads["fcn_head"].FCNHead(
+        in_channels=1024, in_index=2, channels=64, num_convs=1, concat_input=True,
+        num_classes=5, norm_cfg={"type": "BN"},
+    )  # fmt: skip
+    with pytest.raises(ConversionError, match="auxiliary_head is an FCNHead with concat_input"):
+        convert_state_dict(segmentor_state(backbone, head, aux), "mmseg")
+    state = segmentor_state(backbone, head, mmseg_aux(mm))
+    plain = create_model("nl_r101_os8", depth=50, num_classes=5, head_channels=128)
+    with pytest.raises(ConversionError, match=r"create_segmentation_model\(concat_input=True\)"):
+        convert_state_dict(state, "mmseg", plain)
 
 
 def test_mmseg_resnetv1c_deep_stem(mm) -> None:
-    """V1c into a segmentation model whose backbone has our deep stem (same keys)."""
-    from nonlocalnet.models.resnet import ResNet
-    from nonlocalnet.models.segmentation import create_segmentation_model
-
-    deep, head, aux = mmseg_backbone(mm, deep_stem=True), mmseg_head(mm, "gc"), mmseg_aux(mm)
+    """A V1c (*-d8) segmentor converts into a model built with deep_stem=True, end to end."""
+    deep, head, aux = mmseg_backbone(mm, deep_stem=True), mmseg_head(mm, "gc", True), mmseg_aux(mm)
     for m in (deep, head, aux):
         prepared(m)
     state = segmentor_state(deep, head, aux)
-    if "deep_stem" not in inspect.signature(create_segmentation_model).parameters:
-        with pytest.raises(ConversionError, match="ResNetV1c deep stem"):
-            convert_state_dict(state, "mmseg")
-        v1b = {k: v for k, v in state.items() if not k.startswith("backbone.stem.")}
-        v1b["backbone.conv1.weight"] = torch.zeros(64, 3, 7, 7)
-        v1b.update(
-            {f"backbone.bn1.{k}": v for k, v in torch.nn.BatchNorm2d(64).state_dict().items()}
-        )
-        target = convert_state_dict(v1b, "mmseg")
-        model = target.model
-        model.backbone = ResNet(
-            "bottleneck", (3, 4, 6, 3), num_classes=0, deep_stem=True,
-            replace_stride_with_dilation=(False, True, True),
-        )  # fmt: skip
-        conv = convert_state_dict(state, "mmseg", model)
-    else:
-        conv = convert_state_dict(state, "mmseg")
-        model = conv.model
-    model.double().eval().load_state_dict(conv.state_dict)
+    conv = converted(state, "mmseg")
+    assert conv.overrides["deep_stem"] is True and conv.overrides["concat_input"] is True
+    model = conv.model
+    assert model.backbone.deep_stem and not hasattr(model.backbone, "conv1")
     x = torch.randn(1, 3, 65, 81, dtype=torch.float64)
     with torch.no_grad():
         feats = deep(x)
         ours = model.backbone.forward_stages(x)
         for a, b in zip(ours, feats, strict=True):
             assert rel(a, b) <= 1e-10
-        assert rel(model.head(ours[3]), head(list(feats))) <= 1e-10
+        assert rel(model(x)["out"], mmseg_logits(deep, head, x)) <= 1e-10
+    v1b = create_model("gc_r101_os8", **{**conv.overrides, "deep_stem": False})
+    with pytest.raises(ConversionError, match="deep_stem is False, the source's True"):
+        convert_state_dict(state, "mmseg", v1b)

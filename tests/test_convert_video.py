@@ -7,8 +7,8 @@ not installable: its key layout (``resnet_helper``, ``nonlocal_helper``, ``stem_
 ``head_helper``) is generated here, and the converted model is checked against forwards
 computed from the raw tensors with SlowFast's formulas.
 
-The NL blocks of every peer round their max pooling down on odd sizes; the odd-size tests of
-full networks need ``NonLocalNd(sub_sample_rounding="floor")`` and are skipped until it exists.
+The NL blocks of every peer round their max pooling down on odd sizes; the converted models
+reproduce them with ``NonLocalNd(sub_sample_rounding="floor")``, which the odd-size tests check.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""2D ResNets: torchvision keys/shapes, parameter counts, dilation, frozen BN, checkpointing."""
+"""2D ResNets: torchvision keys/shapes, parameter counts, dilation, frozen BN, checkpointing,
+the deep stem, the pool1 padding, torch.fx tracing."""
 
 from __future__ import annotations
 
@@ -240,3 +241,51 @@ def test_deep_stem_bad_input():
         ResNet("basic", (1, 1, 1, 1), dims=3, deep_stem=True)
     with pytest.raises(ValueError, match="even stem_channels"):
         ResNet("basic", (1, 1, 1, 1), stem_channels=7, deep_stem=True)
+
+
+def test_pool1_padding():
+    """torchvision pads the 3x3 max pooling by 1 (37 -> 19 -> 10); padding 0 floors (37 -> 19
+    -> 9), as the official Caffe2 video nets."""
+    from nonlocalnet.models.resnet import ResNet
+
+    x = torch.randn(1, 3, 37, 41)
+    default = ResNet("basic", (1, 1, 1, 1), num_classes=0)
+    unpadded = ResNet("basic", (1, 1, 1, 1), num_classes=0, pool1_padding=0)
+    unpadded.load_state_dict(default.state_dict())
+    assert default.maxpool.padding == (1, 1) and unpadded.maxpool.padding == (0, 0)
+    with torch.no_grad():
+        stem = default.forward_stem(x)  # (1, 64, 19, 21)
+        assert default.maxpool(stem).shape[-2:] == (10, 11)
+        pooled = unpadded.maxpool(stem)
+        assert pooled.shape[-2:] == (9, 10)
+        torch.testing.assert_close(
+            pooled, torch.nn.functional.max_pool2d(stem, 3, 2), rtol=0, atol=0
+        )
+    with pytest.raises(ValueError, match=r"pool1_padding must lie in \[0, kernel // 2\]"):
+        ResNet("basic", (1, 1, 1, 1), pool1_padding=2)
+    with pytest.raises(ValueError, match="pool1_padding must be an int or 2 ints"):
+        ResNet("basic", (1, 1, 1, 1), pool1_padding=(0, 0, 0))
+
+
+def test_fx_traces_the_resnet():
+    """torchvision's create_feature_extractor traces the network (the input checks stand aside
+    while torch.fx traces) and returns the stage outputs of forward_stages."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = create_model("resnet_tiny").eval()
+    nodes = {"layer1": "c2", "layer2": "c3", "layer3": "c4", "layer4": "c5", "fc": "logits"}
+    extractor = create_feature_extractor(model, return_nodes=nodes)
+    x = torch.randn(2, 3, 37, 45)
+    with torch.no_grad():
+        out = extractor(x)
+        for got, want in zip(
+            [out[k] for k in ("c2", "c3", "c4", "c5")], model.forward_stages(x), strict=True
+        ):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(out["logits"], model(x), rtol=0, atol=0)
+    traced = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+    # outside tracing the checks still run
+    with pytest.raises(ValueError, match=r"4-d tensor \(B, C, H, W\)"):
+        model(torch.randn(3, 37, 45))

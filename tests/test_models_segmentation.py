@@ -122,3 +122,42 @@ def test_backbone_runs_through_forward_stages():
     for k in ("out", "aux"):
         torch.testing.assert_close(a[k], b[k])
     assert out["out"].shape == (1, 4, 32, 32)
+
+
+def test_deep_stem_backbone():
+    """deep_stem gives the backbone mmseg ResNetV1c's stem (backbone.stem.*), nothing else."""
+    deep = create_segmentation_model(deep_stem=True, **TINY)
+    plain = create_segmentation_model(**TINY)
+    keys, plain_keys = set(deep.state_dict()), set(plain.state_dict())
+    assert {k for k in keys - plain_keys} == {
+        k for k in keys if k.startswith("backbone.stem.")
+    } and "backbone.stem.6.weight" in keys
+    assert plain_keys - keys == {
+        k for k in plain_keys if k.startswith(("backbone.conv1.", "backbone.bn1."))
+    }
+    assert deep.eval()(torch.randn(1, 3, 33, 35))["out"].shape == (1, 4, 33, 35)
+
+
+@pytest.mark.parametrize("head", ["nl", "gc"])
+def test_concat_input_head(head):
+    """conv_cat (3x3 conv, BN, ReLU) of [head input, block-path output], then the classifier."""
+    model = create_segmentation_model(head=head, concat_input=True, **TINY).eval()
+    h = model.head
+    assert h.conv_cat[0].in_channels == 64 + 16 and h.conv_cat[0].out_channels == 16
+    with torch.no_grad():
+        for m in h.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+        x = torch.randn(2, 64, 5, 7)
+        out = h.conv_out(h.block(h.conv_in(x)))
+        fused = h.conv_cat(torch.cat([x, out], dim=1))
+        torch.testing.assert_close(h(x), h.classifier(fused), rtol=0, atol=0)
+        assert not torch.allclose(h(x), h.classifier(out))
+    plain = create_segmentation_model(head=head, **TINY)
+    assert plain.head.conv_cat is None
+    assert {k for k in model.state_dict()} - set(plain.state_dict()) == {
+        k for k in model.state_dict() if k.startswith("head.conv_cat.")
+    }
+    with pytest.raises(ValueError, match="concat_input applies to block heads"):
+        create_segmentation_model(head="ann", concat_input=True, **TINY)

@@ -290,3 +290,23 @@ def test_load_2d_checkpoint_from_file(tmp_path):
     assert result.unexpected_keys == []
     assert result.missing_keys and all(k.startswith("layer2.1.after.") for k in result.missing_keys)
     torch.testing.assert_close(nl_c2d.layer3[0].conv2.weight[:, :, 0], net2d.layer3[0].conv2.weight)
+
+
+def test_pool1_padding_of_the_official_nets():
+    """The official Caffe2 pool1 (2x3x3, stride 2) pads 0: 112 -> 55 (ours by default: 56)."""
+    with torch.device("meta"):
+        default = create_model("i3d_r50")
+        official = create_model("i3d_r50", pool1_padding=(0, 0, 0))
+    assert default.maxpool.padding == (0, 1, 1) and official.maxpool.padding == (0, 0, 0)
+    assert set(default.state_dict()) == set(official.state_dict())  # the same weights
+    x = torch.randn(1, 64, 16, 112, 112, device="meta")
+    assert default.maxpool(x).shape[2:] == (8, 56, 56)
+    assert official.maxpool(x).shape[2:] == (8, 55, 55)
+    assert official.frames_at_res5(32) == 4 and official.min_frames() == 7
+    tiny = create_model("c2d_tiny", pool1_padding=0)
+    clip = torch.randn(1, 3, 8, 33, 33)
+    with torch.no_grad():
+        pooled = tiny.maxpool(tiny.forward_stem(clip))
+        torch.testing.assert_close(
+            pooled, torch.nn.functional.max_pool3d(tiny.forward_stem(clip), (1, 3, 3), (1, 2, 2))
+        )

@@ -12,9 +12,11 @@ of the NL blocks, logit scale, eps, stem strides), and a report of what was mapp
     print(conv.report.table())
     model = conv.model                  # create_model(conv.model_name, **conv.overrides), loaded
 
-:func:`~nonlocalnet.convert.weights.load_pretrained` starts a model from a checkpoint
-(ImageNet ResNets inflated into video networks, loaded into segmentation backbones) and says
-what was loaded, what is new and what was dropped.
+:func:`~nonlocalnet.convert.weights.load_pretrained` starts a model from a checkpoint of any
+source (ImageNet ResNets inflated into video networks, loaded into segmentation backbones) and
+says what was loaded, what is new and what was dropped: the converter renames, then
+:func:`nonlocalnet.models.weights.load_state` loads, as it does for the formats that need no
+converter (``"torchvision"``, ``"nonlocalnet"``: :func:`nonlocalnet.models.weights.load_pretrained`).
 
 Sources (``SOURCES``): ``caffe2``, ``slowfast``, ``pytorchvideo``, ``mmaction2``, ``mmdet``,
 ``mmseg``, ``mmcv``, ``timm``, ``torchvision``; each module documents its key layout.

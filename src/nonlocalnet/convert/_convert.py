@@ -18,10 +18,12 @@ from nonlocalnet.convert._core import (
     ConversionError,
     ConversionReport,
     KeyMap,
+    as_conversion_error,
     check_block_options,
     finalize,
     split_supported,
 )
+from nonlocalnet.models import weights
 
 __all__ = ["SOURCES", "Conversion", "convert_state_dict", "get_converter", "unwrap_state"]
 
@@ -40,9 +42,6 @@ SOURCES: dict[str, str] = {
     "torchvision": "nonlocalnet.convert.torchvision",
 }
 
-#: containers of a state_dict inside a checkpoint file, in the order they are looked for.
-_CONTAINERS = ("state_dict", "model_state", "model", "module", "state_dict_ema")
-
 
 def get_converter(source: str) -> Any:
     """The module converting ``source``.
@@ -60,30 +59,14 @@ def get_converter(source: str) -> Any:
 def unwrap_state(obj: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """The state_dict inside a checkpoint object, and the rest of it (``meta``).
 
-    Looks into ``state_dict``, ``model_state`` (SlowFast), ``model`` (this library's training
-    checkpoints), ``module``, ``state_dict_ema``; strips a ``module.`` prefix (DDP) shared by
-    every key.
+    :func:`nonlocalnet.models.weights.unwrap_state` (``state_dict``, ``model_state``,
+    ``model``, ``module``, ``state_dict_ema``; a shared ``module.`` prefix stripped).
 
     Raises:
         ConversionError: not a dict of named tensors.
     """
-    if not isinstance(obj, Mapping):
-        raise ConversionError(f"a checkpoint must be a dict of tensors, got {type(obj).__name__}")
-    meta: dict[str, Any] = {}
-    for key in _CONTAINERS:
-        inner = obj.get(key)
-        if isinstance(inner, Mapping) and inner and all(isinstance(k, str) for k in inner):
-            meta = {k: v for k, v in obj.items() if k != key}
-            if isinstance(meta.get("meta"), Mapping):
-                meta = {**meta, **meta["meta"]}
-            obj = inner
-            break
-    state = {str(k): v for k, v in obj.items()}
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    if not state:
-        raise ConversionError("the checkpoint holds no tensors")
-    return state, meta
+    with as_conversion_error():
+        return weights.unwrap_state(obj)
 
 
 @dataclass
@@ -173,7 +156,12 @@ def convert_state_dict(
         target_model = model
         name = getattr(model, "model_name", None)
         km.inexact.extend(check_block_options(model, nl, gc, source))
-        _check_stem(model, builder, source)
+        wrong = stem_mismatches(model, builder)
+        if wrong:
+            raise ConversionError(
+                f"{source}: the given model's stem is not the source's: {'; '.join(wrong)}; "
+                "build it with the conversion's overrides (convert with model=None to see them)"
+            )
         overrides: dict[str, Any] = {}
         described = name or type(model).__name__
         how = "the given model (not loaded: call model.load_state_dict(conversion.state_dict))"
@@ -216,29 +204,32 @@ def _as_tuple(v: Any) -> tuple[int, ...]:
     return tuple(v) if isinstance(v, (list, tuple)) else (v,)
 
 
-def _check_stem(model: nn.Module, builder: Mapping[str, Any], source: str) -> None:
-    """A given model's stem must stride and pool as the source's (the weights do not say it)."""
+def _norm_option(key: str, value: Any) -> Any:
+    if key in ("pool2_temporal", "deep_stem", "concat_input"):
+        return value
+    return _as_tuple(value)
+
+
+def stem_mismatches(model: nn.Module, builder: Mapping[str, Any]) -> list[str]:
+    """Where a given model's stem does not stride and pool as the source's (the weights do
+    not say it): ``"<option> is <have>, the source's <want>"``."""
+    net = model.backbone if isinstance(getattr(model, "backbone", None), nn.Module) else model
     have: dict[str, Any] = {}
-    conv1, pool, pool2 = (getattr(model, n, None) for n in ("conv1", "maxpool", "pool2"))
+    conv1, pool, pool2 = (getattr(net, n, None) for n in ("conv1", "maxpool", "pool2"))
     if conv1 is not None and hasattr(conv1, "stride"):
         have["conv1_stride"] = _as_tuple(conv1.stride)
     if pool is not None and hasattr(pool, "kernel_size"):
         have["pool1_kernel"] = _as_tuple(pool.kernel_size)
         have["pool1_stride"] = _as_tuple(pool.stride)
+        have["pool1_padding"] = _as_tuple(pool.padding)
     if pool2 is not None:
         have["pool2_temporal"] = _as_tuple(getattr(pool2, "kernel_size", 1))[0]
-    have["deep_stem"] = hasattr(model, "stem")
-    wrong = [
-        f"{k} is {have[k]!r}, the source's {_as_tuple(v) if k != 'pool2_temporal' and not isinstance(v, bool) else v!r}"
+    have["deep_stem"] = isinstance(getattr(net, "stem", None), nn.Module)
+    return [
+        f"{k} is {have[k]!r}, the source's {_norm_option(k, v)!r}"
         for k, v in builder.items()
-        if k in have
-        and (have[k] != (_as_tuple(v) if k not in ("pool2_temporal", "deep_stem") else v))
+        if k in have and have[k] != _norm_option(k, v)
     ]
-    if wrong:
-        raise ConversionError(
-            f"{source}: the given model's stem is not the source's: {'; '.join(wrong)}; build it "
-            "with the conversion's overrides (convert with model=None to see them)"
-        )
 
 
 def _check_builder_options(builder: Mapping[str, Any], km: KeyMap) -> None:

@@ -17,29 +17,40 @@ keys in two steps:
    and the same shapes (:class:`ConversionError` names every missing, unexpected and wrongly
    shaped key otherwise).
 
-This module depends on torch and the model zoo only.
+Key lists, the per-module grouping of the reports, the block-option comparison and the error
+class come from :mod:`nonlocalnet.models.weights`, which loads the converted state as a
+pretrained start.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from nonlocalnet.layers import GlobalContext, NonLocalNd
+from nonlocalnet.models.weights import (
+    LIST_LIMIT,
+    WeightsError,
+    block_mismatches,
+    format_keys,
+    group_of,
+    supported_gc_options,
+    supported_nl_options,
+)
 
 __all__ = [
     "ConversionError",
     "ConversionReport",
     "KeyMap",
     "Rule",
+    "as_conversion_error",
     "as_tensor",
     "check_block_options",
     "finalize",
@@ -51,19 +62,26 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: how many key names an error message lists before "and N more".
-LIST_LIMIT = 8
+
+class ConversionError(WeightsError):
+    """A checkpoint that does not convert into the target: the message names the keys.
+
+    A :class:`~nonlocalnet.models.weights.WeightsError` (itself a ``ValueError``): what the
+    converters raise, including the reading and loading errors of
+    :mod:`nonlocalnet.models.weights` they build on.
+    """
 
 
-class ConversionError(ValueError):
-    """A checkpoint that does not convert into the target: the message names the keys."""
-
-
-def format_keys(keys: Iterable[str], limit: int = LIST_LIMIT) -> str:
-    """``a, b, c and 12 more`` (sorted)."""
-    keys = sorted(keys)
-    head = ", ".join(keys[:limit])
-    return head + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+@contextmanager
+def as_conversion_error() -> Iterator[None]:
+    """Raise the :class:`~nonlocalnet.models.weights.WeightsError` of a block as
+    :class:`ConversionError` (same message)."""
+    try:
+        yield
+    except ConversionError:
+        raise
+    except WeightsError as err:
+        raise ConversionError(str(err)) from None
 
 
 def as_tensor(value: Any, key: str) -> Tensor:
@@ -216,33 +234,6 @@ class KeyMap:
 # -- the report -----------------------------------------------------------------------------------
 
 
-def group_of(key: str) -> str:
-    """The module a key of ours belongs to, for the report's table.
-
-    ``stem``, ``layer3 (res4)``, ``layer3 (res4) NL blocks``, ``layer2 (res3) GC blocks``,
-    ``fc``, ``head``, ``aux_head``, or the key's first component for anything else.
-    """
-    from nonlocalnet.models.resnet import STAGE_NAMES
-
-    parts = key.split(".")
-    prefix = ""
-    if parts[0] == "backbone" and len(parts) > 1:
-        parts, prefix = parts[1:], "backbone "
-    first = parts[0]
-    if first in ("conv1", "bn1", "stem"):
-        return prefix + "stem"
-    m = re.fullmatch(r"layer(\d)", first)
-    if m:
-        s = int(m.group(1))
-        name = f"layer{s} ({STAGE_NAMES[s - 1]})" if 1 <= s <= 4 else first
-        if ".after." in key:
-            return prefix + name + " NL blocks"
-        if ".gc." in key:
-            return prefix + name + " GC blocks"
-        return prefix + name
-    return prefix + first
-
-
 @dataclass
 class ConversionReport:
     """What a conversion mapped, derived and ignored, and what it needs for exactness.
@@ -355,16 +346,6 @@ def _jsonable(value: Any) -> Any:
 # -- options the blocks support -------------------------------------------------------------------
 
 
-def supported_nl_options() -> set[str]:
-    """Keyword arguments of :class:`~nonlocalnet.layers.NonLocalNd`."""
-    return set(inspect.signature(NonLocalNd.__init__).parameters) - {"self", "channels"}
-
-
-def supported_gc_options() -> set[str]:
-    """Keyword arguments of :class:`~nonlocalnet.layers.GlobalContext`."""
-    return set(inspect.signature(GlobalContext.__init__).parameters) - {"self", "channels"}
-
-
 #: options whose absence from the blocks makes a conversion inexact, and what is lost.
 _NL_OPTIONAL = {
     "sub_sample_rounding": "NonLocalNd has no sub_sample_rounding option: the key/value "
@@ -425,48 +406,7 @@ def check_block_options(
         ConversionError: with ``strict``, a block whose (supported) option differs from the
             source's, naming the block, the option and both values.
     """
-    from nonlocalnet.functional import default_scale
-
-    wrong, missing = [], []
-    for name, m in model.named_modules():
-        if isinstance(m, NonLocalNd) and nl:
-            for key, want in nl.items():
-                if key == "use_scale":
-                    dot = m.channels if m.pairwise == "gaussian" else m.inner_channels
-                    pairwise = nl.get("pairwise", m.pairwise)
-                    have, want = m.scale, default_scale(pairwise, dot, want)
-                elif key in ("inner_channels", "norm", "impl", "zero_init"):
-                    continue  # shapes are checked with the keys; impl/init do not change outputs
-                elif hasattr(m, key):
-                    have = getattr(m, key)
-                elif key == "sub_sample_rounding":
-                    have = "ceil"
-                else:
-                    continue
-                if have != want:
-                    if key in supported_nl_options():
-                        wrong.append(f"{name or 'block'}.{key} is {have!r}, the source's {want!r}")
-                    else:
-                        missing.append(f"{name or 'block'}: {key} {want!r} (the model: {have!r})")
-        if isinstance(m, GlobalContext) and gc:
-            for key, want in gc.items():
-                if key == "fusion":
-                    want = tuple(f for f in ("mul", "add") if f in want)
-                    have = m.fusion
-                elif key == "norm_eps":
-                    lns = [x for x in m.modules() if isinstance(x, nn.LayerNorm)]
-                    have = lns[0].eps if lns else want
-                elif key in ("ratio",):
-                    continue  # the shapes say it
-                elif hasattr(m, key):
-                    have = getattr(m, key)
-                else:
-                    continue
-                if have != want:
-                    if key in supported_gc_options():
-                        wrong.append(f"{name or 'block'}.{key} is {have!r}, the source's {want!r}")
-                    else:
-                        missing.append(f"{name or 'block'}: {key} {want!r} (the model: {have!r})")
+    wrong, missing = block_mismatches(model, nl, gc)
     if wrong and not strict:
         return [
             f"{w} (the model's blocks compute otherwise than the source's)" for w in wrong
@@ -493,7 +433,7 @@ def _norm_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def finalize(
-    km: KeyMap, model: nn.Module, *, strict: bool = True
+    km: KeyMap, model: nn.Module, *, strict: bool = True, check: bool = True
 ) -> tuple[dict[str, Tensor], list[tuple[str, str]]]:
     """Complete the converted state against the target model and check it.
 
@@ -502,6 +442,8 @@ def finalize(
         model: the target (only read).
         strict: require exactly the target's keys; otherwise missing keys are allowed (and
             reported by the caller), unexpected and wrongly shaped ones still are not.
+        check: False leaves every check but ``km.requires`` to the caller (a pretrained start:
+            :func:`~nonlocalnet.models.weights.load_state` checks what may be new or dropped).
 
     Returns:
         ``(state, derived)``: the state_dict and ``(key, how)`` of the derived keys.
@@ -584,6 +526,8 @@ def finalize(
                     derived.append((key, f"shared with {alias}"))
                     break
 
+    if not check:
+        return state, derived
     missing = [k for k in target if k not in state]
     unexpected = [k for k in state if k not in target]
     shapes = [

@@ -29,9 +29,9 @@ The blocks are placed as the official nets do (``nonlocal_mod``): after res3 blo
 res4 blocks 1, 3, 5 (R50) or 6, 13, 20 (R101). The stem differs between the nets:
 ``resnet_video_org`` (the 32×2 models of the paper's tables: conv1 temporal stride 2, pool1
 2×3×3 stride 2) and ``resnet_video`` (the 8-frame models: conv1 temporal stride 1, pool1
-1×3×3 stride 1×2×2); both pool1s pad 0 spatially (112 → 55 at 224), where ours pads 1
-(112 → 56), so the converted network matches the official one block by block, and end to end
-only once the ResNet's pool1 takes a padding.
+1×3×3 stride 1×2×2); both pool1s pad 0 spatially (112 → 55 at 224, where torchvision's pads 1:
+112 → 56), so the converted model is built with ``pool1_padding=(0, 0, 0)`` and computes the
+official net end to end.
 
 The reader never executes code: :class:`RestrictedUnpickler` resolves only numpy's array
 reconstruction, ``numpy.dtype`` and numpy scalars; any other global is refused.
@@ -39,7 +39,6 @@ reconstruction, ``numpy.dtype`` and numpy scalars; any other global is refused.
 
 from __future__ import annotations
 
-import inspect
 import io
 import pickle
 import re
@@ -285,22 +284,12 @@ def rename(
             f"net: conv1 stride {VARIANTS[variant]['conv1_stride']}, pool1 "
             f"{VARIANTS[variant]['pool1_kernel']} stride {VARIANTS[variant]['pool1_stride']}"
         )
-        _pool1_padding(km)
-    return km
-
-
-def _pool1_padding(km: KeyMap) -> None:
-    """The official pool1 pads 0; ours pads 1 unless the builder takes a padding."""
-    from nonlocalnet.models.video_resnet import create_video_resnet
-
-    if "pool1_padding" in inspect.signature(create_video_resnet).parameters:
         km.builder_options["pool1_padding"] = (0, 0, 0)
-    else:
-        km.inexact.append(
-            "the official pool1 pads 0 (a 112x112 map becomes 55x55), ours pads 1 (56x56): "
-            "every block matches the official net, the whole network does not until the video "
-            "ResNet takes a pool1 padding"
+        km.notes.append(
+            "the official pool1 pads 0 (a 112x112 map becomes 55x55, not 56x56): "
+            "pool1_padding=(0, 0, 0)"
         )
+    return km
 
 
 def _is_norm(key: str) -> bool:

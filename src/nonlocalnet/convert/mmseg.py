@@ -4,9 +4,8 @@ Backbone (``backbone.``): mmseg's ``ResNet`` has torchvision's keys; ``ResNetV1c
 ``*-d8`` configs) replaces the 7×7 ``conv1``/``bn1`` by a deep stem ``backbone.stem.{0..8}``:
 conv 3→32 (3×3, stride 2) ``stem.0``, BN ``stem.1``, ReLU, conv 32→32 ``stem.3``, BN
 ``stem.4``, ReLU, conv 32→64 ``stem.6``, BN ``stem.7``, ReLU (bias-free convs, padding 1), then
-the 3×3 max pooling: our ``ResNet(deep_stem=True)``, whose keys are the same. A V1c checkpoint
-converts into a segmentation model whose backbone has that stem (the builder passes
-``deep_stem`` when it takes it; otherwise the model must be given).
+the 3×3 max pooling: ``create_segmentation_model(deep_stem=True)``, whose backbone has the same
+keys; the converter sets it.
 The dilations (1, 1, 2, 4) with ``contract_dilation`` are torchvision's
 ``replace_stride_with_dilation=(False, True, True)``: the same weights.
 
@@ -19,15 +18,16 @@ Heads:
   ``conv_seg`` → ``classifier``. mmseg scales by d^-1/2 with d the projection width, as ours.
 * ``NLHead`` / ``GCHead`` → our BlockHead: ``convs.0`` → ``conv_in``, ``nl_block`` /
   ``gc_block`` → ``block``, ``convs.1`` → ``conv_out``, ``conv_seg`` → ``classifier``; mmseg's
-  default ``concat_input=True`` adds ``conv_cat`` (3×3 conv of [x, out]), which our head does
-  not have: those checkpoints are refused (with the message) until it does.
+  default ``concat_input=True`` (every published NL / GC model) adds ``conv_cat`` (3×3 conv,
+  BN, ReLU of [x, out]) → ``conv_cat.{0,1}`` of a head built with ``concat_input=True`` (the
+  converter sets it).
 * ``FCNHead`` with one conv and ``concat_input=False`` (the auxiliary head): ``convs.0`` →
-  ``conv``, ``conv_seg`` → ``classifier``.
+  ``conv``, ``conv_seg`` → ``classifier``; our FCN heads have no ``conv_cat``, so an FCN head
+  with ``concat_input=True`` is refused.
 """
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -35,7 +35,6 @@ from typing import Any
 from nonlocalnet.convert._blocks import map_mmcv_context_block, map_mmcv_nonlocal
 from nonlocalnet.convert._core import ConversionError, KeyMap, Rule
 from nonlocalnet.convert.mmcv import map_standalone
-from nonlocalnet.models.segmentation import create_segmentation_model
 
 __all__ = ["DEEP_STEM", "rename"]
 
@@ -116,17 +115,14 @@ def rename(
         if key.startswith("data_preprocessor."):
             km.ignore(key, "input normalisation of mmseg's data preprocessor (mean/std)")
     if "backbone.stem.0.weight" in state:
-        km.notes.append("ResNetV1c deep stem (backbone.stem.*)")
-        if "deep_stem" in inspect.signature(create_segmentation_model).parameters:
-            km.builder_options["deep_stem"] = True
+        km.notes.append("ResNetV1c deep stem (backbone.stem.*): deep_stem=True")
+        km.builder_options["deep_stem"] = True
         km.requires.append(
             (
                 "backbone.stem.0.weight",
                 "mmseg ResNetV1c deep stem (backbone.stem.0/1/3/4/6/7: conv 3->32 3x3 s2, BN, "
-                "conv 32->32, BN, conv 32->64, BN, each with ReLU): the target's backbone needs "
-                "ResNet(deep_stem=True); create_segmentation_model does not build one yet, so "
-                "pass a SegmentationModel whose backbone has it as the model (ResNetV1b "
-                "checkpoints, backbone.conv1/bn1, convert into the registered models)",
+                "conv 32->32, BN, conv 32->64, BN, each with ReLU): the given model's backbone "
+                "has conv1/bn1; build it with create_segmentation_model(deep_stem=True)",
             )
         )
     heads = {
@@ -174,16 +170,31 @@ def rename(
     km.rename_all(RULES)
     km.refuse_unmapped("an mmseg ResNet + ANN/NL/GC/FCN head")
     km.zero_bias.extend(ZERO_BIAS)
+    block_head = any(k.startswith("head.block.") for k in km.out)
+    if block_head and any(k.startswith("head.conv_cat.") for k in km.out):
+        km.builder_options["concat_input"] = True
+        km.notes.append("decode head with concat_input=True (conv_cat): concat_input=True")
+        km.requires.append(
+            (
+                "head.conv_cat.0.weight",
+                "mmseg decode_head has concat_input=True (conv_cat: a 3x3 conv of [input, "
+                "output] before the classifier); build the given model with "
+                "create_segmentation_model(concat_input=True)",
+            )
+        )
     for prefix, where in (
         ("head.conv_cat.", "decode_head"),
         ("aux_head.conv_cat.", "auxiliary_head"),
     ):
-        if any(k.startswith(prefix) for k in km.out):
+        if any(k.startswith(prefix) for k in km.out) and not (
+            block_head and where == "decode_head"
+        ):
             km.requires.append(
                 (
                     prefix + "0.weight",
-                    f"mmseg {where} has concat_input=True (conv_cat: a 3x3 conv of [input, output] "
-                    "before the classifier); our head has no input concatenation",
+                    f"mmseg {where} is an FCNHead with concat_input=True (conv_cat: a 3x3 conv "
+                    "of [input, output] before the classifier); our FCN heads have no input "
+                    "concatenation",
                 )
             )
     return km

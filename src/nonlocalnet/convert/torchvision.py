@@ -11,16 +11,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from nonlocalnet.convert._core import KeyMap, Rule
+from nonlocalnet.models.weights import TORCHVISION_PATTERNS
 
 __all__ = ["rename"]
 
 NAME = "torchvision"
 DESCRIPTION = "torchvision ResNet-18/34/50/101/152 (identity mapping)"
 
-RULES = [
-    Rule(r"^(conv1|bn1|fc)\.", r"\1."),
-    Rule(r"^layer(\d)\.(\d+)\.(conv\d|bn\d|downsample\.[01])\.", r"layer\1.\2.\3."),
-]
+#: the keys of a torchvision ResNet (those a pretrained start with format "torchvision" takes),
+#: each to itself.
+RULES = [Rule(pattern, lambda m: m.group(0)) for pattern in TORCHVISION_PATTERNS]
 
 
 def rename(state: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None) -> KeyMap:

@@ -1,47 +1,62 @@
-"""Pretrained starts: read a checkpoint file, convert it, and load it into a model.
+"""Pretrained starts from any source: convert a checkpoint, then load it as ours.
 
-:func:`load_pretrained` is what ``create_model(name, weights=PATH)`` and a config's
-``model.init`` do: the checkpoint (``.pt``/``.pth`` read with ``torch.load(weights_only=True)``,
-``.safetensors``, or a Caffe2 ``.pkl`` read by a restricted unpickler) is renamed from its
-source's layout into ours, then
+:func:`load_pretrained` takes the formats of :func:`nonlocalnet.models.weights.load_pretrained`
+(``"torchvision"``, ``"nonlocalnet"``) and every converter source: the checkpoint (``.pt``/
+``.pth`` read with ``torch.load(weights_only=True)``, ``.safetensors``, or a Caffe2 ``.pkl`` read
+by a restricted unpickler) is renamed from its source's layout into ours
+(:func:`~nonlocalnet.convert.convert_state_dict`'s renaming), and then loaded by
+:func:`nonlocalnet.models.weights.load_state`, the implementation every pretrained start
+shares: into the model's ResNet, 2D kernels inflated for video networks, the inserted blocks
+and heads new, a classifier of another size dropped, anything else that does not fit an error
+naming the keys. Between the two, the converter's completion runs (BatchNorm eps and biases
+folded, affine-only norms, step counters), and the model's blocks and stem are compared with
+the source's: a pretrained start need not be exact, and the report says where it is not.
 
-* for a video network, 2D kernels are inflated (:func:`~nonlocalnet.models.inflate_state_dict`:
-  repeated over time and divided by the temporal size; C2D's 1×k×k kernels take them as they
-  are);
-* for a segmentation network, a classification ResNet goes into ``model.backbone``;
-* the blocks the model inserts (NL after, GC inside residual blocks) and its head stay as
-  initialised (the blocks zero-initialised, so the network starts as the pretrained one), and a
-  classifier of another size (the ImageNet ``fc``) is dropped.
-
-Anything else that does not fit (a missing backbone key, a key the model does not have, a
-backbone tensor of another shape) is an error naming the keys: a checkpoint of another
-architecture never loads halfway. The :class:`LoadReport` says what was loaded, what was new
-and what was dropped, by key count and names.
+:func:`save_converted` writes a conversion as safetensors with the model's name and
+``create_model`` overrides in its metadata; :func:`create_model` rebuilds a model from such a
+file (or from any checkpoint and a name).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from nonlocalnet.convert._convert import Conversion, _rename, unwrap_state
+from nonlocalnet.convert._convert import (
+    Conversion,
+    _rename,
+    get_converter,
+    stem_mismatches,
+    unwrap_state,
+)
 from nonlocalnet.convert._core import (
     ConversionError,
     KeyMap,
+    as_conversion_error,
     check_block_options,
     finalize,
-    format_keys,
-    group_of,
     split_supported,
 )
-from nonlocalnet.models.video_resnet import inflate_state_dict
+from nonlocalnet.models.weights import (
+    FORMATS,
+    META_FORMAT,
+    META_MODEL,
+    META_OVERRIDES,
+    META_REPORT,
+    META_SOURCE,
+    LoadReport,
+    file_kind,
+    load_state,
+    read_weights,
+    stored_model,
+)
+from nonlocalnet.models.weights import load_pretrained as load_ours
 
 __all__ = [
     "FORMATS",
@@ -54,28 +69,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: checkpoint sources :func:`load_pretrained` takes besides the converters' ("nonlocalnet":
-#: keys of this library, e.g. a ``nonlocalnet convert`` output or a training checkpoint).
-FORMATS = ("nonlocalnet",)
-
-#: safetensors metadata written by :func:`save_converted`.
-META_FORMAT = "nonlocalnet.format"
-META_MODEL = "nonlocalnet.model"
-META_OVERRIDES = "nonlocalnet.overrides"
-META_SOURCE = "nonlocalnet.source"
-META_REPORT = "nonlocalnet.report"
-
-
-def _kind_of(path: Path) -> str:
-    """``"zip"`` (torch.save), ``"safetensors"`` or ``"pickle"`` (anything else), by content."""
-    with path.open("rb") as f:
-        head = f.read(16)
-    if head[:4] == b"PK\x03\x04":
-        return "zip"
-    if path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
-        return "safetensors"
-    return "pickle"
-
 
 def read_checkpoint(
     path: str | Path, source: str | None = None
@@ -86,9 +79,9 @@ def read_checkpoint(
     other entries of the saved dict (``meta``, ``epoch``...); Caffe2 pickles nothing.
 
     Args:
-        path: a ``.pt``/``.pth``/``.ckpt`` (``torch.load`` with ``weights_only=True``), a
-            ``.safetensors``, or a ``.pkl`` (source ``"caffe2"``: read by
-            :class:`~nonlocalnet.convert.caffe2.RestrictedUnpickler`).
+        path: a ``.pt``/``.pth``/``.ckpt`` or ``.safetensors``
+            (:func:`nonlocalnet.models.weights.read_weights`), or a ``.pkl`` (source
+            ``"caffe2"``: read by :class:`~nonlocalnet.convert.caffe2.RestrictedUnpickler`).
         source: the checkpoint's source; ``"caffe2"`` reads pickles of numpy arrays.
 
     Raises:
@@ -99,7 +92,7 @@ def read_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
-    kind = _kind_of(path)
+    kind = file_kind(path)
     if source == "caffe2" or (kind == "pickle" and path.suffix == ".pkl"):
         if kind != "pickle":
             raise ConversionError(
@@ -109,114 +102,20 @@ def read_checkpoint(
         from nonlocalnet.convert.caffe2 import load_pickle
 
         return load_pickle(path), {}
-    if kind == "safetensors":
-        try:
-            from safetensors import safe_open
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-        except Exception as err:  # safetensors raises its own error types
-            raise ConversionError(
-                f"{path}: cannot read the safetensors file (truncated or corrupt?): {err}"
-            ) from None
-        return dict(state), meta
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for unsafe pickles, RuntimeError for bad zips
-        text = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConversionError(
-            f"{path}: cannot be read safely with torch.load(weights_only=True) (truncated, not "
-            f"a checkpoint, or it holds objects other than tensors): {text}"
-        ) from None
-    state, meta = unwrap_state(obj)
-    return state, meta
+    with as_conversion_error():
+        return read_weights(path)
 
 
-@dataclass
-class LoadReport:
-    """What :func:`load_pretrained` did.
-
-    Attributes:
-        path: the checkpoint.
-        source: its source.
-        model: the model's name (or class).
-        loaded: our keys loaded from the checkpoint.
-        inflated: those of them inflated from 2D kernels.
-        new: the model's keys not in the checkpoint (inserted blocks, a new head).
-        dropped: ``(key, why)`` of checkpoint entries not loaded.
-        notes: what the conversion assumed or did.
-        inexact: reasons the model does not compute what the source computes.
-    """
-
-    path: str
-    source: str
-    model: str
-    loaded: list[str] = field(default_factory=list)
-    inflated: list[str] = field(default_factory=list)
-    new: list[str] = field(default_factory=list)
-    dropped: list[tuple[str, str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    inexact: list[str] = field(default_factory=list)
-
-    def _groups(self, keys: list[str]) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for k in keys:
-            out[group_of(k)] = out.get(group_of(k), 0) + 1
-        return out
-
-    def summary(self) -> str:
-        """One line: loaded / new / dropped by count, the new and dropped by module."""
-        new = ", ".join(f"{g}: {n}" for g, n in self._groups(self.new).items()) or "none"
-        dropped = format_keys([k for k, _ in self.dropped], 4) or "none"
-        inflated = f" ({len(self.inflated)} inflated from 2D)" if self.inflated else ""
-        return (
-            f"{self.model} <- {self.path} ({self.source}): loaded {len(self.loaded)} keys"
-            f"{inflated}; new {len(self.new)} ({new}); dropped {len(self.dropped)} ({dropped})"
-        )
-
-    def table(self) -> str:
-        """The summary and the keys per module."""
-        lines = [self.summary()]
-        for title, keys in (("loaded", self.loaded), ("new", self.new)):
-            for g, n in self._groups(keys).items():
-                lines.append(f"  {title:<7} {g:<28} {n:>5}")
-        reasons: dict[str, list[str]] = {}
-        for k, why in self.dropped:
-            reasons.setdefault(why, []).append(k)
-        for why, keys in reasons.items():
-            lines.append(f"  dropped {format_keys(keys, 4)}: {why}")
-        lines += [f"  note: {n}" for n in self.notes]
-        lines += [f"  NOT EXACT: {n}" for n in self.inexact]
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "source": self.source,
-            "model": self.model,
-            "loaded": len(self.loaded),
-            "inflated": len(self.inflated),
-            "new": self._groups(self.new),
-            "new_keys": list(self.new),
-            "dropped": [list(d) for d in self.dropped],
-            "notes": list(self.notes),
-            "inexact": list(self.inexact),
-        }
-
-
-def _is_head(key: str) -> bool:
-    top = key.split(".")[0]
-    return top in ("fc", "head", "aux_head") or key.startswith("backbone.fc.")
-
-
-def _is_inserted(key: str) -> bool:
-    return ".after." in key or ".gc." in key or key.startswith(("after.", "gc."))
-
-
-def _has_backbone(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "backbone", None), nn.Module)
+def _prefixed(km: KeyMap, prefix: str) -> None:
+    """Move the converter's records under ``prefix`` (the model's ResNet, e.g. ``backbone.``)."""
+    if not prefix:
+        return
+    km.fold_bias = {f"{prefix}{k}": f"{prefix}{v}" for k, v in km.fold_bias.items()}
+    km.affine_only = {f"{prefix}{p}" for p in km.affine_only}
+    km.zero_bias = [
+        p.replace("^", "^" + re.escape(prefix), 1) if p.startswith("^") else p for p in km.zero_bias
+    ]
+    km.requires = [(f"{prefix}{k}", why) for k, why in km.requires]
 
 
 def load_pretrained(
@@ -237,7 +136,7 @@ def load_pretrained(
         **options: the converter's options (e.g. ``pairwise`` for mmaction2).
 
     Returns:
-        The :class:`LoadReport` (also logged).
+        The :class:`~nonlocalnet.models.weights.LoadReport` (also logged).
 
     Raises:
         ValueError: an unknown source or option.
@@ -245,114 +144,46 @@ def load_pretrained(
         ConversionError: an unreadable file, or a checkpoint of another architecture (the
             keys that do not fit are named).
     """
+    if source in FORMATS:
+        if options:
+            raise ValueError(f"source {source!r} takes no options, got {sorted(options)}")
+        with as_conversion_error():
+            return load_ours(model, path, source=source)
+    get_converter(source)  # an unknown source: ValueError naming the known ones
     if isinstance(path, Mapping):
         state, meta = unwrap_state(path)
         where = "<state_dict>"
     else:
         state, meta = read_checkpoint(path, source)
         where = str(path)
-    name = getattr(model, "model_name", type(model).__name__)
-    if source in FORMATS:
-        if options:
-            raise ValueError(f"source 'nonlocalnet' takes no options, got {sorted(options)}")
-        km = KeyMap(source, dict(state))
-        for k, v in state.items():
-            km.put(k, v, k)
-        _check_stored_model(meta, model, km)
-    else:
-        km = _rename(source, state, meta, dict(options))
-        km.refuse_unmapped()
+    km = _rename(source, state, meta, dict(options))
+    km.refuse_unmapped()
     nl, gc = split_supported(km)
     km.inexact.extend(check_block_options(model, nl, gc, source, strict=False))
-
-    target = model.state_dict()
-    ours = dict(km.out)
-    origin = dict(km.origin)
-    if _has_backbone(model) and not any(k.startswith("backbone.") for k in ours):
-        ours = {f"backbone.{k}": v for k, v in ours.items()}
-        origin = {f"backbone.{k}": v for k, v in origin.items()}
-        km.notes.append("a classification network's keys loaded into model.backbone")
-        km.fold_bias = {f"backbone.{k}": f"backbone.{v}" for k, v in km.fold_bias.items()}
-        km.affine_only = {f"backbone.{p}" for p in km.affine_only}
-        km.zero_bias = [
-            p.replace("^", "^backbone\\.", 1) if p.startswith("^") else p for p in km.zero_bias
-        ]
-
-    inflated: list[str] = []
-    if any(v.dim() == 4 and k in target and target[k].dim() == 5 for k, v in ours.items()):
-        state_3d, _ = inflate_state_dict(ours, model)
-        inflated = [
-            k for k, v in ours.items() if k in state_3d and v.dim() == 4 and target[k].dim() == 5
-        ]
-        for k in inflated:
-            ours[k] = state_3d[k]
-        km.notes.append(
-            f"{len(inflated)} 2D kernels inflated: repeated over time and divided by the "
-            "temporal size (C2D kernels, of size 1, as they are)"
-        )
-
-    dropped: list[tuple[str, str]] = []
-    foreign: list[str] = []
-    for k in list(ours):
-        if k in target and tuple(ours[k].shape) == tuple(target[k].shape):
-            continue
-        if _is_head(k):
-            why = (
-                "classifier of another shape "
-                f"({tuple(ours[k].shape)} vs the model's {tuple(target[k].shape)})"
-                if k in target
-                else "the model has no such head"
-            )
-            dropped.append((origin.get(k, k), why))
-            del ours[k]
-        else:
-            foreign.append(
-                f"{k} {tuple(ours[k].shape)} vs model {tuple(target[k].shape)}"
-                if k in target
-                else k
-            )
-    if foreign:
-        raise ConversionError(
-            f"{where} ({source}) is a checkpoint of another architecture than {name}: "
-            f"{len(foreign)} key(s) do not fit: {format_keys(foreign)}"
-        )
-    km.out, km.origin = ours, {k: v for k, v in origin.items() if k in ours}
-    full, _ = finalize(km, model, strict=False)
-    missing = [k for k in target if k not in full]
-    bad = [k for k in missing if not (_is_head(k) or _is_inserted(k))]
-    if bad:
-        raise ConversionError(
-            f"{where} ({source}) lacks {len(bad)} of {name}'s backbone keys (a checkpoint of "
-            f"another architecture?): {format_keys(bad)}"
-        )
-    if not full:
-        raise ConversionError(f"{where} ({source}): no key of the checkpoint fits {name}")
-    result = model.load_state_dict(full, strict=False)
-    counters = {k for k in missing if k.endswith("num_batches_tracked")}  # BN fills its own
-    if (
-        set(result.missing_keys) - counters != set(missing) - counters or result.unexpected_keys
-    ):  # pragma: no cover
-        raise ConversionError(f"loading into {name}: unexpected load result {result}")
-    report = LoadReport(
-        path=where,
-        source=source,
-        model=name,
-        loaded=[k for k in full if k in target],
-        inflated=inflated,
-        new=missing,
-        dropped=dropped,
-        notes=list(dict.fromkeys(km.notes)),
-        inexact=list(dict.fromkeys(km.inexact)),
+    km.inexact.extend(
+        f"the stem: {w} (build the model with the conversion's overrides to reproduce the source)"
+        for w in stem_mismatches(model, km.builder_options)
     )
-    logger.info("%s", report.summary())
-    return report
 
+    def complete(ours: dict[str, Tensor], prefix: str) -> tuple[dict[str, Tensor], list[str]]:
+        _prefixed(km, prefix)
+        km.out = ours
+        km.origin = {k: km.origin.get(k[len(prefix) :], k) for k in ours}
+        before = len(km.notes)
+        state, _ = finalize(km, model, strict=False, check=False)
+        return state, km.notes[before:]
 
-def _check_stored_model(meta: Mapping[str, Any], model: nn.Module, km: KeyMap) -> None:
-    stored = meta.get(META_MODEL)
-    name = getattr(model, "model_name", None)
-    if stored and name and stored != name:
-        km.notes.append(f"the file was converted for {stored!r}, loaded into {name!r}")
+    with as_conversion_error():
+        return load_state(
+            model,
+            km.out,
+            where=where,
+            source=source,
+            origin=km.origin,
+            complete=complete,
+            notes=km.notes,
+            inexact=km.inexact,
+        )
 
 
 def save_converted(conversion: Conversion, path: str | Path, *, source: str | None = None) -> Path:
@@ -423,7 +254,8 @@ def create_model(
 
     A file written by ``nonlocalnet convert`` (source ``"nonlocalnet"``) names its model and
     overrides: ``create_model(weights="nl_i3d.safetensors", source="nonlocalnet")`` rebuilds
-    it and loads every key (overrides given here win).
+    it and loads every key (overrides given here win; with another ``name``, the file's
+    overrides do not apply and the report says where the blocks differ).
 
     Args:
         name: a registered model; may be omitted for a converted file that names one.
@@ -438,12 +270,14 @@ def create_model(
     from nonlocalnet.models.zoo import create_model as build
 
     stored: dict[str, Any] = {}
-    if weights is not None and source in FORMATS:
+    if weights is not None and source == "nonlocalnet":
         _, meta = read_checkpoint(weights, source)
-        if META_MODEL in meta:
-            stored = json.loads(meta.get(META_OVERRIDES) or "{}")
-            if name is None:
-                name = meta[META_MODEL]
+        with as_conversion_error():
+            stored_name, stored = stored_model(meta)
+        if name is None:
+            name = stored_name
+        elif name != stored_name:
+            stored = {}  # the overrides of another model; the report says what differs
     if name is None:
         raise ValueError("create_model: a model name is needed (the weights file names none)")
     model = build(name, **{**stored, **overrides})

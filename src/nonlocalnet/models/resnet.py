@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from nonlocalnet._checks import check_choice
+from nonlocalnet._checks import check_choice, is_tracing
 from nonlocalnet.layers._dims import BATCH_NORM, CONV
 
 __all__ = [
@@ -337,6 +337,8 @@ class ResNet(nn.Module):
         conv1_stride: stride of ``conv1``.
         pool1_kernel: kernel of the max pooling after the stem, or None for no pooling.
         pool1_stride: its stride.
+        pool1_padding: its padding; None pads ``(k - 1) // 2`` per axis (torchvision's 1 for the
+            3×3 pooling: 112 → 56); the official Caffe2 video nets pad 0 (112 → 55).
         pool2_temporal: temporal kernel and stride of ``pool2`` after res2 (video only); 1 = off.
         temporal_kernels: per stage, per block, the temporal size of the first conv of each
             block (bottleneck ``conv1``, basic ``conv1``), video only.
@@ -366,6 +368,7 @@ class ResNet(nn.Module):
         conv1_stride: int | Sequence[int] = 2,
         pool1_kernel: int | Sequence[int] | None = 3,
         pool1_stride: int | Sequence[int] = 2,
+        pool1_padding: int | Sequence[int] | None = None,
         pool2_temporal: int = 1,
         temporal_kernels: Sequence[Sequence[int]] | None = None,
         temporal_kernels_mid: Sequence[Sequence[int]] | None = None,
@@ -430,8 +433,17 @@ class ResNet(nn.Module):
         else:
             kp = _triple(pool1_kernel, "pool1_kernel", dims)
             sp = _triple(pool1_stride, "pool1_stride", dims)
+            if pool1_padding is None:
+                pp = tuple((k - 1) // 2 for k in kp)
+            else:
+                pp = _triple(pool1_padding, "pool1_padding", dims)
+                if any(p < 0 or 2 * p > k for p, k in zip(pp, kp, strict=True)):
+                    raise ValueError(
+                        f"pool1_padding must lie in [0, kernel // 2] per axis (kernel {kp}), "
+                        f"got {pp}"
+                    )
             pool = nn.MaxPool2d if dims == 2 else nn.MaxPool3d
-            self.maxpool = pool(kp, stride=sp, padding=tuple((k - 1) // 2 for k in kp))
+            self.maxpool = pool(kp, stride=sp, padding=pp)
         self.layer1 = self._make_layer(
             block_cls, widths[0], layers[0], 1, False, t_first[0], t_mid[0]
         )
@@ -595,7 +607,18 @@ class ResNet(nn.Module):
         return self.fc(self.dropout(x))
 
     def forward(self, x: Tensor) -> Tensor:
-        """Logits ``(B, num_classes)`` of a ``(B, C, H, W)`` image or ``(B, C, T, H, W)`` clip."""
+        """Logits ``(B, num_classes)`` of a ``(B, C, H, W)`` image or ``(B, C, T, H, W)`` clip.
+
+        The input checks step aside while :mod:`torch.fx` traces (the input is then a proxy
+        without a shape), so fx-based tools such as torchvision's ``create_feature_extractor``
+        trace the network.
+        """
+        if not is_tracing(x):
+            self._check_input(x)
+        return self.forward_head(self.forward_features(x))
+
+    def _check_input(self, x: Tensor) -> None:
+        """A tensor of the network's rank, and a clip long enough for the temporal strides."""
         expected = self.dims + 2
         if not isinstance(x, Tensor):
             raise TypeError(f"ResNet: input must be a torch.Tensor, got {type(x).__name__}")
@@ -609,7 +632,6 @@ class ResNet(nn.Module):
                 f"ResNet: a clip of {x.shape[2]} frames is too short for the temporal strides "
                 f"of conv1/pool1/pool2; at least {self.min_frames()} frames are needed"
             )
-        return self.forward_head(self.forward_features(x))
 
     def frames_at_res5(self, frames: int) -> int:
         """Temporal size after conv1, pool1 and pool2 for a clip of ``frames`` (video only)."""

@@ -8,6 +8,8 @@ into ``model.backbone``. Heads:
 * any block of the factory (:func:`nonlocalnet.layers.create_block`: ``nl``, ``gc``, ...): 3×3
   conv to ``head_channels`` → the block → 3×3 conv → dropout → classifier. A fresh attention
   block is the identity, so at initialisation these equal the same head with the block removed.
+  ``concat_input=True`` adds mmseg's ``conv_cat`` (3×3 conv → BN → ReLU of the head's input
+  concatenated with the block's output) before the dropout, as mmseg's NLHead and GCHead.
 * ``ann`` (Zhu et al. 2019): AFNB(stage 4, stage 5) → 3×3 conv to 512 → APNB → classifier.
 
 Logits are bilinearly upsampled to the input size. In training mode the model returns
@@ -20,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -69,7 +72,7 @@ class FCNHead(nn.Module):
 
 
 class BlockHead(nn.Module):
-    """3×3 conv → attention block → 3×3 conv → dropout → classifier (NL / GC heads).
+    """3×3 conv → attention block → 3×3 conv (→ conv_cat) → dropout → classifier (NL / GC heads).
 
     Args:
         in_channels: input channels.
@@ -77,6 +80,9 @@ class BlockHead(nn.Module):
         num_classes: output classes.
         block: the attention block on ``channels`` channels.
         dropout: channel dropout before the classifier.
+        concat_input: concatenate the head's input with the output of ``conv_out`` and fuse
+            them by ``conv_cat`` (3×3 conv to ``channels`` → BN → ReLU), as mmseg's
+            ``concat_input=True`` heads.
     """
 
     def __init__(
@@ -86,17 +92,22 @@ class BlockHead(nn.Module):
         num_classes: int,
         block: nn.Module,
         dropout: float = 0.1,
+        concat_input: bool = False,
     ):
         super().__init__()
         self.conv_in = _conv_bn_relu(in_channels, channels)
         self.block = block
         self.conv_out = _conv_bn_relu(channels, channels)
+        self.concat_input = bool(concat_input)
+        self.conv_cat = _conv_bn_relu(in_channels + channels, channels) if concat_input else None
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.conv_out(self.block(self.conv_in(x)))
-        return self.classifier(self.dropout(x))
+        out = self.conv_out(self.block(self.conv_in(x)))
+        if self.conv_cat is not None:
+            out = self.conv_cat(torch.cat([x, out], dim=1))  # (B, C_in + C, H, W) -> (B, C, H, W)
+        return self.classifier(self.dropout(out))
 
 
 class ANNHead(nn.Module):
@@ -202,6 +213,8 @@ def create_segmentation_model(
     layers: Sequence[int] | None = None,
     widths: Sequence[int] = (64, 128, 256, 512),
     stem_channels: int = 64,
+    deep_stem: bool = False,
+    concat_input: bool = False,
     in_channels: int = 3,
     default_input: Sequence[int] = (3, 512, 1024),
 ) -> SegmentationModel:
@@ -227,7 +240,11 @@ def create_segmentation_model(
         block: ``"basic"``/``"bottleneck"`` with ``layers`` for custom (tiny) backbones.
         layers: blocks per stage.
         widths: stage widths.
-        stem_channels: ``conv1`` channels.
+        stem_channels: ``conv1`` channels (of the deep stem's last conv with ``deep_stem``).
+        deep_stem: the backbone's stem is mmseg's ResNetV1c deep stem (three 3×3 convs,
+            ``backbone.stem.*``; its ``*-d8`` checkpoints) instead of ``conv1``/``bn1``.
+        concat_input: an NL / GC (block) head concatenates its input with its output before
+            the classifier (``conv_cat``, mmseg's ``concat_input=True``).
         in_channels: input channels.
         default_input: (C, H, W) stored on the model as ``default_input``.
 
@@ -246,6 +263,7 @@ def create_segmentation_model(
         num_classes=0,
         in_channels=in_channels,
         stem_channels=stem_channels,
+        deep_stem=deep_stem,
         widths=widths,
         norm=norm,
         replace_stride_with_dilation=(False, True, True)
@@ -255,6 +273,10 @@ def create_segmentation_model(
     c5 = backbone.num_features
     c4 = backbone.layer3[-1].last_norm().num_features
     kw = dict(head_kwargs or {})
+    if concat_input and head in HEADS:
+        raise ValueError(
+            f"concat_input applies to block heads ({', '.join(list_blocks())}), not to {head!r}"
+        )
     if head == "fcn":
         if kw:
             raise ValueError(f"head 'fcn' takes no head_kwargs, got {sorted(kw)}")
@@ -263,7 +285,9 @@ def create_segmentation_model(
         head_module = ANNHead(c4, c5, head_channels, num_classes, **kw)
     else:
         block = create_block(head, head_channels, dims=2, **kw)
-        head_module = BlockHead(c5, head_channels, num_classes, block, dropout)
+        head_module = BlockHead(
+            c5, head_channels, num_classes, block, dropout, concat_input=concat_input
+        )
     aux_head = FCNHead(c4, max(head_channels // 2, 1), num_classes, dropout) if aux else None
     model = SegmentationModel(backbone, head_module, aux_head, aux_weight)
     model.default_input = tuple(default_input)

@@ -73,6 +73,7 @@ def create_video_resnet(
     conv1_stride: Sequence[int] = (2, 2, 2),
     pool1_kernel: Sequence[int] | None = (2, 3, 3),
     pool1_stride: Sequence[int] = (2, 2, 2),
+    pool1_padding: int | Sequence[int] | None = None,
     pool2_temporal: int = 2,
     inflation: str | None = None,
     inflation_pattern: Sequence[Sequence[int]] | None = None,
@@ -104,6 +105,8 @@ def create_video_resnet(
         conv1_stride: (t, s, s) stride of ``conv1``.
         pool1_kernel: (t, k, k) of the max pooling after the stem, or None for none.
         pool1_stride: its stride.
+        pool1_padding: its (t, h, w) padding; None pads ``(k - 1) // 2`` (0 in time, 1 in space
+            for the 2×3×3 pooling: 112 → 56); the official Caffe2 nets pad 0 (112 → 55).
         pool2_temporal: temporal max pooling after res2 (kernel = stride); 1 turns it off.
         inflation: None (C2D), ``"3x1x1"`` or ``"3x3x3"``.
         inflation_pattern: per stage, per block, 1 to inflate; default
@@ -160,6 +163,7 @@ def create_video_resnet(
         conv1_stride=tuple(conv1_stride),
         pool1_kernel=None if pool1_kernel is None else tuple(pool1_kernel),
         pool1_stride=tuple(pool1_stride),
+        pool1_padding=pool1_padding,
         pool2_temporal=pool2_temporal,
         temporal_kernels=temporal_first,
         temporal_kernels_mid=temporal_mid,
@@ -184,7 +188,8 @@ def inflate_state_dict(
     """Map a 2D ResNet state_dict onto a video network with the same keys.
 
     A 2D kernel ``(O, I, k, k)`` becomes ``(O, I, t, k, k)``: repeated t times along time and
-    divided by t, t being the video kernel's temporal size. Other tensors are copied.
+    divided by t, t being the video kernel's temporal size (computed in the video network's
+    dtype). Other tensors are copied.
 
     Args:
         state_2d: the 2D network's state_dict (torchvision keys).
@@ -204,8 +209,10 @@ def inflate_state_dict(
             continue
         if src.dim() == 4 and dst.dim() == 5 and src.shape == dst.shape[:2] + dst.shape[3:]:
             t = dst.shape[2]
-            # (O, I, k, k) -> (O, I, t, k, k), each temporal slice w/t
-            state[key] = src.unsqueeze(2).expand(-1, -1, t, -1, -1).div(t).contiguous()
+            # (O, I, k, k) -> (O, I, t, k, k), each temporal slice w/t, in the video network's
+            # precision (a float32 checkpoint into a float64 network sums back to w exactly)
+            w = src.to(dst.dtype) if dst.is_floating_point() else src
+            state[key] = w.unsqueeze(2).expand(-1, -1, t, -1, -1).div(t).contiguous()
         elif src.shape == dst.shape:
             state[key] = src.clone()
         else:
