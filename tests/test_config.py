@@ -34,12 +34,17 @@ def test_shipped_config_parses_and_names_a_registered_model(name: str) -> None:
 
     config = load_config(CONFIGS / name)
     assert config.model.name in list_models()
-    # Every key of the file is a known key: a round trip through the dataclasses keeps them all.
+    # Every key of the file is a known key: a round trip through the dataclasses keeps them all
+    # (a mapping, such as model.kwargs, may hold more keys merged from a `_base_` file).
     raw = yaml.safe_load((CONFIGS / name).read_text())
     resolved = config_to_dict(config)
+    raw.pop("_base_", None)
     for section, values in raw.items():
         for key, value in values.items():
-            assert resolved[section][key] == value, f"{section}.{key}"
+            if isinstance(value, dict):
+                assert value.items() <= resolved[section][key].items(), f"{section}.{key}"
+            else:
+                assert resolved[section][key] == value, f"{section}.{key}"
 
 
 def test_kinetics_recipe_numbers() -> None:
@@ -66,6 +71,30 @@ def test_cityscapes_and_imagenet_recipe_numbers() -> None:
     assert g.optim.lr == 0.1 and g.train.batch_size * 8 == 256
     # 100 epochs of ImageNet-1k at batch 256
     assert g.train.steps == round(1_281_167 * 100 / 256)
+
+
+def test_coco_1x_recipe_numbers() -> None:
+    """GCNet's 1x schedule: 12 epochs of COCO train2017 (117,266 images with annotations) at 16
+    images per step, lr 0.02 x0.1 after epochs 8 and 11, warm-up 500 from x0.001."""
+    base = load_config(CONFIGS / "coco_maskrcnn_r50_fpn_1x.yaml")
+    per_epoch = -(-117_266 // 16)
+    assert per_epoch == 7330
+    assert base.train.batch_size * 8 == 16 and base.optim.lr == 0.02
+    assert base.train.steps == 12 * per_epoch == 87_960
+    assert base.schedule.milestones == [8 * per_epoch, 11 * per_epoch] == [58_640, 80_630]
+    assert (base.schedule.warmup_steps, base.schedule.warmup_factor) == (500, 0.001)
+    assert (base.optim.momentum, base.optim.weight_decay) == (0.9, 1e-4)
+    assert (base.data.task, base.data.format, base.data.num_classes) == ("detection", "coco", 91)
+    assert base.model.kwargs["norm"] == "sync_bn" and base.model.kwargs["trainable_layers"] == 3
+    for name, model in (("coco_gc_maskrcnn_r50_fpn_1x.yaml", "gc_maskrcnn_r50_fpn"),
+                        ("coco_nl_maskrcnn_r50_fpn_1x.yaml", "nl_maskrcnn_r50_fpn")):  # fmt: skip
+        c = load_config(CONFIGS / name)
+        assert c.model.name == model
+        a, b = config_to_dict(c), config_to_dict(base)
+        for d in (a, b):  # the same recipe: only the model and the run folder differ
+            d["model"].pop("name")
+            d["train"].pop("out_dir")
+        assert a == b, name
 
 
 def test_unknown_key_names_full_path_and_choices(tmp_path: Path) -> None:
@@ -105,7 +134,10 @@ def test_wrong_type_names_key_expected_and_got(data: dict, message: str) -> None
         ({"train": {"steps": 0}}, r"train\.steps: expected a positive integer, got 0"),
         ({"data": {"train_jitter": [320, 256]}}, r"data\.train_jitter: expected \[min, max\]"),
         ({"schedule": {"milestones": [5, 2]}}, r"schedule\.milestones: expected increasing"),
-        ({"data": {"max_skip_fraction": 1.5}}, r"data\.max_skip_fraction: expected a number in \[0, 1\]"),
+        (
+            {"data": {"max_skip_fraction": 1.5}},
+            r"data\.max_skip_fraction: expected a number in \[0, 1\]",
+        ),
     ],
 )
 def test_bad_values_are_named(data: dict, message: str) -> None:

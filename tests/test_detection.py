@@ -426,19 +426,25 @@ def test_stage_features_feed_an_fpn() -> None:
     resnet = create_resnet(depth=50, num_classes=0, norm="frozen_bn")
     feats = ResNetFeatures(resnet, out_indices=(2, 3, 4))
     assert [d["num_chs"] for d in feats.feature_info] == [512, 1024, 2048] == feats.out_channels
-    assert [d["reduction"] for d in feats.feature_info] == [8, 16, 32]
+    assert feats.feature_info.channels() == [512, 1024, 2048]
+    assert feats.feature_info.reduction() == [8, 16, 32]
+    assert feats.feature_info.module_name() == ["layer2", "layer3", "layer4"]
     assert set(feats.state_dict()) <= set(resnet.state_dict())
     x = torch.rand(1, 3, 64, 96)
     out = feats(x)
     ref = resnet.forward_stages(x)
-    assert list(out) == ["0", "1", "2"]
-    for a, b in zip(out.values(), ref[1:], strict=True):
+    assert isinstance(out, list) and len(out) == 3
+    for a, b in zip(out, ref[1:], strict=True):
         assert torch.equal(a, b)
+    as_dict = ResNetFeatures(resnet, out_indices=(2, 3, 4), as_dict=True)(x)
+    assert list(as_dict) == ["0", "1", "2"] and torch.equal(as_dict["2"], ref[3])
     dilated = create_resnet(depth=50, num_classes=0, output_stride=8)
     assert [d["reduction"] for d in ResNetFeatures(dilated).feature_info] == [4, 8, 8, 8]
     with pytest.raises(ValueError, match="out_indices"):
         ResNetFeatures(resnet, out_indices=(0, 1))
-    with pytest.raises(TypeError, match="2D ResNet"):
+    with pytest.raises(ValueError, match="increasing"):
+        ResNetFeatures(resnet, out_indices=(3, 2))
+    with pytest.raises(TypeError, match="ResNet"):
         ResNetFeatures(nn.Conv2d(3, 3, 1))
 
 
@@ -470,18 +476,20 @@ def test_fx_feature_extractor_traces_stage_features_with_leaf_blocks(blocks: str
     assert ("layer3.4.after" in called) if blocks == "nl" else ("layer2.0.gc" in called)
     x = torch.rand(1, 3, 64, 64)
     out, ref = fx(x), feats(x)
-    assert torch.equal(out["c3"], ref["1"]) and torch.equal(out["c5"], ref["3"])
+    assert torch.equal(out["c3"], ref[1]) and torch.equal(out["c5"], ref[3])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="ResNet.forward checks isinstance(x, Tensor), which a Proxy fails (models/resnet.py)",
-)
-def test_fx_feature_extractor_traces_the_resnet_itself() -> None:
+@pytest.mark.parametrize("leaf", [True, False])
+def test_fx_feature_extractor_traces_the_resnet_itself(leaf: bool) -> None:
+    """torchvision's create_feature_extractor on the ResNet (its input check and the blocks'
+    step aside while tracing), with the blocks as leaves or traced through."""
     model = _with_random_blocks("gc")
-    create_feature_extractor(
-        model,
-        return_nodes=["layer4"],
-        tracer_kwargs={"leaf_modules": [GlobalContext, NonLocalNd]},
+    kwargs = {"leaf_modules": [GlobalContext, NonLocalNd]} if leaf else {}
+    fx = create_feature_extractor(
+        model, return_nodes={"layer2": "c3", "layer4": "c5"}, tracer_kwargs=kwargs
     )
+    called = {str(n.target) for n in fx.graph.nodes if n.op == "call_module"}
+    assert ("layer2.0.gc" in called) == leaf
+    x = torch.rand(1, 3, 64, 64)
+    out, ref = fx(x), model.forward_stages(x)
+    assert torch.equal(out["c3"], ref[1]) and torch.equal(out["c5"], ref[3])

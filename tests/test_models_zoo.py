@@ -44,10 +44,15 @@ def _narrow(name: str) -> dict:
     return kw
 
 
+#: the models that take one input tensor (detectors take lists of images and have their own
+#: tests: tests/test_detection_zoo.py).
+TENSOR_MODELS = [n for n in list_models() if model_info(n).task != "detection"]
+
+
 def _models(names=None):
     """(name, narrow) cases: every model at full width (up to ~3 s each on one thread) and
     narrowed."""
-    names = list_models() if names is None else names
+    names = TENSOR_MODELS if names is None else names
     cases = [pytest.param(n, True, id=f"{n}-narrow") for n in names]
     cases += [pytest.param(n, False, id=n) for n in names if "tiny" not in n]
     return cases
@@ -97,7 +102,7 @@ def test_forward_backward_every_model(name, narrow):
 
 
 @pytest.mark.parametrize(
-    ("name", "narrow"), _models([n for n in list_models() if n.startswith(("nl_", "gc_"))])
+    ("name", "narrow"), _models([n for n in TENSOR_MODELS if n.startswith(("nl_", "gc_"))])
 )
 def test_blocks_are_identity_at_init(name, narrow):
     model = create_model(name, num_classes=3, **(_narrow(name) if narrow else {}))
@@ -383,8 +388,8 @@ def test_register_model_refuses_bad_entries(outside_names):
         return nn.Linear(2, num_classes)
 
     outside_names.append("net")
-    with pytest.raises(ValueError, match="unknown task 'detection'"):
-        register_model(task="detection")
+    with pytest.raises(ValueError, match="unknown task 'speech'"):
+        register_model(task="speech")
     with pytest.raises(ValueError, match="need a block_key"):
         register_model(task="image", shortcuts=("pairwise",))(net)
     with pytest.raises(

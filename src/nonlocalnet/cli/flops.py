@@ -2,7 +2,10 @@
 
 Counts come from :func:`nonlocalnet.models.flops.count_flops` on the meta device: a table per
 model (stem, res2..res5, head, and every inserted block), optionally ratios to a reference
-model (the NL paper's Table 2e is relative to C2D R101).
+model (the NL paper's Table 2e is relative to C2D R101). Detectors take ``--input 3x800x1333``
+(their default: one COCO image, resized and padded as the detector does) and add the FPN, RPN,
+box and mask heads (at 1000 proposals and 100 detections); GCNet's Table 1 compares them with
+``--relative-to maskrcnn_r50_fpn``.
 """
 
 from __future__ import annotations
@@ -82,11 +85,12 @@ def _print_report(r: FlopReport) -> None:
         f"{r.model} on {size}: {r.params:,} params ({r.params / 1e6:.2f}M), "
         f"{r.macs / 1e9:.2f} G multiply-adds"
     )
-    print(f"  {'part':<18} {'params (M)':>12} {'MACs (G)':>12} {'% MACs':>8}")
-    for part, (p, m) in [*r.stages.items(), *r.blocks.items()]:
-        print(
-            f"  {part:<18} {_fmt(p, 1e6):>12} {_fmt(m, 1e9, 3):>12} {100 * m / max(r.macs, 1):>7.1f}%"
-        )
+    rows = [*r.stages.items(), *r.blocks.items()]
+    width = max([18, *(len(part) for part, _ in rows)])
+    print(f"  {'part':<{width}} {'params (M)':>12} {'MACs (G)':>12} {'% MACs':>8}")
+    for part, (p, m) in rows:
+        share = 100 * m / max(r.macs, 1)
+        print(f"  {part:<{width}} {_fmt(p, 1e6):>12} {_fmt(m, 1e9, 3):>12} {share:>7.1f}%")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,10 +116,11 @@ def run(args: argparse.Namespace) -> int:
     if args.relative_to and not args.json:
         base = reports[args.relative_to]
         print(f"relative to {base.model} ({'x'.join(map(str, base.input_size))}):")
-        print(f"  {'model':<22} {'params (M)':>11} {'GMACs':>9} {'params x':>9} {'MACs x':>8}")
+        width = max([22, *(len(name) for name in reports)])
+        print(f"  {'model':<{width}} {'params (M)':>11} {'GMACs':>9} {'params x':>9} {'MACs x':>8}")
         for name, r in reports.items():
             print(
-                f"  {name:<22} {r.params / 1e6:>11.2f} {r.macs / 1e9:>9.1f} "
+                f"  {name:<{width}} {r.params / 1e6:>11.2f} {r.macs / 1e9:>9.1f} "
                 f"{r.params / base.params:>9.2f} {r.macs / base.macs:>8.2f}"
             )
     return 0

@@ -136,10 +136,97 @@ def _segmentation(config: Config, split: str) -> Dataset:
     )
 
 
+def _masks_wanted(config: Config) -> bool:
+    """Whether the detector predicts masks: ``data.kwargs.masks``, else the registered model's
+    ``arch`` (Faster R-CNN: boxes only), else True."""
+    if "masks" in config.data.kwargs:
+        return bool(config.data.kwargs["masks"])
+    from nonlocalnet.engine.config import is_import_path
+
+    arch = config.model.kwargs.get("arch")
+    if arch is None and not is_import_path(config.model.name):
+        from nonlocalnet.models import model_info
+
+        try:
+            arch = model_info(config.model.name).defaults.get("arch")
+        except ValueError:  # an unknown name fails when the model is built, with suggestions
+            arch = None
+    return arch != "faster_rcnn"
+
+
+def _synthetic_detection_folder(config: Config, spec_kwargs: dict[str, Any]) -> Path:
+    """Generate the built-in detection set once (main process first), return its folder."""
+    from nonlocalnet.data.synthetic_detection import (
+        SyntheticDetectionSpec,
+        generate_detection_dataset,
+    )
+    from nonlocalnet.engine.distributed import barrier
+
+    if not config.data.root:
+        raise ValueError("data.root: the synthetic_detection format needs a cache folder, got ''")
+    spec = SyntheticDetectionSpec(**spec_kwargs)
+    if int(os.environ.get("RANK", "0")) == 0:
+        generate_detection_dataset(config.data.root, spec)
+    barrier()
+    return generate_detection_dataset(config.data.root, spec)
+
+
+def _detection(config: Config, split: str) -> Dataset:
+    """``coco``: ``<root>/<split>/`` images + ``<root>/annotations/instances_<split>.json``;
+    ``synthetic_detection``: the generated set's ``train`` / ``val``."""
+    import dataclasses
+
+    from nonlocalnet.data.coco import COCODetection
+
+    data = config.data
+    train = split == "train"
+    extra = dict(data.kwargs)
+    extra.pop("masks", None)
+    if data.format == "synthetic_detection":
+        from nonlocalnet.data.synthetic_detection import (
+            SyntheticDetectionSpec,
+            detection_split_paths,
+        )
+
+        fields = {f.name for f in dataclasses.fields(SyntheticDetectionSpec)}
+        spec_kwargs = {k: v for k, v in extra.items() if k in fields}
+        extra = {k: v for k, v in extra.items() if k not in fields}
+        folder = _synthetic_detection_folder(config, spec_kwargs)
+        image_dir, ann_file = detection_split_paths(folder, "train" if train else "val")
+    elif data.format == "coco":
+        if not data.root:
+            raise ValueError("data.root: the coco format needs the COCO folder, got ''")
+        name = data.train_split if train else data.val_split
+        image_dir = _path(config, name)
+        ann_file = Path(data.root) / "annotations" / f"instances_{Path(name).name}.json"
+    else:
+        raise ValueError(
+            f"data.format: {data.format!r} is not a detection format; expected coco, "
+            "synthetic_detection"
+        )
+    try:
+        return COCODetection(
+            image_dir,
+            ann_file,
+            mode="train" if train else "test",
+            masks=_masks_wanted(config),
+            num_classes=data.num_classes,
+            flip_p=0.5 if data.flip and train else 0.0,
+            seed=config.train.seed,
+            **extra,
+        )
+    except TypeError as err:
+        what = "keywords of COCODetection"
+        if data.format == "synthetic_detection":
+            what = f"fields of SyntheticDetectionSpec or {what}"
+        raise TypeError(f"data.kwargs: expected {what}: {err}") from None
+
+
 _BUILDERS: dict[str, Callable[[Config, str], Dataset]] = {
     "video": _video,
     "image": _image,
     "segmentation": _segmentation,
+    "detection": _detection,
 }
 
 
@@ -149,7 +236,13 @@ def make_dataset(config: Config, split: str) -> Dataset:
 
 
 def collate_fn(config: Config) -> Callable[[list[dict[str, Any]]], Any]:
-    """Batches drop unreadable test samples and list them (:mod:`nonlocalnet.data.samples`)."""
+    """Batches drop unreadable test samples and list them (:mod:`nonlocalnet.data.samples`);
+    detection batches keep images of different sizes as lists
+    (:func:`~nonlocalnet.data.coco.collate_detection`)."""
+    if config.data.task == "detection":
+        from nonlocalnet.data.coco import collate_detection
+
+        return collate_detection
     from nonlocalnet.data.samples import collate_samples
 
     return collate_samples

@@ -216,13 +216,15 @@ def coco_stats(
 
 
 def format_metrics(metrics: Mapping[str, Any]) -> str:
-    """The 6 AP numbers per IoU type, in percent, one row each (mmdetection's summary)."""
+    """The 6 AP numbers per IoU type, in percent, one row each (mmdetection's summary); ``-``
+    where the ground truth has no object of that size (COCOeval's -1)."""
     names = STATS[:6]
     rows = [f"{'':6s}" + "".join(f"{n:>7s}" for n in names)]
     for iou_type in IOU_TYPES:
         if iou_type in metrics:
             vals = metrics[iou_type]
-            rows.append(f"{iou_type:6s}" + "".join(f"{100 * vals[n]:7.1f}" for n in names))
+            cells = [f"{100 * vals[n]:7.1f}" if vals[n] >= 0 else f"{'-':>7s}" for n in names]
+            rows.append(f"{iou_type:6s}" + "".join(cells))
     return "\n".join(rows)
 
 

@@ -40,6 +40,7 @@ from nonlocalnet._checks import check_choice
 __all__ = [
     "DATA_FORMATS",
     "RESUMABLE_KEYS",
+    "TASKS",
     "Config",
     "DataConfig",
     "EvalConfig",
@@ -73,7 +74,19 @@ RESUMABLE_KEYS = (
 )
 
 #: the built-in dataset readers of ``data.format``.
-DATA_FORMATS = ("list", "csv", "folder", "cityscapes", "pairs", "synthetic")
+DATA_FORMATS = (
+    "list",
+    "csv",
+    "folder",
+    "cityscapes",
+    "pairs",
+    "synthetic",
+    "coco",
+    "synthetic_detection",
+)
+
+#: the tasks of ``data.task``: each has its loss, batches and metrics.
+TASKS = ("video", "image", "segmentation", "detection")
 
 
 def is_import_path(name: str) -> bool:
@@ -106,11 +119,19 @@ class DataConfig:
     - image: ``folder`` (``root/<split>/<class>/*``);
     - segmentation: ``cityscapes`` (``root/leftImg8bit/<split>``, ``root/gtFine/<split>``),
       ``pairs`` (``root/<split>/images`` and ``root/<split>/masks``, matched by file stem);
+    - detection: ``coco`` (COCO's layout: images in ``root/<split>/``, annotations in
+      ``root/annotations/instances_<split>.json``, e.g. ``train_split: train2017``; labels are
+      the category ids, ``num_classes: 91`` for COCO), ``synthetic_detection`` (the built-in
+      set that needs context, generated once into ``root``; ``kwargs`` = fields of
+      ``SyntheticDetectionSpec``, the others go to ``COCODetection``). Images are resized and
+      normalised inside the detector (``model.kwargs``: ``min_size``, ``max_size``), so
+      ``mean``/``std``/crops do not apply; masks are read for Mask R-CNN only (``kwargs.masks``
+      overrides);
     - any task: the import path ``"package.module:function"`` of a function
       ``(config, split) -> Dataset`` yielding the pipeline's dicts (the user's own reader).
 
     ``kwargs`` go to the dataset class (``VideoDataset``, ``ImageFolderDataset``,
-    ``SegmentationDataset``).
+    ``SegmentationDataset``, ``COCODetection``).
     """
 
     task: str = "video"
@@ -227,7 +248,7 @@ class Config:
 
     def validate(self) -> Config:
         """Check values that types alone cannot (choices, ranges); return self."""
-        check_choice("data.task", self.data.task, ("video", "image", "segmentation"))
+        check_choice("data.task", self.data.task, TASKS)
         if not is_import_path(self.data.format):
             check_choice(
                 "data.format", self.data.format, (*DATA_FORMATS, "<package.module:function>")

@@ -3,8 +3,13 @@
 Video: top-1/top-5 with the multi-view protocol (each sample holds ``num_clips x num_crops``
 views, clip-major / crop-minor; softmax per view, averaged per video). Images: top-1/top-5 of one
 view. Segmentation: mean IoU and per-class IoU from a confusion matrix that skips
-``data.ignore_index``. Under torchrun each process evaluates a shard; scores are gathered by
-sample index (padded duplicates merged) and confusion matrices summed.
+``data.ignore_index``. Detection: COCO box AP (and mask AP for Mask R-CNN) with pycocotools'
+COCOeval (:mod:`nonlocalnet.engine.coco_eval`): AP at IoU 0.50:0.95, AP50, AP75, AP
+small/medium/large and the ARs, as ``bbox_AP``, ``bbox_AP50``, ..., ``segm_AP``, ... in percent
+(-1 where the ground truth has no object of that size, COCO's convention); the summarize()
+tables and the AP table are logged. Under torchrun each process evaluates a shard; scores are
+gathered by sample index (padded duplicates merged), confusion matrices summed, and COCO results
+gathered by image id.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from nonlocalnet.engine.metrics import ConfusionMatrix, ScoreAccumulator, multiv
 from nonlocalnet.engine.sampling import EvalBatchSampler
 from nonlocalnet.engine.step import (
     autocast_context,
+    detection_batch,
     model_output,
     resolve_device,
     skip_totals,
@@ -67,9 +73,11 @@ def run_evaluation(
     Returns:
         video/image: ``top1``, ``top5`` (percent; top-k with k > classes left out),
         ``num_samples``; segmentation: ``mean_iou``, ``per_class_iou``, ``pixel_accuracy``
-        (percent), ``num_pixels``; always ``skipped``, the unreadable samples left out. With
-        ``predictions``: ``predictions``, one ``{"index", "path", "label", "prediction",
-        "scores"}`` per sample (scores averaged over its views), in index order.
+        (percent), ``num_pixels``; detection: ``bbox_AP``, ``bbox_AP50``, ... (``segm_*`` for
+        Mask R-CNN; percent), ``num_images``; always ``skipped``, the unreadable samples left
+        out. With ``predictions``: ``predictions``, one ``{"index", "path", "label",
+        "prediction", "scores"}`` per sample (scores averaged over its views), in index order;
+        detection: the COCO results per IoU type (``{"bbox": [...], "segm": [...]}``).
 
     Raises:
         RuntimeError: more than ``data.max_skip_fraction`` of the samples were unreadable.
@@ -92,6 +100,13 @@ def run_evaluation(
         collate_fn=collate_for(config),
     )
     autocast = autocast_context(config.train.amp, device)
+    if task == "detection":
+        try:
+            return _detection_metrics(
+                model, dataset, loader, dist_info, device, autocast, config, predictions
+            )
+        finally:
+            model.train(was_training)
     scores = ScoreAccumulator()
     confusion = ConfusionMatrix(config.data.num_classes, config.data.ignore_index)
     skips = SkipTracker(config.data.max_skip_fraction, num_entries=len(dataset))
@@ -137,6 +152,59 @@ def run_evaluation(
     skips.check_total(skipped, read)
     if predictions and task != "segmentation":
         out["predictions"] = _predictions(scores, paths, device)
+    return out
+
+
+def _detection_metrics(
+    model: nn.Module,
+    dataset: Dataset,
+    loader: DataLoader,
+    dist_info: DistInfo,
+    device: torch.device,
+    autocast: Any,
+    config: Config,
+    predictions: bool,
+) -> dict[str, Any]:
+    """COCOeval of a detector over ``loader`` (see :func:`run_evaluation`)."""
+    from nonlocalnet.engine.coco_eval import COCOEvaluator
+
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    ground_truth = getattr(base, "coco", None)
+    if not callable(ground_truth):
+        raise TypeError(
+            f"detection evaluation needs a COCO-format dataset with coco() (COCODetection), got "
+            f"{type(base).__name__}"
+        )
+    roi_heads = getattr(model, "roi_heads", None)
+    has_masks = bool(roi_heads is not None and roi_heads.has_mask())
+    evaluator = COCOEvaluator(
+        ground_truth(),
+        ("bbox", "segm") if has_masks else ("bbox",),
+        label_to_category=getattr(base, "label_to_category", None),
+    )
+    skips = SkipTracker(config.data.max_skip_fraction, num_entries=len(dataset))
+    for batch in loader:
+        skips.update(batch, check=False)
+        images, targets = detection_batch(batch, device)
+        if not images:  # every image of the batch was unreadable
+            continue
+        with autocast:
+            outputs = model(images)
+        evaluator.update(outputs, [int(t["image_id"]) for t in targets])
+    evaluator.synchronize()
+    skipped, read = skip_totals(skips)
+    skips.check_total(skipped, read)
+    if len(evaluator) == 0:
+        raise RuntimeError("detection evaluation: no image of the validation set could be read")
+    metrics = evaluator.evaluate(log_tables=dist_info.is_main)
+    out: dict[str, Any] = {}
+    for iou_type in evaluator.iou_types:
+        for name, value in metrics[iou_type].items():
+            out[f"{iou_type}_{name}"] = 100.0 * value if value >= 0 else value
+    out["num_images"] = metrics["num_images"]
+    out["skipped"] = skipped
+    if predictions:
+        out["predictions"] = evaluator.results()
     return out
 
 

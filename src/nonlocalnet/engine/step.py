@@ -21,6 +21,7 @@ from nonlocalnet.engine.stopping import ignore_stop_signals
 __all__ = [
     "autocast_context",
     "compute_loss",
+    "detection_batch",
     "make_loader",
     "model_output",
     "resolve_device",
@@ -92,6 +93,24 @@ def split_batch(batch: dict[str, Any], task: str) -> tuple[torch.Tensor, torch.T
     if not isinstance(target, torch.Tensor):
         target = torch.as_tensor(target)
     return inputs, target.long()
+
+
+def detection_batch(
+    batch: dict[str, Any], device: torch.device | str
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """``(images, targets)`` of a detection batch (:func:`~nonlocalnet.data.coco.collate_detection`)
+    on ``device``: the lists torchvision's detectors take (tensors of the targets moved, other
+    entries such as ``image_id`` kept)."""
+    if not isinstance(batch, dict) or "image" not in batch or "target" not in batch:
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise KeyError(f"a detection batch needs 'image' and 'target' lists; got {keys}")
+    images = [im.to(device, non_blocking=True) for im in batch["image"]]
+    targets = [
+        {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+         for k, v in t.items()}
+        for t in batch["target"]
+    ]  # fmt: skip
+    return images, targets
 
 
 def model_output(output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,10 +1,12 @@
 """The training loop (single process, or DDP under torchrun).
 
 One iteration: set the lr of the step, forward under optional autocast, loss (CE; segmentation
-adds the auxiliary head's loss), backward (with a GradScaler for float16), optional gradient
-clipping, SGD step. Every ``log_every`` steps one JSON line of metrics goes to the log and to
-``metrics.jsonl`` in the run dir; every ``checkpoint_every`` steps and at the end a checkpoint is
-written atomically; at the end the weights are also exported as ``model.safetensors``.
+adds the auxiliary head's loss; detection: the sum of the detector's loss dict, each logged),
+backward (with a GradScaler for float16), optional gradient clipping, SGD step (over the
+parameters that require gradients: a detector's frozen stem and res2 are left out). Every
+``log_every`` steps one JSON line of metrics goes to the log and to ``metrics.jsonl`` in the
+run dir; every ``checkpoint_every`` steps and at the end a checkpoint is written atomically;
+at the end the weights are also exported as ``model.safetensors``.
 
 Exact resume: the data order and each sample's augmentation are functions of (seed, step)
 (:mod:`nonlocalnet.engine.sampling`), and the checkpoint holds the model, optimiser, schedule,
@@ -59,6 +61,7 @@ from nonlocalnet.engine.schedules import LRSchedule
 from nonlocalnet.engine.step import (
     autocast_context,
     compute_loss,
+    detection_batch,
     make_loader,
     resolve_device,
     seed_everything,
@@ -96,16 +99,18 @@ def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 @torch.no_grad()
 def precise_bn(
     model: nn.Module,
-    batches: Iterator[torch.Tensor],
+    batches: Iterator[Any],
     num_batches: int,
     *,
     autocast: contextlib.AbstractContextManager | None = None,
 ) -> int:
     """Recompute BatchNorm running statistics as the plain average over ``num_batches`` batches.
 
-    The model runs in training mode without gradients; BN momentum is set to None (cumulative
-    average) for the pass and restored afterwards. The torch RNG (dropout) is forked, so the
-    training stream is unchanged. Across processes the statistics are averaged.
+    The model runs in training mode without gradients on each batch (a tensor, or a tuple of
+    positional inputs: a detector's ``(images, targets)``); BN momentum is set to None
+    (cumulative average) for the pass and restored afterwards. The torch RNG (dropout, a
+    detector's sampling of anchors and proposals) is forked, so the training stream is
+    unchanged. Across processes the statistics are averaged.
 
     Returns:
         the number of batches used.
@@ -123,7 +128,7 @@ def precise_bn(
     with torch.random.fork_rng(devices=[]):
         for inputs in batches:
             with autocast or contextlib.nullcontext():
-                model(inputs)
+                model(*inputs) if isinstance(inputs, tuple) else model(inputs)
             used += 1
             if used >= num_batches:
                 break
@@ -284,6 +289,7 @@ class Run:
         autocast: the autocast context of ``train.amp``.
         skips: unreadable-sample accounting of this process.
         start_step: the step the run starts (or resumes) at.
+        loss_parts: detection: the sum over the logging window of each loss of the detector.
     """
 
     config: Config
@@ -304,6 +310,7 @@ class Run:
     start_step: int = 0
     rng_state: dict[str, Any] | None = field(default=None, repr=False)
     stored_sampler: dict[str, Any] = field(default_factory=dict, repr=False)
+    loss_parts: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 def setup(config: Config, run_dir: Path, dist_info: DistInfo) -> Run:
@@ -495,7 +502,10 @@ def evaluate_run(run: Run, step: int, log: MetricsLog) -> dict[str, Any]:
             seed=tc.seed,
             collate_fn=collate_for(config),
         )
-        inputs = (split_batch(b, config.data.task)[0].to(run.device) for b in bn_loader)
+        if config.data.task == "detection":  # a detector in training mode needs its targets
+            inputs: Iterator[Any] = (detection_batch(b, run.device) for b in bn_loader)
+        else:
+            inputs = (split_batch(b, config.data.task)[0].to(run.device) for b in bn_loader)
         precise_bn(run.model, inputs, tc.precise_bn_batches, autocast=run.autocast)
     with torch.random.fork_rng(devices=[]):
         metrics = run_evaluation(
@@ -516,19 +526,22 @@ def train_step(run: Run, step: int, batch: dict[str, Any]) -> tuple[torch.Tensor
     """
     config = run.config
     run.schedule.set_step(step)
-    inputs, target = split_batch(batch, config.data.task)
-    inputs = inputs.to(run.device, non_blocking=True)
-    target = target.to(run.device, non_blocking=True)
-    run.skips.update(batch, check=False)
-    with run.autocast:
-        output = run.ddp_model(inputs)
-    loss = compute_loss(
-        output,
-        target,
-        task=config.data.task,
-        ignore_index=config.data.ignore_index,
-        aux_weight=getattr(run.model, "aux_weight", config.train.aux_weight),
-    )
+    if config.data.task == "detection":
+        loss = _detection_loss(run, batch)
+    else:
+        inputs, target = split_batch(batch, config.data.task)
+        inputs = inputs.to(run.device, non_blocking=True)
+        target = target.to(run.device, non_blocking=True)
+        run.skips.update(batch, check=False)
+        with run.autocast:
+            output = run.ddp_model(inputs)
+        loss = compute_loss(
+            output,
+            target,
+            task=config.data.task,
+            ignore_index=config.data.ignore_index,
+            aux_weight=getattr(run.model, "aux_weight", config.train.aux_weight),
+        )
     if not torch.isfinite(loss):
         raise FloatingPointError(f"step {step}: loss is {loss.item()}; stopping")
     run.optimizer.zero_grad(set_to_none=True)
@@ -548,6 +561,25 @@ def train_step(run: Run, step: int, batch: dict[str, Any]) -> tuple[torch.Tensor
     else:
         run.optimizer.step()
     return loss.detach(), grad_norm
+
+
+def _detection_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
+    """The sum of a detector's losses on ``batch`` (torchvision: ``model(images, targets)``
+    returns ``{"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"[,
+    "loss_mask"]}``); each is added to ``run.loss_parts`` for the log."""
+    images, targets = detection_batch(batch, run.device)
+    run.skips.update(batch, check=False)
+    with run.autocast:
+        losses = run.ddp_model(images, targets)
+    if not isinstance(losses, dict) or not losses:
+        raise TypeError(
+            f"a detection model must return a dict of losses in training mode, got "
+            f"{type(losses).__name__}"
+        )
+    for name, value in losses.items():
+        part = value.detach().double().cpu()
+        run.loss_parts[name] = run.loss_parts.get(name, torch.zeros((), dtype=torch.float64)) + part
+    return torch.stack([v.float() for v in losses.values()]).sum()
 
 
 def log_window(
@@ -581,6 +613,11 @@ def log_window(
     }
     if grad_norm is not None:
         record["grad_norm"] = grad_norm
+    for name, total in sorted(run.loss_parts.items()):  # detection: each loss, window mean
+        part = (total / max(window_steps, 1)).view(1).clone()
+        all_reduce_mean(part)
+        record[name] = float(part[0])
+    run.loss_parts.clear()
     log.write(record)
     run.skips.check_total(skipped, reads)
     return record
@@ -603,7 +640,7 @@ def _summary(run: Run) -> None:
         f"{params:,}",
         c.data.task,
         len(run.train_set),
-        "clips" if c.data.task == "video" else "samples",
+        {"video": "clips", "detection": "images"}.get(c.data.task, "samples"),
         val,
         run.device,
         torch.get_num_threads(),
@@ -723,7 +760,10 @@ def train(
     result["step"] = total
     result["skipped"] = skip_totals(run.skips)[0]
     if result["skipped"] > 0:
-        logger.warning("%d videos were skipped (unreadable) during training", result["skipped"])
+        logger.warning("%d samples were skipped (unreadable) during training", result["skipped"])
+    dropped = getattr(run.train_set, "skipped", None)
+    if isinstance(dropped, dict) and dropped:  # detection: annotations/images left out when built
+        result["data_skipped"] = {str(k): int(v) for k, v in sorted(dropped.items())}
     if can_evaluate:
         if val_metrics is None:  # resumed from the final checkpoint: nothing was trained
             val_metrics = evaluate_run(run, total, log)

@@ -1,4 +1,5 @@
-"""Networks of the three papers: 2D ResNets, C2D/I3D video ResNets, segmentation, a model zoo.
+"""Networks of the three papers: 2D ResNets, C2D/I3D video ResNets, segmentation, detection
+(torchvision's Mask R-CNN / Faster R-CNN on our ResNet-FPN), stage features, a model zoo.
 
 Placement of attention blocks is data (per-stage block indices), validated against the stage
 depths; :func:`insert_blocks` puts any block after any named submodule of any model, and
@@ -6,6 +7,8 @@ depths; :func:`insert_blocks` puts any block after any named submodule of any mo
 """
 
 from nonlocalnet.models.builders import add_blocks, create_resnet
+from nonlocalnet.models.detection import create_detection_backbone, create_detection_model
+from nonlocalnet.models.features import FeatureInfo, ResNetFeatures
 from nonlocalnet.models.placement import (
     check_identity,
     check_placement,
@@ -33,12 +36,16 @@ from nonlocalnet.models.zoo import (
 )
 
 __all__ = [
+    "FeatureInfo",
     "ModelInfo",
     "ResNet",
+    "ResNetFeatures",
     "SegmentationModel",
     "add_blocks",
     "check_identity",
     "check_placement",
+    "create_detection_backbone",
+    "create_detection_model",
     "create_model",
     "create_resnet",
     "create_segmentation_model",

@@ -32,26 +32,39 @@ Freezing, as torchvision does: ``trainable_layers`` counts the stages trained fr
 
 A fresh GC or NL detector equals its baseline with the same weights (the blocks start as the
 identity), so ImageNet or COCO weights of the baseline load with ``strict=False`` and only the
-blocks' keys missing.
+blocks' keys missing; ``backbone_weights=`` loads ImageNet weights of the ResNet (torchvision's
+``resnet50-0676ba61.pth``, the start of the papers' 1x schedule) before freezing.
+
+``backbone.body`` is a :class:`~nonlocalnet.models.features.ResNetFeatures` (the ResNet's own
+modules, so the keys are torchvision's) with ``feature_info``. ``block``/``layers``/``widths``
+build a custom ResNet (the zoo's tiny detectors for tests and demos), and ``fpn_channels``,
+``representation_size``, ``mask_channels`` and ``anchor_sizes`` size torchvision's heads and
+anchors for it; the defaults are torchvision's.
+
+torchvision is imported when a detector is built, so this module (and the zoo's registrations
+of its models) imports without it.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import inspect
+import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.models.detection import FasterRCNN, MaskRCNN
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from nonlocalnet._checks import check_choice
 from nonlocalnet.models.builders import create_resnet
+from nonlocalnet.models.features import ResNetFeatures
 from nonlocalnet.models.placement import gc_placement
-from nonlocalnet.models.resnet import DEPTHS, STAGE_NAMES, FrozenBatchNorm, ResNet
+from nonlocalnet.models.resnet import DEPTHS, FrozenBatchNorm, ResNet
+
+if TYPE_CHECKING:
+    from torchvision.models.detection import FasterRCNN, MaskRCNN
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
 
 __all__ = [
     "ARCHS",
@@ -64,6 +77,7 @@ __all__ = [
     "detection_gc_placement",
     "detection_nl_placement",
     "freeze_layers",
+    "load_backbone_weights",
 ]
 
 ARCHS = ("mask_rcnn", "faster_rcnn")
@@ -79,8 +93,16 @@ _GC_DETECTION = {"pooling": "att", "fusion": ("add",)}
 
 def detection_nl_placement(depth: int) -> list[list[int]]:
     """NL paper §6: one block in res4 right before its last residual block (after block
-    ``depth - 2`` of ``layer3``)."""
-    layers = _layers(depth)
+    ``n - 2`` of the ``n`` blocks of ``layer3``)."""
+    return _nl_placement(_layers(depth))
+
+
+def _nl_placement(layers: Sequence[int]) -> list[list[int]]:
+    if layers[2] < 2:
+        raise ValueError(
+            f"the NL detection placement (res4, right before its last residual block) needs at "
+            f"least 2 blocks in res4 (layer3), got layers={tuple(layers)}"
+        )
     return [[], [], [layers[2] - 2], []]
 
 
@@ -154,68 +176,52 @@ def _frozen_copy(bn: nn.BatchNorm2d) -> FrozenBatchNorm:
     return frozen
 
 
-def _stage_strides(model: ResNet) -> list[int]:
-    """Output stride (reduction) of ``layer1``..``layer4`` of a 2D ResNet."""
-    stride = _first(model.conv1.stride) * _first(getattr(model.maxpool, "stride", 1))
-    out = []
-    for stage in model.stages():
-        stride *= int(getattr(stage[0], "stride", 1))
-        out.append(stride)
-    return out
+def _check_weights_keys(model: ResNet, state: Mapping[str, Tensor], path: str) -> None:
+    """Load a ResNet checkpoint into the body: only the blocks' keys may be missing, only the
+    classifier's (``fc.*``) may be unexpected."""
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if ".gc." not in k and ".after." not in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"backbone_weights {path!r} do not fit the ResNet: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]} (expected torchvision's ResNet keys)"
+        )
 
 
-def _first(v: int | Sequence[int]) -> int:
-    return int(v) if isinstance(v, int) else int(v[0])
+def load_backbone_weights(model: ResNet, path: str | os.PathLike[str]) -> None:
+    """Load ImageNet weights of a ResNet (torchvision's keys: ``resnet50-0676ba61.pth``, or a
+    ``.safetensors`` export) into ``model``; the blocks' keys stay as initialised.
 
-
-class ResNetFeatures(IntermediateLayerGetter):
-    """Stage features of a 2D ResNet (timm's ``features_only``), for FPNs and dense heads.
-
-    Holds the ResNet's own modules up to the last stage asked for (torchvision's
-    :class:`~torchvision.models._utils.IntermediateLayerGetter`: the keys stay ``conv1.weight``,
-    ``layer1.0.conv1.weight``, ...; inserted blocks run as in the ResNet) and returns an
-    ``OrderedDict`` ``{"0": c_first, ...}`` in stage order.
-
-    Args:
-        model: a 2D :class:`ResNet` (its head is not kept).
-        out_indices: stages returned, 1..4 for res2..res5 (``layer1``..``layer4``).
-
-    Attributes:
-        feature_info: per returned stage ``{"module", "num_chs", "reduction", "stage"}``.
-        out_channels: channels of the returned stages.
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the keys are not those of the ResNet (naming a few).
     """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"backbone_weights: file not found: {p}")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
-    def __init__(self, model: ResNet, out_indices: Sequence[int] = (1, 2, 3, 4)) -> None:
-        if not isinstance(model, ResNet) or model.dims != 2:
-            raise TypeError(f"ResNetFeatures needs a 2D ResNet, got {type(model).__name__}")
-        out_indices = tuple(out_indices)
-        if not out_indices or any(i not in (1, 2, 3, 4) for i in out_indices):
-            raise ValueError(f"out_indices must be a non-empty subset of 1..4, got {out_indices}")
-        if list(out_indices) != sorted(set(out_indices)):
-            raise ValueError(f"out_indices must be increasing and distinct, got {out_indices}")
-        strides = _stage_strides(model)
-        stages = model.stages()
-        info = [
-            {
-                "module": f"layer{i}",
-                "num_chs": int(stages[i - 1][-1].last_norm().num_features),
-                "reduction": strides[i - 1],
-                "stage": STAGE_NAMES[i - 1],
-            }
-            for i in out_indices
-        ]
-        super().__init__(model, {f"layer{i}": str(k) for k, i in enumerate(out_indices)})
-        self.feature_info = info
-        self.out_channels = [d["num_chs"] for d in info]
-
-    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:  # type: ignore[override]
-        """``{"0": (B, C_0, H/r_0, W/r_0), ...}`` for the stages in ``out_indices``."""
-        return super().forward(x)
+        state: Mapping[str, Tensor] = load_file(str(p))
+    else:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+            state = state["model"]  # a training checkpoint of this library
+        if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+            state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"backbone_weights {str(p)!r}: expected a state_dict")
+    _check_weights_keys(model, state, str(p))
 
 
 def create_detection_backbone(
     *,
     depth: int = 50,
+    block: str | None = None,
+    layers: Sequence[int] | None = None,
+    widths: Sequence[int] = (64, 128, 256, 512),
+    stem_channels: int = 64,
     blocks: str | None = None,
     gc_ratio: float = 1 / 16,
     gc_kwargs: Mapping[str, Any] | None = None,
@@ -225,11 +231,16 @@ def create_detection_backbone(
     trainable_layers: int = 3,
     returned_layers: Sequence[int] = (1, 2, 3, 4),
     out_channels: int = 256,
+    backbone_weights: str | os.PathLike[str] | None = None,
 ) -> BackboneWithFPN:
     """Our ResNet (with NL/GC blocks) under torchvision's FPN (``LastLevelMaxPool`` on top).
 
     Args:
-        depth: 50, 101 or 152.
+        depth: 50, 101 or 152 (bottleneck ResNets; ignored with ``block`` and ``layers``).
+        block: ``"basic"`` or ``"bottleneck"``, with ``layers``: a custom (tiny) ResNet.
+        layers: residual blocks per stage, with ``block``.
+        widths: stage widths (``planes``; the stage outputs have ``planes * expansion``).
+        stem_channels: ``conv1`` channels.
         blocks: None, ``"gc"`` or ``"nl"`` (placements in the module docstring).
         gc_ratio: GC bottleneck ratio r (1/16 or 1/4 in GCNet).
         gc_kwargs: more keywords of ``GlobalContext`` (defaults: attention pooling, add fusion).
@@ -240,52 +251,81 @@ def create_detection_backbone(
         trainable_layers: 0..5 stages trained from the top (3: stem and res2 frozen).
         returned_layers: stages fed to the FPN, 1..4 (``layer1``..``layer4``).
         out_channels: FPN channels.
+        backbone_weights: ImageNet weights of the ResNet (:func:`load_backbone_weights`),
+            loaded before freezing.
 
     Returns:
-        The backbone; ``backbone.body`` holds the ResNet's modules (torchvision's keys).
+        The backbone; ``backbone.body`` is a
+        :class:`~nonlocalnet.models.features.ResNetFeatures` holding the ResNet's modules
+        (torchvision's keys).
     """
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
     check_choice("blocks", blocks, BLOCKS)
     check_choice("norm", norm, NORMS)
-    _layers(depth)
+    if (block is None) != (layers is None):
+        raise ValueError("block and layers go together (a custom ResNet); give both or neither")
+    stage_layers = _layers(depth) if layers is None else tuple(layers)
     if blocks != "gc" and gc_kwargs:
         raise ValueError(f"gc_kwargs given but blocks={blocks!r}; use blocks='gc'")
     if blocks != "nl" and (nonlocal_kwargs or nonlocal_placement is not None):
         raise ValueError(f"nonlocal_kwargs/placement given but blocks={blocks!r}; use blocks='nl'")
     resnet_kw: dict[str, Any] = {}
+    if block is not None:
+        resnet_kw.update(block=block, layers=stage_layers)
     if blocks == "gc":
-        resnet_kw["gc_placement"] = detection_gc_placement(depth)
+        resnet_kw["gc_placement"] = gc_placement(stage_layers, stages=(1, 2, 3))
         resnet_kw["gc_kwargs"] = {**_GC_DETECTION, "ratio": gc_ratio, **dict(gc_kwargs or {})}
     elif blocks == "nl":
         placement = nonlocal_placement
         resnet_kw["nonlocal_placement"] = (
-            detection_nl_placement(depth) if placement is None else placement
+            _nl_placement(stage_layers) if placement is None else placement
         )
         resnet_kw["nonlocal_kwargs"] = dict(nonlocal_kwargs or {})
     body = create_resnet(
         depth=depth,
         num_classes=0,
         norm="frozen_bn" if norm == "frozen_bn" else "bn",
+        widths=widths,
+        stem_channels=stem_channels,
         default_input=(3, 800, 1333),
         **resnet_kw,
     )
+    if backbone_weights is not None:
+        load_backbone_weights(body, backbone_weights)
     freeze_layers(body, trainable_layers)
     if norm == "sync_bn":
         body = nn.SyncBatchNorm.convert_sync_batchnorm(body)
     returned = tuple(returned_layers)
-    features = ResNetFeatures(body, returned)  # validates returned_layers
-    return BackboneWithFPN(
+    features = ResNetFeatures(body, returned, as_dict=True)  # validates returned_layers
+    backbone = BackboneWithFPN(
         body,
         return_layers={f"layer{k}": str(v) for v, k in enumerate(returned)},
         in_channels_list=features.out_channels,
         out_channels=out_channels,
         extra_blocks=LastLevelMaxPool(),
     )
+    backbone.body = features  # the same modules and keys, with feature_info
+    return backbone
+
+
+def _head_keywords(cls: type) -> set[str]:
+    return {
+        p.name
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.name != "self"
+    }
 
 
 def create_detection_model(
     *,
     arch: str = "mask_rcnn",
     depth: int = 50,
+    block: str | None = None,
+    layers: Sequence[int] | None = None,
+    widths: Sequence[int] = (64, 128, 256, 512),
+    stem_channels: int = 64,
     blocks: str | None = None,
     gc_ratio: float = 1 / 16,
     num_classes: int = 91,
@@ -295,6 +335,12 @@ def create_detection_model(
     gc_kwargs: Mapping[str, Any] | None = None,
     nonlocal_kwargs: Mapping[str, Any] | None = None,
     nonlocal_placement: Sequence[Sequence[int]] | None = None,
+    fpn_channels: int = 256,
+    representation_size: int = 1024,
+    mask_channels: int = 256,
+    anchor_sizes: Sequence[int] | None = None,
+    backbone_weights: str | os.PathLike[str] | None = None,
+    default_input: Sequence[int] = (3, 800, 1333),
     **kwargs: Any,
 ) -> MaskRCNN | FasterRCNN:
     """Mask R-CNN or Faster R-CNN (torchvision) on our ResNet-FPN, with GC or NL blocks.
@@ -305,6 +351,10 @@ def create_detection_model(
     Args:
         arch: ``"mask_rcnn"`` or ``"faster_rcnn"``.
         depth: ResNet depth, 50 or 101 (152 also builds).
+        block: ``"basic"`` or ``"bottleneck"`` with ``layers``: a custom (tiny) ResNet.
+        layers: residual blocks per stage, with ``block``.
+        widths: stage widths of the ResNet.
+        stem_channels: ``conv1`` channels.
         blocks: None, ``"gc"`` or ``"nl"``.
         gc_ratio: GC bottleneck ratio r.
         num_classes: classes including the background (91: COCO's category ids as labels).
@@ -314,6 +364,13 @@ def create_detection_model(
         gc_kwargs: more ``GlobalContext`` keywords.
         nonlocal_kwargs: ``NonLocalNd`` keywords.
         nonlocal_placement: NL placement per stage (default: the NL paper's).
+        fpn_channels: channels of the FPN levels (and of the RPN and RoI heads' inputs).
+        representation_size: width of the box head's two fully connected layers.
+        mask_channels: width of the mask head's four 3x3 convolutions (Mask R-CNN).
+        anchor_sizes: one anchor size per FPN level (default torchvision's 32..512 for
+            P2..P6), each with the aspect ratios 0.5, 1, 2.
+        backbone_weights: ImageNet weights of the ResNet (torchvision's keys), a file.
+        default_input: (C, H, W) stored on the model (COCO's 800x1333).
         **kwargs: keywords of torchvision's ``MaskRCNN`` / ``FasterRCNN`` (``min_size``,
             ``max_size``, ``rpn_*``, ``box_*``, ...).
 
@@ -321,13 +378,37 @@ def create_detection_model(
         The detector. Train mode: ``model(images, targets)`` → dict of losses; eval mode:
         ``model(images)`` → per image ``{"boxes", "labels", "scores"[, "masks"]}``.
     """
+    from torchvision.models.detection import FasterRCNN, MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+
     check_choice("arch", arch, ARCHS)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(
             f"num_classes must be an int >= 2 (background included), got {num_classes!r}"
         )
+    cls = MaskRCNN if arch == "mask_rcnn" else FasterRCNN
+    valid = _head_keywords(cls) - {"backbone", "num_classes"}
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        raise TypeError(
+            f"create_detection_model: unknown keyword(s) {', '.join(map(repr, unknown))}; "
+            f"{cls.__name__} takes {', '.join(sorted(valid))}"
+        )
+    for name, value in (
+        ("fpn_channels", fpn_channels),
+        ("representation_size", representation_size),
+        ("mask_channels", mask_channels),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     backbone = create_detection_backbone(
         depth=depth,
+        block=block,
+        layers=layers,
+        widths=widths,
+        stem_channels=stem_channels,
         blocks=blocks,
         gc_ratio=gc_ratio,
         gc_kwargs=gc_kwargs,
@@ -336,10 +417,35 @@ def create_detection_model(
         norm=norm,
         trainable_layers=trainable_layers,
         returned_layers=returned_layers,
+        out_channels=fpn_channels,
+        backbone_weights=backbone_weights,
     )
-    cls = MaskRCNN if arch == "mask_rcnn" else FasterRCNN
-    model = cls(backbone, num_classes=num_classes, **kwargs)
-    model.default_input = (3, 800, 1333)
+    levels = len(tuple(returned_layers)) + 1  # the FPN levels and LastLevelMaxPool's
+    if anchor_sizes is not None:
+        sizes = tuple(anchor_sizes)
+        if len(sizes) != levels or any(not isinstance(s, int) or s < 1 for s in sizes):
+            raise ValueError(
+                f"anchor_sizes must give one positive int per FPN level ({levels}), got {sizes}"
+            )
+        kwargs.setdefault(
+            "rpn_anchor_generator",
+            AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * levels),
+        )
+    masks = arch == "mask_rcnn"
+    if fpn_channels != 256 or representation_size != 1024 or (masks and mask_channels != 256):
+        # torchvision's heads at other widths (its defaults: 256-channel FPN, 1024, 256)
+        resolution = 7  # MultiScaleRoIAlign's output size for the box head
+        kwargs.setdefault("box_head", TwoMLPHead(fpn_channels * resolution**2, representation_size))
+        kwargs.setdefault("box_predictor", FastRCNNPredictor(representation_size, num_classes))
+        if masks:
+            kwargs.setdefault("mask_head", MaskRCNNHeads(fpn_channels, (mask_channels,) * 4, 1))
+            kwargs.setdefault(
+                "mask_predictor", MaskRCNNPredictor(mask_channels, mask_channels, num_classes)
+            )
+    # torchvision takes num_classes=None when the predictors are given
+    given = "box_predictor" in kwargs or "mask_predictor" in kwargs
+    model = cls(backbone, num_classes=None if given else num_classes, **kwargs)
+    model.default_input = tuple(default_input)
     return model
 
 

@@ -11,6 +11,14 @@ module registers one (the same as for the CUDA flash kernel: Q·Kᵀ and P·V), 
 backward, so attention inside NL/APNB blocks is always counted by :func:`count_macs` and
 :func:`count_flops`.
 
+Detectors (torchvision's Mask R-CNN / Faster R-CNN, :mod:`nonlocalnet.models.detection`) take
+a list of images of any size; :func:`count_flops` resizes and pads one as the detector's own
+transform does (COCO: 800x1333 → 800x1344), counts the dense part on it (ResNet, FPN, RPN
+head) and the RoI heads for a fixed number of regions: the box head for the test-time proposals
+(``rpn_post_nms_top_n_test``, 1000) and the mask head for the most detections kept
+(``box_detections_per_img``, 100), the counts the detector reaches on a COCO image. RoIAlign,
+NMS and the paste of the masks are not matrix products and are not counted.
+
 The ``nonlocalnet flops`` command (:mod:`nonlocalnet.cli.flops`) prints these counts.
 """
 
@@ -21,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -109,8 +117,65 @@ _PARTS = {
 }
 
 
+def _is_detector(model: nn.Module) -> bool:
+    """torchvision's two-stage detectors (GeneralizedRCNN: transform, backbone, rpn, roi_heads)."""
+    return all(hasattr(model, k) for k in ("transform", "backbone", "rpn", "roi_heads"))
+
+
+class _DetectorCost(nn.Module):
+    """What a detector computes on one padded batch, with the RoI heads at fixed region counts
+    (the module docstring); the detector's parts are its children, so their names match."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        heads = model.roi_heads
+        self.backbone = model.backbone
+        self.rpn_head = model.rpn.head
+        self.box_head = heads.box_head
+        self.box_predictor = heads.box_predictor
+        self.masks = bool(heads.has_mask())
+        if self.masks:
+            self.mask_head = heads.mask_head
+            self.mask_predictor = heads.mask_predictor
+        self.proposals = int(model.rpn._post_nms_top_n["testing"])
+        self.detections = int(heads.detections_per_img)
+        self.box_size = tuple(heads.box_roi_pool.output_size)
+        self.mask_size = tuple(heads.mask_roi_pool.output_size) if self.masks else None
+        self.channels = int(model.backbone.out_channels)
+
+    def forward(self, x: Tensor) -> None:
+        features = list(self.backbone(x).values())
+        self.rpn_head(features)
+        b = x.shape[0]
+        rois = x.new_zeros(b * self.proposals, self.channels, *self.box_size)  # (B*R, C, 7, 7)
+        self.box_predictor(self.box_head(rois))
+        if self.masks:
+            dets = x.new_zeros(b * self.detections, self.channels, *self.mask_size)
+            self.mask_predictor(self.mask_head(dets))  # (B*D, C, 14, 14) in
+
+
+def _detector_input(model: nn.Module, input_size: Sequence[int]) -> tuple[int, ...]:
+    """The padded batch shape the detector's transform makes of ``input_size`` images."""
+    b, c, h, w = (int(v) for v in input_size)
+    images = [torch.zeros(c, h, w)] * b  # the transform has no parameters: it runs on the CPU
+    batch, _ = model.transform(images)
+    return tuple(batch.tensors.shape)
+
+
 def _parts(model: nn.Module) -> dict[str, list[str]]:
-    """Part name → submodule names (for ResNets and segmentation models)."""
+    """Part name → submodule names (for ResNets, segmentation models and detectors)."""
+    if isinstance(model, _DetectorCost):
+        parts = {k: ["backbone.body." + n for n in v] for k, v in _PARTS.items() if k != "head"}
+        parts.update(
+            fpn=["backbone.fpn"],
+            rpn=["rpn_head"],
+            box_head=["box_head", "box_predictor"],
+            mask_head=["mask_head", "mask_predictor"],
+        )
+        named = dict(model.named_modules())
+        return {
+            k: [n for n in v if n in named] for k, v in parts.items() if any(n in named for n in v)
+        }
     prefix = "backbone." if hasattr(model, "backbone") else ""
     parts = {k: [prefix + n for n in v] for k, v in _PARTS.items()}
     if prefix:
@@ -133,32 +198,42 @@ def count_flops(
     Args:
         model: the network (on ``device``; build it under ``torch.device("meta")`` to count
             without memory).
-        input_size: full input shape, batch first.
+        input_size: full input shape, batch first (a detector: ``(B, 3, H, W)`` for B images
+            of H x W before its resize).
         name: model name for the report.
         device: where the input is created.
 
     Returns:
         The report of one forward pass in eval mode without gradients, per stage and per
-        inserted block.
+        inserted block (a detector: also ``fpn``, ``rpn``, ``box_head``, ``mask_head``; its
+        ``input_size`` is the padded batch it computes on).
     """
     was_training = model.training
     model.eval()
+    runner = model
+    if _is_detector(model):
+        if len(input_size) != 4:
+            raise ValueError(
+                f"a detector counts on (B, 3, H, W) images, got input size {tuple(input_size)}"
+            )
+        input_size = _detector_input(model, input_size)
+        runner = _DetectorCost(model)
     x = torch.zeros(tuple(input_size), device=device)
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
+            runner(x)
     finally:
         model.train(was_training)
-    root = type(model).__name__
+    root = type(runner).__name__
     counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
 
     def macs_of(fqn: str) -> int:
         return counts.get(f"{root}.{fqn}", 0) // 2
 
-    named = dict(model.named_modules())
+    named = dict(runner.named_modules())
     stages = {
         part: (sum(_params(named[n]) for n in names), sum(macs_of(n) for n in names))
-        for part, names in _parts(model).items()
+        for part, names in _parts(runner).items()
     }
     blocks = {n: (_params(b), macs_of(n)) for n, b in inserted_blocks(model).items()}
     return FlopReport(
