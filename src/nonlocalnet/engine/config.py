@@ -71,6 +71,10 @@ RESUMABLE_KEYS = (
     "train.out_dir",
     "train.export_safetensors",
     "data.num_workers",
+    # where a new run starts from: a resumed run continues from its checkpoint
+    "model.init",
+    "model.init_format",
+    "model.init_options",
 )
 
 #: the built-in dataset readers of ``data.format``.
@@ -103,6 +107,15 @@ class ModelConfig:
 
     name: str = "c2d_tiny"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # The checkpoint a new run starts from (None: the builder's initialisation), e.g. the
+    # torchvision ImageNet file resnet50-0676ba61.pth; inflated into video models, loaded into
+    # the backbone of segmentation and detection models; inserted blocks stay zero-initialised.
+    init: str | None = None
+    # Its format: "torchvision", "nonlocalnet" (a checkpoint or safetensors file of this
+    # library), or a converter source (caffe2, slowfast, pytorchvideo, mmaction2, mmdet, mmseg,
+    # mmcv, timm), with the converter's options in init_options.
+    init_format: str = "torchvision"
+    init_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -76,6 +76,7 @@ __all__ = [
     "TrainingStopped",
     "check_run_dir",
     "evaluate_run",
+    "init_weights",
     "log_window",
     "precise_bn",
     "prepare_run_dir",
@@ -313,12 +314,23 @@ class Run:
     loss_parts: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
-def setup(config: Config, run_dir: Path, dist_info: DistInfo) -> Run:
-    """Build the model, optimiser, schedule and data of a run (at step 0)."""
+def setup(config: Config, run_dir: Path, dist_info: DistInfo, *, init: bool = True) -> Run:
+    """Build the model, optimiser, schedule and data of a run (at step 0).
+
+    Args:
+        config: the run's config.
+        run_dir: its folder.
+        dist_info: this process's rank.
+        init: load ``model.init`` into the model (a new run; a resumed one loads its
+            checkpoint instead).
+    """
     tc = config.train
     device = resolve_device(tc.device, dist_info)
     seed_everything(tc.seed)
-    model = build_model(config).to(device)
+    model = build_model(config)
+    if init and config.model.init:
+        init_weights(model, config)
+    model = model.to(device)
     train_set, val_set = build_datasets(config, val=tc.eval_every >= 0)
     optimizer = build_optimizer(
         model,
@@ -411,6 +423,16 @@ def restore(run: Run, path: Path) -> None:
     run.rng_state = state.get("rng")
     run.stored_sampler = state.get("sampler") or {}
     logger.info("resumed from %s at step %d", path, run.start_step)
+
+
+def init_weights(model: nn.Module, config: Config) -> None:
+    """Load ``model.init`` (a pretrained start) into ``model``; log what was loaded, what is
+    new and what was dropped."""
+    from nonlocalnet.convert import load_pretrained
+
+    m = config.model
+    report = load_pretrained(model, m.init, source=m.init_format, **m.init_options)
+    logger.info("model.init: %s", report.summary())
 
 
 def _make_loader(run: Run) -> None:
@@ -700,8 +722,8 @@ def train(
     check_run_dir(run_dir, resume=resume or resume_from is not None, overwrite=overwrite)
     tc = config.train
     total = tc.steps
-    run = setup(config, run_dir, dist_info)
     resume_path = _resolve_resume(resume, resume_from, run_dir)
+    run = setup(config, run_dir, dist_info, init=resume_path is None)
     if resume_path is not None:
         restore(run, resume_path)
     if dist_info.is_main:

@@ -50,17 +50,17 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from nonlocalnet._checks import check_choice
 from nonlocalnet.models.builders import create_resnet
 from nonlocalnet.models.features import ResNetFeatures
 from nonlocalnet.models.placement import gc_placement
 from nonlocalnet.models.resnet import DEPTHS, FrozenBatchNorm, ResNet
+from nonlocalnet.models.weights import load_pretrained
 
 if TYPE_CHECKING:
     from torchvision.models.detection import FasterRCNN, MaskRCNN
@@ -176,43 +176,19 @@ def _frozen_copy(bn: nn.BatchNorm2d) -> FrozenBatchNorm:
     return frozen
 
 
-def _check_weights_keys(model: ResNet, state: Mapping[str, Tensor], path: str) -> None:
-    """Load a ResNet checkpoint into the body: only the blocks' keys may be missing, only the
-    classifier's (``fc.*``) may be unexpected."""
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if ".gc." not in k and ".after." not in k]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"backbone_weights {path!r} do not fit the ResNet: missing {missing[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]} (expected torchvision's ResNet keys)"
-        )
-
-
-def load_backbone_weights(model: ResNet, path: str | os.PathLike[str]) -> None:
-    """Load ImageNet weights of a ResNet (torchvision's keys: ``resnet50-0676ba61.pth``, or a
-    ``.safetensors`` export) into ``model``; the blocks' keys stay as initialised.
+def load_backbone_weights(
+    model: ResNet, path: str | os.PathLike[str], source: str = "torchvision"
+) -> None:
+    """Load ImageNet weights of a ResNet into ``model``, the detector's body: torchvision's file
+    (``resnet50-0676ba61.pth``), or with ``source="nonlocalnet"`` a checkpoint or safetensors
+    export of this library; the blocks' keys stay as initialised, the classifier is dropped
+    (:func:`nonlocalnet.models.weights.load_pretrained`).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the keys are not those of the ResNet (naming a few).
+        ValueError: the keys are not those of the ResNet (naming them).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"backbone_weights: file not found: {p}")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state: Mapping[str, Tensor] = load_file(str(p))
-    else:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-        if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-            state = state["model"]  # a training checkpoint of this library
-        if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
-            state = state["state_dict"]
-    if not isinstance(state, Mapping):
-        raise ValueError(f"backbone_weights {str(p)!r}: expected a state_dict")
-    _check_weights_keys(model, state, str(p))
+    load_pretrained(model, path, source=source)
 
 
 def create_detection_backbone(

@@ -22,9 +22,12 @@ image or video ResNet into a :class:`~nonlocalnet.models.features.ResNetFeatures
 returning the list of stage outputs, with ``feature_info`` (channels and reduction of each).
 
 Weights are not downloaded: every model starts from its builder's initialisation (inserted
-blocks zero-initialised, so they start as the identity). Load a 2D ImageNet checkpoint with
-``model.load_state_dict(..., strict=False)`` (2D) or
-:func:`~nonlocalnet.models.video_resnet.load_2d_checkpoint` (video).
+blocks zero-initialised, so they start as the identity), or from a file given as
+``weights=PATH``: a torchvision ResNet checkpoint (``weights_source="torchvision"``, the
+default: inflated into video models, loaded into the backbone of segmentation and detection
+models) or one of this library (``weights_source="nonlocalnet"``: a training checkpoint, an
+exported or converted safetensors file); see :func:`nonlocalnet.models.weights.load_pretrained`.
+Checkpoints of other implementations are converted by :mod:`nonlocalnet.convert`.
 
 Models of one's own are registered the same way, from any module::
 
@@ -54,6 +57,7 @@ from nonlocalnet.models.placement import gc_placement, nl_preset
 from nonlocalnet.models.resnet import DEPTHS, ResNet
 from nonlocalnet.models.segmentation import create_segmentation_model
 from nonlocalnet.models.video_resnet import create_video_resnet
+from nonlocalnet.models.weights import load_pretrained
 
 __all__ = [
     "GC_OPTIONS",
@@ -338,11 +342,17 @@ def register_model(
     return decorator
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
+def create_model(
+    name: str, *, weights: Any = None, weights_source: str = "torchvision", **overrides: Any
+) -> nn.Module:
     """Build a registered model.
 
     Args:
         name: a name from :func:`list_models`.
+        weights: a checkpoint to start from (a path, or a state_dict): see
+            :func:`nonlocalnet.models.weights.load_pretrained`; its report is kept as
+            ``model.load_report`` and logged.
+        weights_source: ``"torchvision"`` or ``"nonlocalnet"``.
         **overrides: builder keywords (``num_classes``, ``depth``, ``dropout``, ...) and, for
             models with blocks, the blocks' options (``pairwise``, ``extent``,
             ``sub_sample``, ``ratio``, ...); ``features_only=True`` with ``out_indices``
@@ -353,10 +363,13 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
         :class:`~nonlocalnet.models.features.ResNetFeatures` with ``features_only``).
 
     Raises:
-        ValueError: unknown model name.
+        ValueError: unknown model name, or weights that do not fit it (the keys are named).
         TypeError: unknown override (the message lists the valid ones).
     """
-    return model_info(name).build(**overrides)
+    model = model_info(name).build(**overrides)
+    if weights is not None:
+        model.load_report = load_pretrained(model, weights, source=weights_source)
+    return model
 
 
 def model_info(name: str) -> ModelInfo:
