@@ -80,6 +80,15 @@ def test_two_steps_log_each_loss_and_evaluate_with_cocoeval(
     boxes = with_predictions["predictions"]["bbox"]
     assert {r["image_id"] for r in boxes} == {1, 2, 3, 4}
     assert all(r["category_id"] in (1, 2) and len(r["bbox"]) == 4 for r in boxes)
+    # the eval command writes them: one CSV row per box, the COCO results in the JSON
+    from nonlocalnet.cli import main
+
+    code = main(["eval", "--checkpoint", str(tmp_path / "run"), "--csv", str(tmp_path / "d.csv"),
+                 "--json", str(tmp_path / "d.json")])  # fmt: skip
+    assert code == 0
+    rows = (tmp_path / "d.csv").read_text().splitlines()
+    assert rows[0] == "image_id,category_id,score,x,y,width,height" and len(rows) == len(boxes) + 1
+    assert len(json.loads((tmp_path / "d.json").read_text())["predictions"]["bbox"]) == len(boxes)
 
 
 def test_a_faster_rcnn_evaluates_boxes_only(tmp_path: Path) -> None:

@@ -57,7 +57,10 @@ def run(args: argparse.Namespace) -> int:
             record = {**metrics, "views": _views(config), "predictions": predictions}
             Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
         if args.csv:
-            _write_csv(Path(args.csv), predictions)
+            if config.data.task == "detection":
+                _write_detections_csv(Path(args.csv), predictions)
+            else:
+                _write_csv(Path(args.csv), predictions)
         per_class = metrics.pop("per_class_iou", None)
         width = max(len(k) for k in metrics)
         for key, value in metrics.items():
@@ -80,6 +83,8 @@ def _views(config: object) -> str:
         )
     if data.task == "image":
         return f"one centre crop of {data.test_crop} (short side {data.test_short_side})"
+    if data.task == "detection":
+        return "the whole image, resized by the detector (its min_size / max_size), one view"
     return "the whole image, one view"
 
 
@@ -90,3 +95,13 @@ def _write_csv(path: Path, predictions: list[dict]) -> None:
         for p in predictions:
             scores = " ".join(f"{v:.6g}" for v in p["scores"])
             writer.writerow([p["index"], p["path"], p["label"], p["prediction"], scores])
+
+
+def _write_detections_csv(path: Path, predictions: dict) -> None:
+    """The detections (COCO results: one row per box) as CSV."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image_id", "category_id", "score", "x", "y", "width", "height"])
+        for r in predictions.get("bbox", []) if isinstance(predictions, dict) else []:
+            x, y, w, h = r["bbox"]
+            writer.writerow([r["image_id"], r["category_id"], f"{r['score']:.6g}", x, y, w, h])
