@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from nonlocalnet.layers import GlobalContext, NonLocalNd
+from nonlocalnet.layers import GlobalContext, create_block
 from nonlocalnet.models.placement import insert_context_blocks, place_blocks
 from nonlocalnet.models.resnet import DEPTHS, ResNet
 
@@ -36,6 +36,7 @@ def create_resnet(
     dropout: float = 0.0,
     nonlocal_placement: Sequence[Sequence[int]] | None = None,
     nonlocal_kwargs: Mapping[str, Any] | None = None,
+    nonlocal_block: str = "nl",
     gc_placement: Sequence[Sequence[int]] | None = None,
     gc_kwargs: Mapping[str, Any] | None = None,
     default_input: Sequence[int] = (3, 224, 224),
@@ -63,7 +64,8 @@ def create_resnet(
             ``conv1``/``bn1``.
         dropout: dropout before ``fc``.
         nonlocal_placement: per stage, residual blocks followed by a ``NonLocal2d``.
-        nonlocal_kwargs: keyword arguments of :class:`~nonlocalnet.NonLocal2d`.
+        nonlocal_kwargs: keyword arguments of those blocks (:class:`~nonlocalnet.NonLocal2d`).
+        nonlocal_block: the block placed by ``nonlocal_placement`` (see :func:`add_blocks`).
         gc_placement: per stage, residual blocks holding a ``GlobalContext`` before the
             residual addition.
         gc_kwargs: keyword arguments of :class:`~nonlocalnet.layers.global_context.GlobalContext`.
@@ -101,6 +103,7 @@ def create_resnet(
         dims=2,
         nonlocal_placement=nonlocal_placement,
         nonlocal_kwargs=nonlocal_kwargs,
+        nonlocal_block=nonlocal_block,
         gc_placement=gc_placement,
         gc_kwargs=gc_kwargs,
     )
@@ -113,15 +116,25 @@ def add_blocks(
     dims: int,
     nonlocal_placement: Sequence[Sequence[int]] | None = None,
     nonlocal_kwargs: Mapping[str, Any] | None = None,
+    nonlocal_block: str = "nl",
     gc_placement: Sequence[Sequence[int]] | None = None,
     gc_kwargs: Mapping[str, Any] | None = None,
 ) -> None:
-    """Insert NL blocks after, and GC blocks inside, the listed residual blocks (in place)."""
+    """Insert NL blocks after, and GC blocks inside, the listed residual blocks (in place).
+
+    ``nonlocal_block`` names the block placed after residual blocks: ``"nl"`` (the non-local
+    block; sub-sampled by default in video networks) or any block of the factory that keeps
+    its input's shape (:func:`nonlocalnet.layers.create_block`: ``"dnl"``, ``"cca"``...).
+    """
     if nonlocal_placement is not None and any(len(p) for p in nonlocal_placement):
         nl_kw = dict(nonlocal_kwargs or {})
-        if dims == 3:
+        if dims == 3 and nonlocal_block.startswith("nl"):
             nl_kw.setdefault("sub_sample", True)
-        place_blocks(model, nonlocal_placement, lambda c: NonLocalNd(c, dims=dims, **nl_kw))
+
+        def make(channels: int) -> Any:
+            return create_block(nonlocal_block, channels, dims=dims, **nl_kw)
+
+        place_blocks(model, nonlocal_placement, make)
     elif nonlocal_kwargs:
         raise ValueError("nonlocal_kwargs given without nonlocal_placement")
     if gc_placement is not None and any(len(p) for p in gc_placement):

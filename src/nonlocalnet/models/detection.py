@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from nonlocalnet._checks import check_choice
+from nonlocalnet.layers import list_blocks
 from nonlocalnet.models.builders import create_resnet
 from nonlocalnet.models.features import ResNetFeatures
 from nonlocalnet.models.placement import gc_placement
@@ -81,6 +82,9 @@ __all__ = [
 ]
 
 ARCHS = ("mask_rcnn", "faster_rcnn")
+#: the blocks a detector's backbone can hold: GC inside the bottlenecks of c3-c5, or a block
+#: placed as the NL block is (after a residual block of res4): "nl" or any other name of the
+#: block factory that keeps its input's shape ("dnl", "cca", ...).
 BLOCKS = (None, "gc", "nl")
 NORMS = ("frozen_bn", "bn", "sync_bn")
 
@@ -217,7 +221,8 @@ def create_detection_backbone(
         layers: residual blocks per stage, with ``block``.
         widths: stage widths (``planes``; the stage outputs have ``planes * expansion``).
         stem_channels: ``conv1`` channels.
-        blocks: None, ``"gc"`` or ``"nl"`` (placements in the module docstring).
+        blocks: None, ``"gc"``, ``"nl"`` or another block of the factory placed as NL is
+            (``"dnl"``, ``"cca"``...; placements in the module docstring).
         gc_ratio: GC bottleneck ratio r (1/16 or 1/4 in GCNet).
         gc_kwargs: more keywords of ``GlobalContext`` (defaults: attention pooling, add fusion).
         nonlocal_kwargs: keywords of ``NonLocalNd`` (default: the block's own defaults).
@@ -238,14 +243,16 @@ def create_detection_backbone(
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-    check_choice("blocks", blocks, BLOCKS)
+    if blocks not in BLOCKS:
+        check_choice("blocks", blocks, (*BLOCKS, *(b for b in list_blocks() if b != "gc")))
     check_choice("norm", norm, NORMS)
     if (block is None) != (layers is None):
         raise ValueError("block and layers go together (a custom ResNet); give both or neither")
     stage_layers = _layers(depth) if layers is None else tuple(layers)
     if blocks != "gc" and gc_kwargs:
         raise ValueError(f"gc_kwargs given but blocks={blocks!r}; use blocks='gc'")
-    if blocks != "nl" and (nonlocal_kwargs or nonlocal_placement is not None):
+    placed = blocks is not None and blocks != "gc"  # placed after residual blocks, as NL is
+    if not placed and (nonlocal_kwargs or nonlocal_placement is not None):
         raise ValueError(f"nonlocal_kwargs/placement given but blocks={blocks!r}; use blocks='nl'")
     resnet_kw: dict[str, Any] = {}
     if block is not None:
@@ -253,12 +260,13 @@ def create_detection_backbone(
     if blocks == "gc":
         resnet_kw["gc_placement"] = gc_placement(stage_layers, stages=(1, 2, 3))
         resnet_kw["gc_kwargs"] = {**_GC_DETECTION, "ratio": gc_ratio, **dict(gc_kwargs or {})}
-    elif blocks == "nl":
+    elif placed:
         placement = nonlocal_placement
         resnet_kw["nonlocal_placement"] = (
             _nl_placement(stage_layers) if placement is None else placement
         )
         resnet_kw["nonlocal_kwargs"] = dict(nonlocal_kwargs or {})
+        resnet_kw["nonlocal_block"] = blocks
     body = create_resnet(
         depth=depth,
         num_classes=0,

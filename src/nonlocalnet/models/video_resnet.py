@@ -80,6 +80,7 @@ def create_video_resnet(
     dropout: float = 0.5,
     nonlocal_placement: Placement | None = None,
     nonlocal_kwargs: Mapping[str, Any] | None = None,
+    nonlocal_block: str = "nl",
     gc_placement: Placement | None = None,
     gc_kwargs: Mapping[str, Any] | None = None,
     zero_init_residual: bool = False,
@@ -115,6 +116,9 @@ def create_video_resnet(
         nonlocal_placement: per stage, indices of the residual blocks followed by an NL block.
         nonlocal_kwargs: keyword arguments of :class:`~nonlocalnet.NonLocal3d` (default
             ``sub_sample=True``: the paper's spatially sub-sampled blocks).
+        nonlocal_block: the block ``nonlocal_placement`` places: ``"nl"`` or any block of
+            :func:`nonlocalnet.layers.create_block` that keeps its input's shape (``"dnl"``,
+            ``"cca"``...).
         gc_placement: per stage, residual blocks holding a 3d ``GlobalContext`` before the
             residual addition.
         gc_kwargs: keyword arguments of the GC blocks.
@@ -176,6 +180,7 @@ def create_video_resnet(
         dims=3,
         nonlocal_placement=nonlocal_placement,
         nonlocal_kwargs=nonlocal_kwargs,
+        nonlocal_block=nonlocal_block,
         gc_placement=gc_placement,
         gc_kwargs=gc_kwargs,
     )
