@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip >/dev/null
 	$(PY) -m pip install "torch==$(TORCH_VERSION)" "torchvision==$(TORCHVISION_VERSION)"
-	$(PY) -m pip install -e ".[train,detection,dev]" "torch==$(TORCH_VERSION)" "torchvision==$(TORCHVISION_VERSION)"
+	$(PY) -m pip install -e ".[train,detection,dev,interop]" "torch==$(TORCH_VERSION)" "torchvision==$(TORCHVISION_VERSION)"
 	touch $(STAMP)
 
 demo: $(STAMP)

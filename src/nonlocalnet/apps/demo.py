@@ -192,9 +192,9 @@ def measure_loading(config: Config, num_samples: int = 32) -> dict[str, float]:
     return result
 
 
-def _read_curves(run_dir: Path) -> dict[str, list[list[float]]]:
-    """``{"loss": [[step, loss]...], "val_top1": [[step, top1 fraction]...]}`` of a run."""
-    curves: dict[str, list[list[float]]] = {"loss": [], "val_top1": []}
+def _read_curves(run_dir: Path, metric: str = "top1", scale: float = 0.01) -> dict[str, list]:
+    """``{"loss": [[step, loss]...], "val_<metric>": [[step, value x scale]...]}`` of a run."""
+    curves: dict[str, list[list[float]]] = {"loss": [], f"val_{metric}": []}
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return curves
@@ -202,8 +202,8 @@ def _read_curves(run_dir: Path) -> dict[str, list[list[float]]]:
         record = json.loads(line)
         if record.get("split") == "train" and "loss" in record:
             curves["loss"].append([record["step"], record["loss"]])
-        elif record.get("split") == "val" and "top1" in record:
-            curves["val_top1"].append([record["step"], record["top1"] / 100.0])
+        elif record.get("split") == "val" and metric in record:
+            curves[f"val_{metric}"].append([record["step"], record[metric] * scale])
     return curves
 
 
@@ -508,21 +508,6 @@ DETECTION_CONFIGS = {
 DETECTION_TARGETS = {"margin_box_ap": 5.0, "total_time_s_max": 900.0}
 
 
-def _read_detection_curves(run_dir: Path) -> dict[str, list[list[float]]]:
-    """``{"loss": [[step, loss]...], "val_bbox_AP": [[step, AP]...]}`` of a run."""
-    curves: dict[str, list[list[float]]] = {"loss": [], "val_bbox_AP": []}
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return curves
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        if record.get("split") == "train" and "loss" in record:
-            curves["loss"].append([record["step"], record["loss"]])
-        elif record.get("split") == "val" and "bbox_AP" in record:
-            curves["val_bbox_AP"].append([record["step"], record["bbox_AP"]])
-    return curves
-
-
 def plot_detection_curves(models: dict[str, dict[str, Any]], path: Path) -> Path:
     """Training loss (the sum of the detector's losses) and held-out box AP against the step."""
     import matplotlib
@@ -627,7 +612,7 @@ def run_detection_demo(
             "step_ms": statistics.median(per_step)
             if per_step
             else 1e3 * train_time / config.train.steps,
-            "curves": _read_detection_curves(run_dir),
+            "curves": _read_curves(run_dir, "bbox_AP", 1.0),
         }
     baseline = models[base_key]["box_ap"]
     report: dict[str, Any] = {

@@ -12,28 +12,12 @@ source="nonlocalnet")`` rebuilds the model from them.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
-from collections.abc import Sequence
-from typing import Any
 
+from nonlocalnet.cli._args import parse_key_values
 from nonlocalnet.convert import SOURCES, convert_state_dict, read_checkpoint, save_converted
 
 HELP = "convert a checkpoint of another implementation (Caffe2, SlowFast, mmaction2, timm, ...)"
-
-
-def _parse_options(items: Sequence[str]) -> dict[str, Any]:
-    """``["pairwise=dot_product", "use_scale=False"]`` → ``{"pairwise": ..., "use_scale": False}``."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--from must be one of {', '.join(SOURCES)}, got {args.source!r}")
     if not str(args.out).endswith(".safetensors"):
         raise ValueError(f"--out must be a .safetensors file, got {args.out!r}")
-    options = _parse_options(args.set)
+    options = parse_key_values(args.set)
     state, meta = read_checkpoint(args.input, args.source)
     conversion = convert_state_dict(state, args.source, args.model, meta=meta, **options)
     path = save_converted(conversion, args.out, source=args.source)

@@ -11,14 +11,12 @@ box and mask heads (at 1000 proposals and 100 detections); GCNet's Table 1 compa
 from __future__ import annotations
 
 import argparse
-import ast
 import json
-from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any
 
 import torch
 
+from nonlocalnet.cli._args import parse_key_values
 from nonlocalnet.models import create_model
 from nonlocalnet.models.flops import FlopReport, count_flops
 
@@ -34,20 +32,6 @@ def parse_input_size(text: str) -> tuple[int, ...]:
     if not size or any(s < 1 for s in size):
         raise ValueError(f"--input sizes must be positive, got {text!r}")
     return size
-
-
-def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["num_classes=400", "pairwise=dot_product"]`` → ``{"num_classes": 400, ...}``."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     """Count and print."""
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
-    overrides = _parse_overrides(args.set)
+    overrides = parse_key_values(args.set)
     names = list(args.models)
     if args.relative_to and args.relative_to not in names:
         names.insert(0, args.relative_to)
