@@ -11,7 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from nonlocalnet.layers import GlobalContext, NonLocalNd
+from nonlocalnet.layers import (
+    EMAU,
+    CrissCrossAttention,
+    DisentangledNonLocalNd,
+    EfficientAttention,
+    GlobalContext,
+    NonLocalNd,
+)
 from nonlocalnet.models import (
     check_identity,
     create_model,
@@ -85,13 +92,17 @@ def test_forward_backward_every_model(name, narrow):
         assert out.shape == (1, 3)
     assert torch.isfinite(_output(out))
     _output(out).backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"parameters without gradient: {missing[:5]}"
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.grad).all()]
+    bad = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and not torch.isfinite(p.grad).all()
+    ]
     assert not bad
     # the zero-initialised layer of each inserted block gets a non-zero gradient (it can learn)
     for bname, block in inserted_blocks(model).items():
-        grads = [p.grad.abs().sum() for p in block.parameters()]
+        grads = [p.grad.abs().sum() for p in block.parameters() if p.requires_grad]
         assert sum(grads) > 0, bname
     model.eval()
     with torch.no_grad():
@@ -289,6 +300,22 @@ def _keywords(cls) -> set[str]:
 def test_shortcuts_reach_the_blocks(name):
     """A declared option is a keyword of the model's block and reaches every inserted block."""
     info = model_info(name)
+    successors = {
+        zoo.DNL_OPTIONS: (DisentangledNonLocalNd, {"temperature": 0.1, "inner_channels": 4}),
+        zoo.CCA_OPTIONS: (CrissCrossAttention, {"recurrence": 3, "inner_channels": 4}),
+        zoo.EMA_OPTIONS: (EMAU, {"num_bases": 8, "num_stages": 2}),
+        zoo.EFFATTN_OPTIONS: (EfficientAttention, {"heads": 2, "key_channels": 8}),
+    }
+    if info.shortcuts in successors:
+        cls, options = successors[info.shortcuts]
+        assert set(info.shortcuts) <= _keywords(cls)
+        with torch.device("meta"):
+            model = create_model(name, **options)
+        blocks = [m for m in model.modules() if isinstance(m, cls)]
+        assert len(blocks) == 1
+        for k, v in options.items():
+            assert getattr(blocks[0], k) == v, k
+        return
     if set(info.shortcuts) <= set(zoo.GC_OPTIONS):
         assert set(info.shortcuts) <= _keywords(GlobalContext)
         with torch.device("meta"):

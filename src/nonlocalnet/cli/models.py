@@ -78,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
         summary = (
             info.summary
             if args.doc
-            else textwrap.shorten(info.summary, desc_width, placeholder=" …")
+            else textwrap.shorten(
+                info.summary, desc_width, placeholder=" …", break_on_hyphens=False
+            )
         )
         print(line(row, summary).rstrip())
         if args.doc:

@@ -60,6 +60,10 @@ from nonlocalnet.models.video_resnet import create_video_resnet
 from nonlocalnet.models.weights import load_pretrained
 
 __all__ = [
+    "CCA_OPTIONS",
+    "DNL_OPTIONS",
+    "EFFATTN_OPTIONS",
+    "EMA_OPTIONS",
     "GC_OPTIONS",
     "NL_OPTIONS",
     "NL_VIDEO_OPTIONS",
@@ -97,7 +101,18 @@ PAPERS = {
     "mask_rcnn": "He et al., Mask R-CNN, ICCV 2017",
     "faster_rcnn": "Ren et al., Faster R-CNN: Towards Real-Time Object Detection with Region "
     "Proposal Networks, NeurIPS 2015",
+    "dnl": "Yin et al., Disentangled Non-Local Neural Networks, ECCV 2020",
+    "ccnet": "Huang et al., CCNet: Criss-Cross Attention for Semantic Segmentation, ICCV 2019",
+    "ema": "Li et al., Expectation-Maximization Attention Networks for Semantic Segmentation, "
+    "ICCV 2019",
+    "effattn": "Shen et al., Efficient Attention: Attention with Linear Complexities, WACV 2021",
 }
+
+#: options of the successor blocks, forwarded to the segmentation heads' block.
+DNL_OPTIONS = ("inner_channels", "pairwise", "temperature", "use_scale")
+CCA_OPTIONS = ("inner_channels", "recurrence")
+EMA_OPTIONS = ("num_bases", "num_stages", "momentum")
+EFFATTN_OPTIONS = ("key_channels", "value_channels", "heads")
 
 #: NL options of the video models: sub-sampled (1x2x2 max pooling of the key/value side),
 #: pooling x before the φ/g convolutions as the official code does. This is what the paper's
@@ -249,6 +264,10 @@ class ModelInfo:
         kwargs = copy.deepcopy(dict(self.defaults))
         if self.block_key:
             block_kw = dict(kwargs.get(self.block_key) or {})
+            if not str(overrides.get("nonlocal_block", "nl")).startswith("nl"):
+                # the model's NL options are the NL block's; another block placed instead
+                # starts from its own defaults (and the options given here)
+                block_kw = {}
         for k, v in overrides.items():
             if k in self.shortcuts:
                 block_kw[k] = v
@@ -902,6 +921,154 @@ def nl_r101_os8(**overrides: Any) -> nn.Module:
     Semantic Segmentation, ICCV 2019. Classifier, auxiliary FCN head on stage 4.
     """
     return create_model("nl_r101_os8", **overrides)
+
+
+@register_model(
+    task="segmentation",
+    builder=create_segmentation_model,
+    defaults={"depth": 50, "head": "dnl", "concat_input": True, "output_stride": 8},
+    block_key="head_kwargs",
+    shortcuts=DNL_OPTIONS,
+)
+def dnl_r50_os8(**overrides: Any) -> nn.Module:
+    """Dilated ResNet-50 (OS 8) with a DNL head: 3x3 conv → DisentangledNonLocal2d (whitened pairwise
+    term + unary term, temperature 0.05) → 3x3 conv.
+
+    Yin et al., Disentangled Non-Local Neural Networks, ECCV 2020. As mmseg's head: the block's
+    output concatenated with the head's input (``conv_cat``), classifier, auxiliary FCN head on
+    stage 4. Published: mmseg (same settings): ADE20K 41.76 mIoU (NL 40.75), Cityscapes 78.61 (NL
+    78.24).
+    """
+    return create_model("dnl_r50_os8", **overrides)
+
+
+@register_model(
+    task="segmentation",
+    builder=create_segmentation_model,
+    defaults={"depth": 101, "head": "dnl", "concat_input": True, "output_stride": 8},
+    block_key="head_kwargs",
+    shortcuts=DNL_OPTIONS,
+)
+def dnl_r101_os8(**overrides: Any) -> nn.Module:
+    """Dilated ResNet-101 (OS 8) with a DNL head: 3x3 conv → DisentangledNonLocal2d (whitened pairwise
+    term + unary term, temperature 0.05) → 3x3 conv.
+
+    Yin et al., Disentangled Non-Local Neural Networks, ECCV 2020. As mmseg's head: the block's
+    output concatenated with the head's input (``conv_cat``), classifier, auxiliary FCN head on
+    stage 4. Published: mmseg (same settings): ADE20K 43.76 mIoU (NL 42.90), Cityscapes 78.31 (NL
+    78.66).
+    """
+    return create_model("dnl_r101_os8", **overrides)
+
+
+@register_model(
+    task="segmentation",
+    builder=create_segmentation_model,
+    defaults={"depth": 50, "head": "cca", "concat_input": True, "output_stride": 8},
+    block_key="head_kwargs",
+    shortcuts=CCA_OPTIONS,
+)
+def ccnet_r50_os8(**overrides: Any) -> nn.Module:
+    """Dilated ResNet-50 (OS 8) with a CCNet head: 3x3 conv → criss-cross attention applied R = 2
+    times (shared weights) → 3x3 conv.
+
+    Huang et al., CCNet: Criss-Cross Attention for Semantic Segmentation, ICCV 2019. As mmseg's
+    head: the block's output concatenated with the head's input (``conv_cat``), classifier,
+    auxiliary FCN head on stage 4. Published: mmseg: Cityscapes 77.76 mIoU (40k) / 79.03 (80k),
+    ADE20K 41.78 (80k).
+    """
+    return create_model("ccnet_r50_os8", **overrides)
+
+
+@register_model(
+    task="segmentation",
+    builder=create_segmentation_model,
+    defaults={"depth": 101, "head": "cca", "concat_input": True, "output_stride": 8},
+    block_key="head_kwargs",
+    shortcuts=CCA_OPTIONS,
+)
+def ccnet_r101_os8(**overrides: Any) -> nn.Module:
+    """Dilated ResNet-101 (OS 8) with a CCNet head: 3x3 conv → criss-cross attention applied R = 2
+    times (shared weights) → 3x3 conv.
+
+    Huang et al., CCNet: Criss-Cross Attention for Semantic Segmentation, ICCV 2019. As mmseg's
+    head: the block's output concatenated with the head's input (``conv_cat``), classifier,
+    auxiliary FCN head on stage 4. Published: mmseg: Cityscapes 76.35 mIoU (40k) / 78.87 (80k),
+    ADE20K 43.97 (80k); the paper: Cityscapes test 81.9.
+    """
+    return create_model("ccnet_r101_os8", **overrides)
+
+
+@register_model(
+    task="segmentation",
+    builder=create_segmentation_model,
+    defaults={"depth": 50, "head": "ema", "concat_input": True, "output_stride": 8},
+    block_key="head_kwargs",
+    shortcuts=EMA_OPTIONS,
+)
+def ema_r50_os8(**overrides: Any) -> nn.Module:
+    """Dilated ResNet-50 (OS 8) with an EMA head: 3x3 conv → EMA unit (K = 64 bases, T = 3 EM steps,
+    moving-average bases) → 3x3 conv.
+
+    Li et al., Expectation-Maximization Attention Networks for Semantic Segmentation, ICCV 2019. As
+    mmseg's head: the block's output concatenated with the head's input (``conv_cat``), classifier,
+    auxiliary FCN head on stage 4. Published: mmseg: Cityscapes 77.59 mIoU (80k).
+    """
+    return create_model("ema_r50_os8", **overrides)
+
+
+@register_model(
+    task="segmentation",
+    builder=create_segmentation_model,
+    defaults={"depth": 101, "head": "ema", "concat_input": True, "output_stride": 8},
+    block_key="head_kwargs",
+    shortcuts=EMA_OPTIONS,
+)
+def ema_r101_os8(**overrides: Any) -> nn.Module:
+    """Dilated ResNet-101 (OS 8) with an EMA head: 3x3 conv → EMA unit (K = 64 bases, T = 3 EM steps,
+    moving-average bases) → 3x3 conv.
+
+    Li et al., Expectation-Maximization Attention Networks for Semantic Segmentation, ICCV 2019. As
+    mmseg's head: the block's output concatenated with the head's input (``conv_cat``), classifier,
+    auxiliary FCN head on stage 4. Published: mmseg: Cityscapes 79.10 mIoU (80k).
+    """
+    return create_model("ema_r101_os8", **overrides)
+
+
+@register_model(
+    task="segmentation",
+    builder=create_segmentation_model,
+    defaults={"depth": 50, "head": "effattn", "concat_input": True, "output_stride": 8},
+    block_key="head_kwargs",
+    shortcuts=EFFATTN_OPTIONS,
+)
+def effattn_r50_os8(**overrides: Any) -> nn.Module:
+    """Dilated ResNet-50 (OS 8) with an efficient attention head: 3x3 conv → efficient attention
+    (softmax over channels of Q, over positions of K; linear in N) → 3x3 conv.
+
+    Shen et al., Efficient Attention: Attention with Linear Complexities, WACV 2021. As mmseg's
+    head: the block's output concatenated with the head's input (``conv_cat``), classifier,
+    auxiliary FCN head on stage 4. Published: no published segmentation result.
+    """
+    return create_model("effattn_r50_os8", **overrides)
+
+
+@register_model(
+    task="segmentation",
+    builder=create_segmentation_model,
+    defaults={"depth": 101, "head": "effattn", "concat_input": True, "output_stride": 8},
+    block_key="head_kwargs",
+    shortcuts=EFFATTN_OPTIONS,
+)
+def effattn_r101_os8(**overrides: Any) -> nn.Module:
+    """Dilated ResNet-101 (OS 8) with an efficient attention head: 3x3 conv → efficient attention
+    (softmax over channels of Q, over positions of K; linear in N) → 3x3 conv.
+
+    Shen et al., Efficient Attention: Attention with Linear Complexities, WACV 2021. As mmseg's
+    head: the block's output concatenated with the head's input (``conv_cat``), classifier,
+    auxiliary FCN head on stage 4. Published: no published segmentation result.
+    """
+    return create_model("effattn_r101_os8", **overrides)
 
 
 @register_model(
