@@ -20,9 +20,9 @@ fresh subprocess (:mod:`_measure`), so that its peak memory is its own:
   Kernels and threads are warmed up on a tiny input first, so one-time library allocations
   are not counted.
 
-``--kernel`` picks the fast softmax kernel (``nonlocalnet.functional.softmax_aggregate``'s
-``kernel``) for the fast rows of the softmax forms: the block then runs as its own ``forward``
-does, with the aggregation called with that kernel.
+``--kernel`` picks the softmax kernel of the fast rows of the softmax forms (a kernel name of
+:data:`nonlocalnet.functional.SOFTMAX_KERNELS`, given to the block as its ``impl``); ``auto``
+keeps ``impl="fast"``, the dispatcher's O(N)-memory choice.
 
 The machine's float32 matrix-multiply rate (``torch.mm`` of 2048×2048 matrices, median of
 several) is measured too, and each row reports its achieved rate: ``flops`` counts the matrix
@@ -62,7 +62,7 @@ import torch
 from torch import Tensor
 
 import _measure
-from nonlocalnet import NonLocal2d, functional
+from nonlocalnet import NonLocal2d
 from nonlocalnet.functional import IMPLS, PAIRWISE, SOFTMAX_KERNELS, SOFTMAX_PAIRWISE
 
 log = logging.getLogger("bench_blocks")
@@ -182,16 +182,15 @@ def _build(case: Case, impl: str) -> NonLocal2d:
 
 
 def block_forward(block: NonLocal2d, x: Tensor, kernel: str = "auto") -> Tensor:
-    """z = BN(W_z y) + x, the block's ``forward`` with the aggregation run by ``kernel``."""
+    """z = BN(W_z y) + x: the block's ``forward``, with ``impl=kernel`` unless ``"auto"``."""
     if kernel == "auto":
         return block(x)
-    q, k, v = block.embed(x)  # (B, N, d), (B, M, d), (B, M, C')
-    y = functional.aggregate(
-        block.pairwise, q, k, v, scale=block.scale, impl=block.impl, kernel=kernel
-    )  # (B, N, C')
-    y = y.transpose(1, 2).reshape(x.shape[0], -1, *x.shape[2:])  # (B, C', H, W)
-    z = block.conv_out(y)
-    return x + (block.norm(z) if block.norm is not None else z)
+    impl = block.impl
+    block.impl = kernel
+    try:
+        return block(x)
+    finally:
+        block.impl = impl
 
 
 def _fwd_bwd(block: NonLocal2d, x: Tensor, grad: Tensor, kernel: str = "auto") -> Tensor:
@@ -434,9 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--kernel",
-        choices=SOFTMAX_KERNELS,
+        choices=("auto", *SOFTMAX_KERNELS),
         default="auto",
-        help="fast softmax kernel of the softmax forms (functional.softmax_aggregate's kernel)",
+        help="softmax kernel of the fast rows (the block's impl; auto: impl='fast')",
     )
     parser.add_argument(
         "--large-only", action="store_true", help="only the embedded_gaussian 256×256 row"

@@ -3,6 +3,7 @@
     python benchmarks/bench_peers.py [--quick] [--rows NAME ...] [--peers NAME ...]
         [--dtype float32|bfloat16 ...] [--step fwd|fwd_bwd ...] [--threads 2] [--warmup 1]
         [--repeat 3] [--json PATH] [--group case|row|all] [--no-memory-pass] [--list]
+        [--interleave ROUNDS]
 
 Each row is one block at one size. Our block (fast path, random non-zero weights) runs against
 every peer that computes that function (:mod:`peers.adapters`): the installed packages mmcv-lite
@@ -39,12 +40,21 @@ process; ``--group row`` gives each row its own process):
 * ``gauss_4096`` / ``gauss_16384``: NL Gaussian on the same maps;
 * ``nl_b8_c512``: NL embedded Gaussian, batch 8, C = 512, 14×14 (N = 196);
   ``nl_b8_c1024``: batch 8, C = 1024 (C' = 512), 7×7 (N = 49);
+* ``dot_b8_c512`` / ``dot_16384``: NL dot product, batch 8 at 14×14 / batch 1 at 128×128;
+  ``concat_b8_c512`` / ``concat_784``: NL concatenation, batch 8 at 14×14 / batch 1 at 28×28,
+  inference only (only mmcv has these forms; its concatenation materialises (B, 2C', N, M)
+  pair features, so larger maps do not fit in memory, and cannot train: it divides its
+  ReLU's output in place, which the ReLU's backward needs);
 * ``gc``: GC (attention pooling, add fusion, r = 1/16), C = 1024, 28×28, batch 8;
 * ``apnb_64x128`` / ``apnb_128x256``: APNB, 512 channels, key/value width 256;
 * ``net_nl_c2d_r50`` / ``net_nl_i3d_r50``: a training step of the whole network at 8×224×224,
   batch 2, with our blocks' fast path against the same network with their reference path (the
   map materialised, as the peers do); with the multiply-adds of both (meta-device count) and the
   time ratio divided by the MAC ratio. ``--quick`` runs ``nl_c2d_tiny`` instead.
+
+``--interleave ROUNDS`` (time only, for a shared machine): one process per (row, peer, dtype,
+step) holds both ours and the peer and alternates their passes ROUNDS times, so that both see
+the same load; it prints the ratio of the medians and of the fastest passes.
 
 Full run, on a quiet machine (about an hour or two on 2 cores)::
 
@@ -95,11 +105,12 @@ NET_IMPLS = ("fast", "reference")
 
 @dataclass(frozen=True)
 class BlockRow:
-    """A row of one block at one size."""
+    """A row of one block at one size (``steps``: the steps it is measured in)."""
 
     name: str
     title: str
     spec: BlockSpec
+    steps: tuple[str, ...] = STEPS
 
 
 @dataclass(frozen=True)
@@ -150,6 +161,28 @@ FULL_ROWS: tuple[Row, ...] = (
         _nl(1024, 512, (7, 7), batch=8),
     ),
     BlockRow(
+        "dot_b8_c512",
+        "NL dot product 2d, batch 8, C = 512, 14×14 (N = 196)",
+        _nl(512, 256, (14, 14), batch=8, pairwise="dot_product"),
+    ),
+    BlockRow(
+        "dot_16384",
+        "NL dot product, 128×128 (N = 16384)",
+        _nl(512, 256, (128, 128), pairwise="dot_product"),
+    ),
+    BlockRow(
+        "concat_b8_c512",
+        "NL concatenation 2d, batch 8, C = 512, 14×14 (N = 196), inference",
+        _nl(512, 256, (14, 14), batch=8, pairwise="concatenation"),
+        steps=("fwd",),
+    ),
+    BlockRow(
+        "concat_784",
+        "NL concatenation, 28×28 (N = 784; mmcv's pair features take 1.2 GiB), inference",
+        _nl(512, 256, (28, 28), pairwise="concatenation"),
+        steps=("fwd",),
+    ),
+    BlockRow(
         "gc",
         "GC (att, add, r = 1/16), C = 1024, 28×28, batch 8",
         BlockSpec("gc", 1024, (28, 28), 8),
@@ -192,6 +225,24 @@ QUICK_ROWS: tuple[Row, ...] = (
     BlockRow("nl_b8_c512", "NL embedded Gaussian, batch 2, 6×6", _nl(16, 8, (6, 6), batch=2)),
     BlockRow(
         "nl_b8_c1024", "NL embedded Gaussian, batch 2, C = 32, 4×4", _nl(32, 16, (4, 4), batch=2)
+    ),
+    BlockRow(
+        "dot_b8_c512",
+        "NL dot product, batch 2, 6×6",
+        _nl(16, 8, (6, 6), batch=2, pairwise="dot_product"),
+    ),
+    BlockRow("dot_16384", "NL dot product, 16×16", _nl(16, 8, (16, 16), pairwise="dot_product")),
+    BlockRow(
+        "concat_b8_c512",
+        "NL concatenation, batch 2, 6×6, inference",
+        _nl(16, 8, (6, 6), batch=2, pairwise="concatenation"),
+        steps=("fwd",),
+    ),
+    BlockRow(
+        "concat_784",
+        "NL concatenation, 8×8, inference",
+        _nl(16, 8, (8, 8), pairwise="concatenation"),
+        steps=("fwd",),
     ),
     BlockRow("gc", "GC, C = 64, 8×8, batch 2", BlockSpec("gc", 64, (8, 8), 2)),
     BlockRow(
@@ -280,9 +331,15 @@ def _rel(got: Tensor, want: Tensor, base: Tensor | None) -> float:
 
 
 def check_agreement(
-    ours: nn.Module, peer: nn.Module, spec: BlockSpec, tol: float = TOL, label: str = ""
+    ours: nn.Module,
+    peer: nn.Module,
+    spec: BlockSpec,
+    tol: float = TOL,
+    label: str = "",
+    train: bool = True,
 ) -> dict[str, float]:
-    """Ours and the peer compute the same function: eval forward, train forward + backward.
+    """Ours and the peer compute the same function: eval forward, train forward + backward
+    (the latter unless ``train`` is False: a row measured in inference only).
 
     Float32; dropout off during the check. Errors are relative to the largest value of the
     branch (out − x for residual blocks; the output for APNB) and of the input gradient's branch
@@ -306,6 +363,8 @@ def check_agreement(
         with _autocast("bfloat16"):
             a16, b16 = ours(x), peer(x)
         errs["bf16"] = _rel(a16.float(), b16.float(), x if residual else None)
+    if not train:
+        return _checked(errs, tol, label)
     for m in (ours, peer):
         m.train()
         _dropout_off(m)
@@ -318,6 +377,11 @@ def check_agreement(
     for m in (ours, peer):
         for p in m.parameters():
             p.grad = None
+    return _checked(errs, tol, label)
+
+
+def _checked(errs: dict[str, float], tol: float, label: str) -> dict[str, float]:
+    """``errs`` if every float32 error is within ``tol`` and the bfloat16 one finite."""
     bad = {k: v for k, v in errs.items() if k != "bf16" and not (v <= tol)}
     if bad or not math.isfinite(errs["bf16"]):
         detail = ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
@@ -343,7 +407,8 @@ def _build_block_case(case: Case, row: BlockRow) -> tuple[nn.Module, dict[str, f
         corrupt_weights(module)
     errs = None
     if case.check:
-        errs = check_agreement(ours, module, spec, case.tol, f"{row.name}/{peer.name}")
+        label = f"{row.name}/{peer.name}"
+        errs = check_agreement(ours, module, spec, case.tol, label, train="fwd_bwd" in row.steps)
     del ours
     if case.memory_only:  # nothing of ours in the baseline (a full collection costs ~0.3 s)
         gc.collect()
@@ -559,11 +624,66 @@ def _measure_net(case: Case, row: NetRow) -> dict[str, Any]:
     return res
 
 
+def interleave_case(case: Case, rounds: int) -> dict[str, Any]:
+    """Ours and one peer (``case.impl``) in this process, passes alternating, ``rounds`` each.
+
+    The passes alternate in order (ours first in even rounds, the peer first in odd ones), so
+    both see the same machine load: on a shared machine the time ratio of one run is far
+    steadier than the ratio of two runs. Returns both medians, their ratio, and the ratio of
+    the fastest passes. Peak memory is not measured (both live in the process).
+    """
+    row = rows_table(case.quick)[case.row]
+    if not isinstance(row, BlockRow):
+        raise ValueError(f"interleave takes block rows, got {case.row!r}")
+    peer_module, errs, source = _build_block_case(case, row)
+    ours = build_ours(row.spec, case.ours_options)
+    randomise(ours)
+    x, grad = make_input(row.spec)
+    runs = {
+        OURS: _block_pass(ours, x.clone(), grad, case),
+        case.impl: _block_pass(peer_module, x.clone(), grad, case),
+    }
+    for run in runs.values():
+        for _ in range(case.warmup):
+            run()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for i in range(rounds):
+        order = list(runs) if i % 2 == 0 else list(runs)[::-1]
+        for name in order:
+            t0 = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - t0)
+    ours_ms = statistics.median(times[OURS]) * 1e3
+    peer_ms = statistics.median(times[case.impl]) * 1e3
+    return {
+        **asdict(case),
+        "error": None,
+        "check_errors": errs,
+        "source": source,
+        "ours_ms": ours_ms,
+        "peer_ms": peer_ms,
+        "time_ratio": peer_ms / ours_ms,
+        "min_ratio": min(times[case.impl]) / min(times[OURS]),
+        "rounds": rounds,
+    }
+
+
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Worker entry: ``{"cases": [...]}`` in, ``{"results": [...]}`` out, in order.
+    """Worker entry: ``{"cases": [...]}`` in, ``{"results": [...]}`` out, in order; with
+    ``"interleave": rounds``, each case is a peer run against ours (:func:`interleave_case`).
 
     After a failed check, the remaining cases of the same (row, implementation) are skipped.
     """
+    if spec.get("interleave"):
+        torch.set_num_threads(spec["cases"][0]["threads"])
+        out = []
+        for c in spec["cases"]:
+            case = Case(**c)
+            try:
+                out.append(interleave_case(case, spec["interleave"]))
+            except MismatchError as err:
+                out.append({**asdict(case), "error": str(err), "error_kind": "mismatch"})
+        return {"results": out, "threads": torch.get_num_threads()}
     cases = [Case(**c) for c in spec["cases"]]
     if cases:
         torch.set_num_threads(cases[0].threads)
@@ -607,7 +727,7 @@ def plan_row(row: Row, args: argparse.Namespace) -> list[Case]:
                     )
                 )
         return cases
-    modes = [(d, s) for d in args.dtype for s in args.step]
+    modes = [(d, s) for d in args.dtype for s in args.step if s in row.steps]
     # the float32 training pass first: the check runs in it
     modes.sort(key=lambda m: m != ("float32", "fwd_bwd"))
     peers = [p for p in peers_for(row.spec) if not args.peers or p.name in args.peers]
@@ -636,12 +756,18 @@ def plan_row(row: Row, args: argparse.Namespace) -> list[Case]:
     return cases
 
 
-def _run_batch(cases: list[Case], timeout: float, env: dict[str, str] | None = None) -> list[dict]:
+def _run_batch(
+    cases: list[Case],
+    timeout: float,
+    env: dict[str, str] | None = None,
+    interleave: int = 0,
+) -> list[dict]:
     """Run cases in one fresh process; a crashed process fails each of its cases."""
+    job: dict[str, Any] = {"cases": [asdict(c) for c in cases]}
+    if interleave:
+        job["interleave"] = interleave
     try:
-        data = _measure.run_worker(
-            __file__, {"cases": [asdict(c) for c in cases]}, timeout=timeout * len(cases), env=env
-        )
+        data = _measure.run_worker(__file__, job, timeout=timeout * len(cases), env=env)
     except _measure.WorkerError as err:
         log.error("worker failed (%s):\n%s", err, err.stderr)
         return [
@@ -722,6 +848,52 @@ def run_rows(rows: list[Row], args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.json is not None:  # partial results survive an interrupted run
             _write_json(args, results, complete=False)
     return results
+
+
+def run_interleaved(rows: list[Row], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``--interleave``: one fresh process per (row, peer, dtype, step), ours and the peer
+    alternating in it (:func:`interleave_case`); network rows are left out."""
+    results = []
+    for row in rows:
+        if not isinstance(row, BlockRow):
+            continue
+        for case in plan_row(row, args):
+            if case.impl == OURS:
+                continue
+            case = replace(case, check=True, warmup=max(case.warmup, 1))
+            res = _run_batch([case], args.timeout * 2, interleave=args.interleave)[0]
+            if res.get("error"):
+                log.error("%s/%s: %s", case.row, case.impl, res["error"])
+            else:
+                log.info(
+                    "%s %s %s %s: ours %.1f ms, peer %.1f ms, ratio %.3f (fastest %.3f)",
+                    case.row,
+                    case.impl,
+                    case.dtype,
+                    case.step,
+                    res["ours_ms"],
+                    res["peer_ms"],
+                    res["time_ratio"],
+                    res["min_ratio"],
+                )
+            results.append(res)
+    return results
+
+
+def format_interleaved(results: list[dict[str, Any]]) -> str:
+    """Markdown table of an ``--interleave`` run."""
+    head = "| row | peer | mode | ours ms | peer ms | time ratio (medians) | ratio of fastest |"
+    lines = [head, "|---|---|---|---:|---:|---:|---:|"]
+    for r in results:
+        mode = f"{r['dtype']} {r['step'].replace('_', '+')}"
+        if r.get("error"):
+            lines.append(f"| {r['row']} | {r['impl']} | {mode} | aborted: {r['error']} |")
+            continue
+        lines.append(
+            f"| {r['row']} | {r['impl']} | {mode} | {r['ours_ms']:.1f} | {r['peer_ms']:.1f} | "
+            f"{_fmt_ratio(r['time_ratio'])} | {_fmt_ratio(r['min_ratio'])} |"
+        )
+    return "\n".join(lines)
 
 
 # -- tables -----------------------------------------------------------------------------------
@@ -929,6 +1101,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="take peak memory in the timing process instead of a separate one",
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per case")
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="ours and each peer in one process, passes alternating ROUNDS times (time only)",
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results")
     parser.add_argument("--list", action="store_true", help="list rows and peers, then exit")
     # a deliberately wrong weight copy for these peers (tests of the agreement check)
@@ -977,6 +1156,10 @@ def main(argv: list[str] | None = None) -> int:
     args.dtype = args.dtype or list(DTYPES)
     args.step = args.step or list(STEPS)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.interleave:
+        results = run_interleaved([table[n] for n in names], args)
+        print(format_interleaved(results))
+        return 1 if any(r.get("error") for r in results) else 0
     results = run_rows([table[n] for n in names], args)
     if args.json is not None:
         _write_json(args, results, complete=True)

@@ -49,17 +49,27 @@ def _formula(pairwise: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     return out
 
 
+def _impls(pairwise: str, shared: bool = False) -> list[str]:
+    """Every impl but the reference: the dispatch choices and each kernel that applies."""
+    return [
+        i for i in NLF.impl_choices(pairwise) if i != "reference" and (i != "symmetric" or shared)
+    ]
+
+
 @pytest.mark.parametrize("pairwise", NLF.PAIRWISE)
 @pytest.mark.parametrize(("c_q", "c_v"), [(4, 4), (6, 3), (3, 5)])
 def test_fast_equals_reference_with_gradients(pairwise: str, c_q: int, c_v: int) -> None:
+    """Every kernel (and both dispatch choices) against the reference, output and gradients."""
     q, k, v = _tokens(pairwise, 2, 9, 7, c_q, c_v)
     grad = torch.randn(2, 9, c_v, dtype=DT)
-    results = []
-    for impl in NLF.IMPLS:
+
+    def run(impl: str) -> torch.Tensor:
         y = NLF.aggregate(pairwise, q, k, v, scale=0.7, impl=impl)
-        gq, gk, gv = torch.autograd.grad(y, (q, k, v), grad)
-        results.append(_flat(y, gq, gk, gv))
-    assert _rel(results[0], results[1]) <= 1e-10
+        return _flat(y, *torch.autograd.grad(y, (q, k, v), grad))
+
+    want = run("reference")
+    for impl in _impls(pairwise):
+        assert _rel(run(impl), want) <= 1e-10, impl
 
 
 @pytest.mark.parametrize("pairwise", NLF.PAIRWISE)
@@ -98,10 +108,11 @@ def test_concatenation_ties_are_exact() -> None:
     v = torch.randn(1, 5, 3, dtype=DT, requires_grad=True)
     grad = torch.randn(1, 4, 3, dtype=DT)
     outs = []
-    for impl in NLF.IMPLS:
+    for impl in ("reference", "sorted", "direct"):
         y = NLF.concatenation_aggregate(a, b, v, impl=impl)
         outs.append(_flat(y, *torch.autograd.grad(y, (a, b, v), grad)))
-    assert torch.allclose(outs[0], outs[1], rtol=0, atol=1e-14)
+    for out in outs[1:]:
+        assert torch.allclose(out, outs[0], rtol=0, atol=1e-14)
     # a_0 = 1: keys with b_j > -1: b = 2, -0.5, 2 -> (3 v_1 + 0.5 v_2 + 3 v_3) / 5
     want0 = (3 * v[0, 1] + 0.5 * v[0, 2] + 3 * v[0, 3]) / 5
     y = NLF.concatenation_aggregate(a, b, v)
@@ -145,11 +156,11 @@ def test_fast_softmax_uses_the_fused_kernel(transposed: bool) -> None:
         q, k, v = (torch.randn(1, 8, n).transpose(1, 2) for n in (64, 48, 48))
     else:
         q, k, v = torch.randn(1, 64, 8), torch.randn(1, 48, 8), torch.randn(1, 48, 8)
-    kernels = _sdpa_kernels(lambda: NLF.softmax_aggregate(q, k, v, scale=1.0))
+    kernels = _sdpa_kernels(lambda: NLF.softmax_aggregate(q, k, v, scale=1.0, impl="fast"))
     assert any("flash_attention" in name for name in kernels), kernels
     assert not any(name in ("aten::_softmax", "aten::softmax") for name in kernels), kernels
     want = NLF.softmax_aggregate(q, k, v, scale=1.0, impl="reference")
-    got = NLF.softmax_aggregate(q, k, v, scale=1.0)
+    got = NLF.softmax_aggregate(q, k, v, scale=1.0, impl="fast")
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -169,7 +180,7 @@ def test_unequal_widths_use_query_blocks(c_q: int, c_v: int, monkeypatch) -> Non
     v = torch.randn(1, 48, c_v, dtype=DT, requires_grad=True)
 
     def fwd_bwd() -> None:
-        NLF.softmax_aggregate(q, k, v, scale=0.5).sum().backward()
+        NLF.softmax_aggregate(q, k, v, scale=0.5, impl="fast").sum().backward()
 
     shapes = _shapes(fwd_bwd)
     assert [1, 5, 48] in shapes
@@ -216,7 +227,7 @@ def test_shared_keys_use_symmetric_tiles(monkeypatch) -> None:
     v = torch.randn(1, 40, 3, dtype=DT, requires_grad=True)
 
     def fwd_bwd() -> None:
-        NLF.softmax_aggregate(x, x, v, scale=0.5).sum().backward()
+        NLF.softmax_aggregate(x, x, v, scale=0.5, impl="fast").sum().backward()
 
     shapes = _shapes(fwd_bwd)
     assert [1, 8, 8] in shapes
@@ -248,7 +259,7 @@ def test_fast_dot_product_never_forms_the_map() -> None:
     """The fast dot product multiplies right to left: no (B, N, M) intermediate."""
     q, k, v = (torch.randn(1, 50, 3), torch.randn(1, 40, 3), torch.randn(1, 40, 2))
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        NLF.aggregate("dot_product", q, k, v)
+        NLF.aggregate("dot_product", q, k, v, impl="fast")
     shapes = [s for e in prof.events() for s in (e.input_shapes or [])]
     assert [1, 50, 40] not in shapes
 
@@ -288,7 +299,7 @@ def test_bad_tokens() -> None:
 
 
 def test_blocked_kernel_option(monkeypatch) -> None:
-    """kernel="blocked" routes equal widths to the query-blocked path: same numbers, forward and
+    """impl="blocked" routes equal widths to the query-blocked path: same numbers, forward and
     backward, and no fused kernel."""
     q, k, v = _tokens("embedded_gaussian", 2, 9, 7, 4, 4)
     grad = torch.randn(2, 9, 4, dtype=DT)
@@ -297,7 +308,7 @@ def test_blocked_kernel_option(monkeypatch) -> None:
     monkeypatch.setattr(NLF, "ATTENTION_CHUNK_ELEMENTS", 2 * 7)  # blocks of 2 queries
 
     def blocked() -> torch.Tensor:
-        return NLF.aggregate("embedded_gaussian", q, k, v, scale=0.7, kernel="blocked")
+        return NLF.aggregate("embedded_gaussian", q, k, v, scale=0.7, impl="blocked")
 
     kernels = _sdpa_kernels(blocked)
     assert not any("flash_attention" in name for name in kernels), kernels
@@ -310,33 +321,167 @@ def test_blocked_kernel_option(monkeypatch) -> None:
 @pytest.mark.parametrize(("c_q", "c_v"), [(4, 4), (6, 3), (3, 5)])
 @pytest.mark.parametrize("shared", [False, True])
 def test_every_kernel_equals_the_reference(c_q: int, c_v: int, shared: bool) -> None:
-    """Each kernel, unequal widths and keys that are the queries included, forward and
-    backward; "sdpa" takes the fused kernel even where "auto" would not."""
+    """Each softmax kernel, unequal widths and keys that are the queries included, forward and
+    backward; "sdpa" takes the fused kernel even where the dispatcher would not."""
     q, k, v = _tokens("gaussian", 2, 9, 9 if shared else 7, c_q, c_v)
     if shared:
         k = q
     grad = torch.randn(2, 9, c_v, dtype=DT)
     want = NLF.softmax_aggregate(q, k, v, scale=0.6, impl="reference")
     g_want = torch.autograd.grad(want, (q, v) if shared else (q, k, v), grad)
-    for kernel in NLF.SOFTMAX_KERNELS:
-        got = NLF.softmax_aggregate(q, k, v, scale=0.6, kernel=kernel)
+    for impl in _impls("gaussian", shared):
+        got = NLF.softmax_aggregate(q, k, v, scale=0.6, impl=impl)
         g_got = torch.autograd.grad(got, (q, v) if shared else (q, k, v), grad)
-        assert _rel(_flat(got, *g_got), _flat(want, *g_want)) <= 1e-12, kernel
+        assert _rel(_flat(got, *g_got), _flat(want, *g_want)) <= 1e-12, impl
     q32, k32, v32 = (t.detach().float() for t in (q, k, v))
     k32 = q32 if shared else k32
-    kernels = _sdpa_kernels(lambda: NLF.softmax_aggregate(q32, k32, v32, scale=0.6, kernel="sdpa"))
+    kernels = _sdpa_kernels(lambda: NLF.softmax_aggregate(q32, k32, v32, scale=0.6, impl="sdpa"))
     assert any("flash_attention" in name for name in kernels), kernels
 
 
 def test_bad_kernel_is_named() -> None:
     q, k, v = _tokens("embedded_gaussian", 1, 4, 3, 2, 2)
-    with pytest.raises(ValueError, match="kernel"):
-        NLF.softmax_aggregate(q, k, v, scale=1.0, kernel="flash")
-    with pytest.raises(ValueError, match="impl='reference' takes kernel='auto'"):
-        NLF.softmax_aggregate(q, k, v, scale=1.0, impl="reference", kernel="sdpa")
-    with pytest.raises(ValueError, match="kernel applies to the softmax forms"):
-        NLF.aggregate("dot_product", q, k, v, kernel="blocked")
+    with pytest.raises(ValueError, match="unknown impl 'flash'"):
+        NLF.softmax_aggregate(q, k, v, scale=1.0, impl="flash")
+    with pytest.raises(ValueError, match="unknown impl 'blocked'"):
+        NLF.aggregate("dot_product", q, k, v, impl="blocked")
+    with pytest.raises(ValueError, match="unknown impl 'linear'"):
+        NLF.aggregate("embedded_gaussian", q, k, v, impl="linear")
+    with pytest.raises(ValueError, match=r"symmetric.*keys that are the queries"):
+        NLF.softmax_aggregate(q, k, v, scale=1.0, impl="symmetric")
     assert not hasattr(NLF, "CPU_SOFTMAX_KERNEL")  # a kernel is an argument, not a global
+
+
+# -- the dispatcher ------------------------------------------------------------------------------
+
+
+def _choose(pairwise: str, n: int, m: int, c_q: int, c_v: int, **kw) -> str:
+    return NLF.choose_kernel(pairwise, n=n, m=m, c_q=c_q, c_v=c_v, **kw)
+
+
+def test_dispatch_small_maps_take_the_direct_kernel() -> None:
+    """Small maps take the direct product while a backward pass follows (softmax forms:
+    N·M <= 2^22 and <= 3× the q, k, v tokens; 2^21 for keys that are the queries), the fused
+    kernels without one; "fast" never takes it; the dot product by its product count."""
+    # embedded Gaussian, C' = 256: N = M <= min(2048, 3·768)
+    assert _choose("embedded_gaussian", 196, 196, 256, 256) == "direct"
+    assert _choose("embedded_gaussian", 2048, 2048, 256, 256) == "direct"
+    assert _choose("embedded_gaussian", 2049, 2049, 256, 256) == "sdpa"
+    assert _choose("embedded_gaussian", 196, 196, 256, 256, grad=False) == "sdpa"
+    assert _choose("embedded_gaussian", 196, 196, 256, 256, impl="fast") == "sdpa"
+    # narrow widths: the token bound (C' = 8: N = M <= 3·24 = 72)
+    assert _choose("embedded_gaussian", 72, 72, 8, 8) == "direct"
+    assert _choose("embedded_gaussian", 73, 73, 8, 8) == "sdpa"
+    # gaussian (keys = queries, C = 512, C' = 256): N·M <= 2^21
+    assert _choose("gaussian", 1448, 1448, 512, 256, shared=True) == "direct"
+    assert _choose("gaussian", 1449, 1449, 512, 256, shared=True) == "symmetric"
+    assert _choose("gaussian", 784, 784, 512, 256, shared=True, grad=False) == "symmetric"
+    assert _choose("gaussian", 4096, 1024, 512, 256) == "direct"  # sub-sampled keys
+    assert _choose("gaussian", 8192, 2048, 512, 256) == "blocked"
+    # dot product: direct while N·M·(C_q + C_v) < (N + M)·C_q·C_v (N = M = 255 < C' = 256)
+    assert _choose("dot_product", 255, 255, 256, 256) == "direct"
+    assert _choose("dot_product", 256, 256, 256, 256) == "linear"
+    assert _choose("dot_product", 255, 255, 256, 256, grad=False) == "direct"
+    # concatenation (scalar a, b): the map no larger than a, b and the values
+    assert _choose("concatenation", 196, 196, 1, 256) == "direct"
+    assert _choose("concatenation", 784, 784, 1, 256) == "sorted"
+    assert _choose("concatenation", 196, 196, 1, 256, impl="fast") == "sorted"
+    # forced kernels and the reference
+    assert _choose("embedded_gaussian", 9, 9, 4, 4, impl="blocked") == "blocked"
+    assert _choose("dot_product", 9, 9, 4, 4, impl="reference") == "reference"
+
+
+def test_dispatch_on_cuda_takes_the_fused_kernel() -> None:
+    for n in (49, 4096):
+        assert _choose("embedded_gaussian", n, n, 256, 256, device_type="cuda") == "sdpa"
+        assert _choose("gaussian", n, n, 512, 256, shared=True, device_type="cuda") == "sdpa"
+    assert _choose("dot_product", 49, 49, 256, 256, device_type="cuda") == "direct"
+    assert _choose("concatenation", 4096, 4096, 1, 256, device_type="cuda") == "sorted"
+
+
+@pytest.mark.parametrize("pairwise", NLF.PAIRWISE)
+def test_auto_is_exact_on_both_sides_of_the_threshold(pairwise: str) -> None:
+    """impl="auto" just below and just above the small-map threshold: a different kernel each
+    side, both equal to the reference in float64, output and every gradient."""
+    c_q = 1 if pairwise == "concatenation" else 6
+    c_v = 5
+    sides = []
+    for n in range(2, 80):  # N = M: find where the choice changes
+        kernel = _choose(pairwise, n, n, c_q, c_v, shared=pairwise == "gaussian")
+        if not sides or sides[-1][1] != kernel:
+            sides.append((n, kernel))
+    assert [k for _, k in sides][:2] == [
+        "direct",
+        NLF.choose_kernel(
+            pairwise,
+            n=sides[1][0],
+            m=sides[1][0],
+            c_q=c_q,
+            c_v=c_v,
+            shared=pairwise == "gaussian",
+            impl="fast",
+        ),
+    ]
+    n_switch = sides[1][0]
+    for n in (n_switch - 1, n_switch):
+        q, k, v = _tokens(pairwise, 2, n, n, c_q, c_v)
+        if pairwise == "gaussian":
+            k = q
+        inputs = (q, v) if pairwise == "gaussian" else (q, k, v)
+        grad = torch.randn(2, n, c_v, dtype=DT)
+        outs = []
+        for impl in ("auto", "reference"):
+            y = NLF.aggregate(pairwise, q, k, v, scale=0.4, impl=impl)
+            outs.append(_flat(y, *torch.autograd.grad(y, inputs, grad)))
+        assert _rel(outs[0], outs[1]) <= 1e-10, n
+
+
+def test_select_kernel_reads_the_tensors() -> None:
+    q, v = torch.randn(1, 900, 8), torch.randn(1, 900, 4)
+    assert NLF.select_kernel("gaussian", q, q, v) == "symmetric"
+    assert NLF.select_kernel("gaussian", q, q.clone(), v) == "blocked"
+    small = q[:, :10]
+    assert NLF.select_kernel("gaussian", small, small, v[:, :10]) == "symmetric"  # no grad
+    small.requires_grad_(True)
+    assert NLF.select_kernel("gaussian", small, small, v[:, :10]) == "direct"
+    with torch.no_grad():
+        assert NLF.select_kernel("gaussian", small, small, v[:, :10]) == "symmetric"
+
+
+def test_dispatch_is_logged(caplog) -> None:
+    q, k, v = _tokens("embedded_gaussian", 1, 4, 3, 2, 2)  # requiring grad
+    with caplog.at_level("DEBUG", logger="nonlocalnet.kernels"):
+        NLF.aggregate("embedded_gaussian", q, k, v)
+    assert "kernel 'direct'" in caplog.text
+
+
+def test_direct_kernel_never_recomputes_and_matches_in_low_precision() -> None:
+    """The direct kernel keeps its map for backward (one logits product forward, none in
+    backward) and accumulates half-precision inputs in float32."""
+    q, k = (torch.randn(1, n, 8, requires_grad=True) for n in (12, 10))
+    v = torch.randn(1, 10, 5, requires_grad=True)
+
+    def fwd_bwd() -> None:
+        NLF.softmax_aggregate(q, k, v, scale=0.3, impl="direct").sum().backward()
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fwd_bwd()
+    logits = [
+        e
+        for e in prof.events()
+        if e.name in ("aten::bmm", "aten::baddbmm")
+        and [list(s) for s in e.input_shapes if s][-2:] == [[1, 12, 8], [1, 8, 10]]
+    ]
+    assert len(logits) == 1
+    big = [t * 30 for t in (q.detach(), k.detach())]
+    want = NLF.softmax_aggregate(
+        *(t.double() for t in big), v.detach().double(), scale=0.3, impl="reference"
+    )
+    got = NLF.softmax_aggregate(
+        *(t.bfloat16() for t in big), v.detach().bfloat16(), scale=0.3, impl="direct"
+    )
+    assert got.dtype == torch.bfloat16 and bool(torch.isfinite(got).all())
+    assert _rel(got.double(), want) <= 2e-2
 
 
 # -- low precision: logits and sums that float16 cannot hold -----------------------------------
@@ -361,7 +506,7 @@ def test_large_logits_in_half_precision(pairwise: str, dtype: torch.dtype) -> No
     qd, kd, vd = (t.double() for t in (q16, k16, v16))
     want = NLF.aggregate(pairwise, qd, kd, vd, scale=scale, impl="reference")
     tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
-    for impl in NLF.IMPLS:
+    for impl in ("reference", *_impls(pairwise)):
         got = NLF.aggregate(pairwise, q16, k16, v16, scale=scale, impl=impl)
         assert got.dtype == dtype
         assert bool(torch.isfinite(got).all()), impl
@@ -414,7 +559,7 @@ def test_concatenation_under_onnx_export_uses_merged_counts(monkeypatch) -> None
     a = torch.tensor([[[1.0], [-2.0], [0.5], [3.0]]], dtype=DT)
     b = torch.tensor([[[-1.0], [2.0], [-0.5], [2.0], [-3.0]]], dtype=DT)
     v = torch.randn(1, 5, 3, dtype=DT)
-    want = NLF.concatenation_aggregate(a, b, v)
+    want = NLF.concatenation_aggregate(a, b, v, impl="sorted")
     calls = []
     merged = NLF.merged_counts
 
@@ -424,5 +569,85 @@ def test_concatenation_under_onnx_export_uses_merged_counts(monkeypatch) -> None
 
     monkeypatch.setattr(NLF, "merged_counts", spy)
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
-    got = NLF.concatenation_aggregate(a, b, v)
+    got = NLF.concatenation_aggregate(a, b, v, impl="sorted")
     assert calls and torch.equal(got, want)
+
+
+# -- CUDA: the fused kernels, no math fallback, no device syncs ----------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("c_q", "c_v"), [(64, 64), (256, 256), (60, 60), (32, 48)])
+def test_cuda_sdpa_reaches_the_fused_kernels(dtype, c_q: int, c_v: int) -> None:
+    """With the math backend excluded, the fast softmax path still runs (FlashAttention or the
+    memory-efficient kernel; widths padded to a common multiple of 8), forward and backward,
+    and agrees with the reference."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (torch.randn(2, n, c_q, device="cuda", generator=g) for n in (300, 200))
+    v = torch.randn(2, 200, c_v, device="cuda", generator=g)
+    q, k, v = (t.to(dtype).requires_grad_(True) for t in (q, k, v))
+    assert NLF.select_kernel("embedded_gaussian", q, k, v) == "sdpa"
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        y = NLF.softmax_aggregate(q, k, v, scale=c_q**-0.5)
+        y.float().square().sum().backward()
+    want = NLF.softmax_aggregate(
+        *(t.detach().double() for t in (q, k, v)), scale=c_q**-0.5, impl="reference"
+    )
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert _rel(y.double(), want) <= tol
+    assert all(bool(torch.isfinite(t.grad).all()) for t in (q, k, v))
+
+
+@cuda
+@pytest.mark.parametrize("pairwise", NLF.PAIRWISE)
+def test_cuda_fast_paths_do_not_sync(pairwise: str) -> None:
+    """The dispatched kernels run without a host-device synchronisation, forward and backward."""
+    d = 1 if pairwise == "concatenation" else 64
+    q, k = (torch.randn(2, n, d, device="cuda", requires_grad=True) for n in (500, 400))
+    v = torch.randn(2, 400, 64, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for impl in ("auto", "fast"):
+            y = NLF.aggregate(pairwise, q, k, v, scale=0.1, impl=impl)
+            y.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = NLF.aggregate(pairwise, q.double(), k.double(), v.double(), scale=0.1, impl="reference")
+    assert _rel(NLF.aggregate(pairwise, q, k, v, scale=0.1).double(), want) <= 1e-4
+
+
+@pytest.mark.parametrize("impl", ["direct", "blocked", "symmetric", "sdpa"])
+def test_bfloat16_autocast_kernels(impl: str, monkeypatch) -> None:
+    """Under a bfloat16 autocast the kernels run their products in bfloat16 (as autocast does)
+    with float32 statistics: close to the float64 reference on moderate logits, finite, and
+    with gradients close to it too; blocks and tiles smaller than the input."""
+    monkeypatch.setattr(NLF, "ATTENTION_CHUNK_ELEMENTS", 7 * 40)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 40, 16, generator=g)
+    v = torch.randn(2, 40, 8, generator=g)
+    k = q if impl == "symmetric" else torch.randn(2, 40, 16, generator=g)
+    grad = torch.randn(2, 40, 8, generator=g)
+    inputs = [
+        t.clone().requires_grad_(True) for t in ((q, v) if impl == "symmetric" else (q, k, v))
+    ]
+    qq, kk, vv = (inputs[0], inputs[0], inputs[1]) if impl == "symmetric" else inputs
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if impl == "symmetric":
+            y = NLF.symmetric_softmax_aggregate(qq, vv, scale=0.25, tile=16)
+        else:
+            y = NLF.softmax_aggregate(qq, kk, vv, scale=0.25, impl=impl)
+    got = torch.autograd.grad(y, inputs, grad.to(y.dtype))
+    ref_in = [t.detach().double().requires_grad_(True) for t in inputs]
+    rq, rk, rv = (ref_in[0], ref_in[0], ref_in[1]) if impl == "symmetric" else ref_in
+    want = NLF.softmax_aggregate(rq, rk, rv, scale=0.25, impl="reference")
+    g_want = torch.autograd.grad(want, ref_in, grad.double())
+    assert bool(torch.isfinite(y).all())
+    assert _rel(y.double(), want) <= 3e-2
+    for a, b in zip(got, g_want, strict=True):
+        assert _rel(a.double(), b) <= 5e-2

@@ -161,7 +161,9 @@ def test_fusion_order_is_multiply_first() -> None:
     torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
     c = a.context(x)
     expected = x * torch.sigmoid(a.transform_mul(c)) + a.transform_add(c)
-    torch.testing.assert_close(a(x), expected, rtol=0, atol=0)
+    # the fast path runs the transforms as matrix products on the (B, C) context: the same
+    # numbers up to float32 rounding
+    torch.testing.assert_close(a(x), expected, rtol=1e-6, atol=1e-6)
 
 
 # -- special cases ---------------------------------------------------------------------------

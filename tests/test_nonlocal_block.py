@@ -13,6 +13,7 @@ import nonlocalnet.functional
 import nonlocalnet.layers.nonlocal_block
 from nonlocalnet import NonLocal1d, NonLocal2d, NonLocal3d, NonLocalNd
 from nonlocalnet.functional import PAIRWISE
+from nonlocalnet.layers.nonlocal_block import NL_PAIRWISE
 
 DT = torch.float64
 C, CI = 6, 4
@@ -632,26 +633,225 @@ def _map_shaped_ops(block: torch.nn.Module, x: torch.Tensor, n: int, m: int) -> 
 def test_fast_path_never_materialises_the_map(pairwise, monkeypatch) -> None:
     # gaussian (C-wide logits, C'-wide values) runs by blocks of queries: make them smaller
     # than N here, as they are for any large input
-    monkeypatch.setattr(nonlocalnet.functional, "ATTENTION_CHUNK_ELEMENTS", 5 * 12)
-    x = torch.randn(1, C, 6, 7, dtype=DT)  # N = 42, sub-sampled M = 3·4 = 12
-    fast = _make(pairwise, 2, sub=True, zero_init=False)
-    assert _map_shaped_ops(fast, x, 42, 12) == []
-    ref = _make(pairwise, 2, sub=True, zero_init=False, impl="reference")
-    assert _map_shaped_ops(ref, x, 42, 12) != []  # the check does see a materialised map
+    monkeypatch.setattr(nonlocalnet.functional, "ATTENTION_CHUNK_ELEMENTS", 5 * 15)
+    # N = 54, sub-sampled M = 3·5 = 15 (no width of the block is 15 or 54)
+    for x in (torch.randn(1, C, 6, 9, dtype=DT), torch.randn(2, C, 6, 9, dtype=DT)):
+        fast = _make(pairwise, 2, sub=True, zero_init=False, impl="fast")
+        assert _map_shaped_ops(fast, x, 54, 15) == []
+        ref = _make(pairwise, 2, sub=True, zero_init=False, impl="reference")
+        assert _map_shaped_ops(ref, x, 54, 15) != []  # the check does see a materialised map
 
 
 @pytest.mark.parametrize(("dims", "extent"), LAYOUTS)
 @pytest.mark.parametrize(("sub", "pos"), [(False, "after"), (True, "before")])
 def test_fast_equals_reference_blocked_softmax(dims, extent, sub, pos, monkeypatch) -> None:
     """The query-blocked softmax kernel for equal widths (embedded_gaussian), inside the block."""
-    aggregate = nonlocalnet.functional.aggregate
-    kernels: list[str] = []
-
-    def blocked(*args, impl: str, **kwargs):
-        kernels.append("blocked" if impl == "fast" else "auto")
-        return aggregate(*args, impl=impl, kernel=kernels[-1], **kwargs)
-
-    monkeypatch.setattr(nonlocalnet.layers.nonlocal_block, "aggregate", blocked)
     monkeypatch.setattr(nonlocalnet.functional, "ATTENTION_CHUNK_ELEMENTS", 16)
-    test_fast_equals_reference("embedded_gaussian", dims, extent, sub, pos, None)
-    assert "blocked" in kernels
+    fast = _make("embedded_gaussian", dims, extent, sub, pos, impl="blocked", zero_init=False)
+    _randomize(fast)
+    ref = _make("embedded_gaussian", dims, extent, sub, pos, impl="reference")
+    ref.load_state_dict(fast.state_dict())
+    x = _input(dims)
+    assert fast.kernel_for(x) == "blocked"
+    grad = torch.randn_like(x)
+    got = _outputs_and_grads(fast, x, grad)
+    want = _outputs_and_grads(ref, x, grad)
+    assert float((got - want).detach().norm() / want.detach().norm()) <= 1e-10
+
+
+# -- every kernel, and the dispatcher's choice ---------------------------------------------------
+
+
+def _block_impls(pairwise: str, sub: bool) -> list[str]:
+    """Every impl of the block but the reference (symmetric only where keys are queries)."""
+    kernels = nonlocalnet.layers.nonlocal_block._impl_choices(pairwise)
+    shared = pairwise == "gaussian" and not sub
+    return [i for i in kernels if i != "reference" and (i != "symmetric" or shared)]
+
+
+#: sizes on both sides of the small-map thresholds of C' = CI = 4 (with gradients): embedded
+#: N·M <= 3·(N·4 + M·8) (N = M <= 36; gaussian, C_q = C = 6: <= 48), dot product and efficient
+#: N·M·8 < (N + M)·16 (N = M < 4), concatenation N·M <= N + 5·M (N = M <= 6)
+THRESHOLD_SIZES = {"tiny": (1, 3), "small": (2, 3), "large": (8, 9)}
+
+
+@pytest.mark.parametrize("pairwise", NL_PAIRWISE)
+@pytest.mark.parametrize("side", list(THRESHOLD_SIZES))
+@pytest.mark.parametrize(("sub", "pos"), [(False, "after"), (True, "after"), (True, "before")])
+def test_every_impl_equals_reference(pairwise, side, sub, pos) -> None:
+    """Each kernel the block can run, and both dispatch choices, on a small and a large map:
+    float64 output and every gradient (input and parameters) equal to the reference."""
+    x = torch.randn(2, C, *THRESHOLD_SIZES[side], dtype=DT)
+    grad = torch.randn_like(x)
+    ref = _make(pairwise, 2, sub=sub, pos=pos, impl="reference", zero_init=False)
+    _randomize(ref)
+    want = _outputs_and_grads(ref, x, grad)
+    for impl in _block_impls(pairwise, sub):
+        fast = _make(pairwise, 2, sub=sub, pos=pos, impl=impl, zero_init=False)
+        fast.load_state_dict(ref.state_dict())
+        got = _outputs_and_grads(fast, x, grad)
+        assert float((got - want).detach().norm() / want.detach().norm()) <= 1e-10, impl
+        fast.load_state_dict(ref.state_dict())  # the same running statistics
+        fast.eval(), ref.eval()
+        with torch.no_grad():  # eval mode: the BatchNorm folded into W_z
+            err = (fast(x) - ref(x)).norm() / ref(x).norm()
+        fast.train(), ref.train()
+        assert float(err) <= 1e-12, impl
+
+
+def test_dispatch_choice_of_the_block() -> None:
+    """auto: direct for a small map, an O(N)-memory kernel for a large one; fast: never the map."""
+    tiny, small, large = (torch.randn(1, C, *size) for size in THRESHOLD_SIZES.values())
+
+    def block(pairwise: str, impl: str = "auto", **kw) -> NonLocalNd:
+        return NonLocal2d(C, CI, pairwise=pairwise, impl=impl, **kw)
+
+    assert block("embedded_gaussian").kernel_for(small) == "direct"
+    assert block("embedded_gaussian").kernel_for(large) == "sdpa"
+    assert block("embedded_gaussian", "fast").kernel_for(small) == "sdpa"
+    assert block("gaussian").kernel_for(small) == "direct"
+    assert block("gaussian").kernel_for(large) == "symmetric"
+    assert block("gaussian", sub_sample=True).kernel_for(torch.randn(1, C, 16, 18)) == "blocked"
+    assert block("dot_product").kernel_for(tiny) == "direct"
+    assert block("dot_product").kernel_for(small) == "linear"
+    assert block("concatenation").kernel_for(small) == "direct"
+    assert block("concatenation").kernel_for(large) == "sorted"
+    assert block("efficient").kernel_for(tiny) == "direct"
+    assert block("efficient").kernel_for(small) == "context"
+    assert block("embedded_gaussian", "reference").kernel_for(large) == "reference"
+    assert block("embedded_gaussian", "blocked").kernel_for(small) == "blocked"
+    # at the sizes of the networks: C = 1024, C' = 512, 14×14 and 7×7; a 64×64 map
+    nl = NonLocal2d(1024)
+    assert nl.kernel_for(torch.empty(8, 1024, 7, 7)) == "direct"
+    assert nl.kernel_for(torch.empty(8, 1024, 14, 14)) == "direct"
+    assert nl.kernel_for(torch.empty(1, 1024, 64, 64)) == "sdpa"
+    assert "kernel_for" in repr(nl) and "impl='auto'" in repr(nl)
+
+
+@pytest.mark.parametrize("pairwise", NL_PAIRWISE)
+def test_auto_never_materialises_a_large_map(pairwise, monkeypatch) -> None:
+    """The default impl on a map above the threshold: no (N, M) tensor, forward or backward;
+    on a map below it the direct kernel does form it (the profiler check sees it)."""
+    monkeypatch.setattr(nonlocalnet.functional, "ATTENTION_CHUNK_ELEMENTS", 5 * 30)
+    x = torch.randn(1, C, 10, 11, dtype=DT)  # N = 110, sub-sampled M = 5·6 = 30
+    block = _make(pairwise, 2, sub=True, zero_init=False, impl="auto")
+    assert block.kernel_for(x.requires_grad_(True)) not in ("direct", "reference")
+    assert _map_shaped_ops(block, x, 110, 30) == []
+    small = torch.randn(1, C, 2, 3, dtype=DT)  # N = 6, M = 2
+    if block.kernel_for(small) == "direct":  # dot product, efficient: N = 6 is linear already
+        assert _map_shaped_ops(block, small, 6, 2) != []
+
+
+def test_projections_are_one_product_per_weight() -> None:
+    """The fast path computes θ, φ, g and W_z as matrix products over all B·N positions (no
+    per-sample convolution), and an eval-mode BatchNorm is folded into W_z."""
+    from torch.profiler import ProfilerActivity, profile
+
+    block = NonLocal2d(16, 8, zero_init=False).eval()
+    x = torch.randn(4, 16, 5, 5)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        block(x)
+    names = {e.name for e in prof.events()}
+    assert not any("conv" in n for n in names), names
+    assert not any("batch_norm" in n for n in names), names
+
+
+# -- efficient attention as a pairwise form -----------------------------------------------------
+
+
+@pytest.mark.parametrize(("dims", "extent"), LAYOUTS)
+@pytest.mark.parametrize(("sub", "pos"), SUBSAMPLING)
+def test_efficient_fast_equals_reference(dims, extent, sub, pos) -> None:
+    fast = _make("efficient", dims, extent, sub, pos, zero_init=False, impl="context")
+    _randomize(fast)
+    ref = _make("efficient", dims, extent, sub, pos, impl="reference")
+    ref.load_state_dict(fast.state_dict())
+    x = _input(dims)
+    grad = torch.randn_like(x)
+    got = _outputs_and_grads(fast, x, grad)
+    want = _outputs_and_grads(ref, x, grad)
+    assert float((got - want).detach().norm() / want.detach().norm()) <= 1e-10
+    assert float((fast(x) - x).abs().max()) > 1e-2
+
+
+def test_efficient_matches_its_formula_and_map() -> None:
+    """y = ρ_q(θ) (ρ_k(φ)ᵀ g): softmax of each query over channels, of each key channel over
+    positions; attention_map rows are non-negative, sum to 1 and rebuild the output."""
+    block = _make("efficient", 2, zero_init=False)
+    _randomize(block)
+    x = _input(2)
+    theta, phi, g = (_conv1x1(m, x).flatten(2) for m in (block.theta, block.phi, block.g))
+    rho_q = torch.softmax(theta, dim=1)  # (B, C', N): over channels
+    rho_k = torch.softmax(phi, dim=2)  # (B, C', N): over positions
+    y = torch.einsum("bcn,bcm,bdm->bdn", rho_q, rho_k, g).reshape(2, CI, *SIZES[2])
+    want = x + block.norm(block.conv_out(y))
+    with torch.no_grad():
+        assert float((block(x) - want).norm() / want.norm()) <= 1e-12
+    amap = block.attention_map(x)
+    assert bool((amap >= 0).all())
+    torch.testing.assert_close(amap.sum(-1), torch.ones(2, 15, dtype=DT), rtol=0, atol=1e-12)
+    _, _, v = block.embed(x)
+    y_map = torch.bmm(amap, v).transpose(1, 2).reshape(2, CI, *SIZES[2])
+    assert torch.allclose(block.norm(block.conv_out(y_map)) + x, want, rtol=0, atol=1e-12)
+    assert torch.equal(_make("efficient", 2)(x), x)  # zero-initialised: the identity
+    with pytest.raises(ValueError, match="use_scale"):
+        NonLocal2d(8, pairwise="efficient", use_scale=True)
+    with pytest.raises(ValueError, match="impl"):
+        NonLocal2d(8, pairwise="efficient", impl="sdpa")
+
+
+# -- CUDA -----------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("pairwise", NL_PAIRWISE)
+@pytest.mark.parametrize("sub", [False, True])
+def test_cuda_block_fast_path(pairwise, sub) -> None:
+    """On a CUDA device: the fused attention kernels with the math backend excluded (softmax
+    forms), no host-device synchronisation in forward and backward, and the reference's
+    numbers; float32 and bfloat16 autocast."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    block = NonLocal2d(64, 32, pairwise=pairwise, sub_sample=sub, zero_init=False).cuda()
+    _randomize(block)
+    ref = NonLocal2d(64, 32, pairwise=pairwise, sub_sample=sub, impl="reference").cuda()
+    ref.load_state_dict(block.state_dict())
+    x = torch.randn(2, 64, 24, 20, device="cuda", requires_grad=True)
+    if pairwise in ("gaussian", "embedded_gaussian"):
+        assert block.kernel_for(x) == "sdpa"
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            out = block(x)
+            out.sum().backward()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out16 = block(x)
+            out16.float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with torch.no_grad():
+        want = ref(x)
+    assert float((out - want).norm() / want.norm()) <= 1e-4
+    assert float((out16.float() - want).norm() / want.norm()) <= 3e-2
+
+
+@cuda
+def test_cuda_other_blocks_do_not_sync() -> None:
+    from nonlocalnet import APNB, GlobalContext
+
+    for block, x in (
+        (GlobalContext(64, zero_init=False), torch.randn(4, 64, 14, 14)),
+        (APNB(64, key_channels=32, value_channels=32, zero_init=False), torch.randn(2, 64, 32, 32)),
+    ):
+        block = block.cuda()
+        x = x.cuda().requires_grad_(True)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            block(x).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

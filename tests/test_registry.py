@@ -128,3 +128,31 @@ def test_presets_take_the_peer_options() -> None:
         create_block("gc", 32, norm_eps=-1.0)
     with pytest.raises(ValueError, match="NonLocalNd: unknown sub_sample_rounding 'up'"):
         create_block("nl", 8, sub_sample_rounding="up")
+
+
+@pytest.mark.parametrize(
+    ("name", "cls", "attrs"),
+    [
+        ("dnl", "DisentangledNonLocalNd", {"pairwise": "embedded_gaussian", "temperature": 0.05}),
+        ("dnl_dot", "DisentangledNonLocalNd", {"pairwise": "dot_product"}),
+        ("cca", "CrissCrossAttention", {"recurrence": 2}),
+        ("ema", "EMAU", {"num_bases": 64, "num_stages": 3}),
+        ("effattn", "EfficientAttention", {"heads": 1, "normalization": "softmax"}),
+        ("nl_effattn", "NonLocalNd", {"pairwise": "efficient"}),
+    ],
+)
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_successor_presets(name, cls, attrs, dims) -> None:
+    """The successors build by name, exported at the top level, and start as the identity
+    (EMA: its residual branch starts at 0, then a ReLU: ReLU(x))."""
+    import nonlocalnet
+
+    block = create_block(name, 16, dims=dims)
+    assert type(block).__name__ == cls and isinstance(block, getattr(nonlocalnet, cls))
+    for key, value in attrs.items():
+        assert getattr(block, key) == value, key
+    assert block.dims == dims
+    x = torch.randn(2, 16, *([4] * dims))
+    want = torch.relu(x) if name == "ema" else x
+    assert torch.allclose(block(x), want, rtol=0, atol=1e-6)
+    assert name in list_blocks()

@@ -64,7 +64,8 @@ class BlockSpec:
         size: spatial size of the input; its length is the number of dims (2: images, 3: video).
         batch: batch size.
         inner_channels: NL width C'; APNB key and value width.
-        pairwise: NL pairwise function (``"embedded_gaussian"`` or ``"gaussian"``).
+        pairwise: NL pairwise function (the mmcv peer takes all four; the others the two
+            Gaussian forms).
         sub_sample: NL max-pooling of the key/value side (1×2×2 in 3d, 2×2 in 2d).
         ratio: GC bottleneck ratio.
         dropout: APNB dropout after the fusion.
@@ -172,7 +173,8 @@ def _version(*dists: str) -> str:
 
 
 def build_ours(spec: BlockSpec, options: dict[str, Any] | None = None) -> nn.Module:
-    """Our block for ``spec`` (fast path, zero_init off), with the peer-matching ``options``."""
+    """Our block for ``spec`` (its default ``impl``, zero_init off), with the peer-matching
+    ``options`` (which may name an ``impl``)."""
     options = dict(options or {})
     if spec.kind == "nl":
         return NonLocalNd(
@@ -181,7 +183,6 @@ def build_ours(spec: BlockSpec, options: dict[str, Any] | None = None) -> nn.Mod
             pairwise=spec.pairwise,
             sub_sample=spec.sub_sample,
             zero_init=False,
-            impl="fast",
             dims=spec.dims,
             **options,
         )
@@ -368,10 +369,13 @@ MMCV_NL = Peer(
     name="mmcv",
     kind="nl",
     describe=lambda: f"mmcv-lite {_version('mmcv-lite', 'mmcv')} (package): mmcv.cnn.NonLocalNd",
-    unsupported=_nl_unsupported(("embedded_gaussian", "gaussian"), (1, 2, 3), True, "mmcv"),
+    unsupported=_nl_unsupported(
+        ("embedded_gaussian", "gaussian", "dot_product", "concatenation"), (1, 2, 3), True, "mmcv"
+    ),
     ours_options=_position("after"),
     build=_build_mmcv_nl,
     rules=lambda spec: [
+        ("concat_project.conv.", "concat_project."),
         ("g.0.conv.", "g."),
         ("g.conv.", "g."),
         ("theta.conv.", "theta."),
@@ -384,8 +388,11 @@ MMCV_NL = Peer(
         "NonLocal{d}d(C, reduction=C/C', use_scale=True, norm_cfg=BN{d}d, mode, sub_sample): "
         "embedded logits x C'^-1/2 = our default (gaussian unscaled in both); pools after "
         "phi/g (ours: sub_sample_position='after'), floor rounding (even sizes); conv_out has "
-        "no bias before its BN: our conv_out.bias is zeroed; keys g[.0].conv, theta.conv, "
-        "phi[.0].conv, conv_out.conv, conv_out.bn <- g, theta, phi, conv_out, norm"
+        "no bias before its BN: our conv_out.bias is zeroed; dot product and concatenation "
+        "divide by the number of keys as ours (its concatenation materialises the "
+        "(B, 2C', N, M) pair features); keys g[.0].conv, theta.conv, phi[.0].conv, "
+        "concat_project.conv, conv_out.conv, conv_out.bn <- g, theta, phi, concat_project, "
+        "conv_out, norm"
     ),
     prepare_ours=_zero_conv_out_bias,
     dropped=("conv_out.bias",),

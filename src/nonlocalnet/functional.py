@@ -22,30 +22,73 @@ itself, or its θ/φ embeddings); both are softmax attention with scale ``s``. F
 ``concatenation`` the queries and keys are the scalars ``a_i = w_θᵀ θ(x_i)`` and
 ``b_j = w_φᵀ φ(x_j)``, given as ``(B, N, 1)`` and ``(B, M, 1)`` tensors.
 
-Two implementations of each:
+Implementations (``impl=``)
+---------------------------
 
-* ``impl="reference"`` materialises the ``(B, N, M)`` matrix of normalised weights f/C(x) and
+* ``"reference"`` materialises the ``(B, N, M)`` matrix of normalised weights f/C(x) and
   multiplies it with the values: the paper's formula, taken literally. It is the oracle of the
   tests and the path that can return the map.
-* ``impl="fast"`` never materialises that matrix:
+* a kernel, by name (:data:`KERNELS`):
 
-  - softmax forms: :func:`torch.nn.functional.scaled_dot_product_attention` (fused, O(N) extra
-    memory on CPU and CUDA), or exact query-blocked / symmetric-tile kernels where the fused CPU
-    kernel would materialise the map; ``kernel=`` (:data:`SOFTMAX_KERNELS`) picks one;
-  - dot product: linear attention computed right to left, ``q (kᵀ v) / M``: O((N + M)·C_q·C_v);
-  - concatenation: Σ_j ReLU(a_i + b_j) v_j = a_i · Σ_{j∈J_i} v_j + Σ_{j∈J_i} b_j v_j with
-    J_i = {j : b_j > −a_i}. Sorting b in decreasing order makes every J_i a prefix of the sorted
-    keys, so prefix sums of v and of b·v, indexed by a binary search (:func:`torch.searchsorted`), give every y_i in
-    O((N + M)·log M·C_v). Exact, and differentiable by autograd through sort and gather
-    (at a_i + b_j = 0 the key is left out, matching ReLU'(0) = 0). ONNX has no binary search:
-    while :func:`torch.onnx.export` traces, the counts |J_i| come from one sort of the queries
-    merged with the keys instead (:func:`merged_counts`), which exports and gives the same
-    integers.
+  - ``"direct"`` (every form): the map as one batched product, normalised in place, times the
+    values; what the peers compute, without their copies. The fastest form while the map is
+    small, and it keeps the map for the backward pass instead of recomputing it;
+  - ``"sdpa"`` (softmax forms): :func:`torch.nn.functional.scaled_dot_product_attention`, fused,
+    O(N) extra memory (the narrower of the query/value widths zero-padded, exact, where the
+    fused kernel needs equal widths);
+  - ``"blocked"`` (softmax forms): :func:`chunked_softmax_aggregate`, one block of queries at a
+    time, any widths;
+  - ``"symmetric"`` (softmax forms, keys that are the queries: gaussian without sub-sampling):
+    :func:`symmetric_softmax_aggregate`, each tile of the symmetric logits computed once for
+    two tiles of the map;
+  - ``"linear"`` (dot product): linear attention computed right to left, ``q (kᵀ v) / M``:
+    O((N + M)·C_q·C_v);
+  - ``"sorted"`` (concatenation): Σ_j ReLU(a_i + b_j) v_j = a_i · Σ_{j∈J_i} v_j +
+    Σ_{j∈J_i} b_j v_j with J_i = {j : b_j > −a_i}. Sorting b in decreasing order makes every
+    J_i a prefix of the sorted keys, so prefix sums of v and of b·v, indexed by a binary search
+    (:func:`torch.searchsorted`), give every y_i in O((N + M)·log M·C_v). Exact, and
+    differentiable by autograd through sort and gather (at a_i + b_j = 0 the key is left out,
+    matching ReLU'(0) = 0). ONNX has no binary search: while :func:`torch.onnx.export` traces,
+    the counts |J_i| come from one sort of the queries merged with the keys instead
+    (:func:`merged_counts`), which exports and gives the same integers.
 
-Precision: half and bfloat16 inputs (autocast included) are accumulated in float32 wherever a
-sum could leave their range: the logits and softmax of the reference path and of
+* ``"fast"``: the dispatcher's choice among the kernels that never form the N×M map
+  (:data:`LINEAR_MEMORY_KERNELS`), for any size;
+* ``"auto"`` (default): the dispatcher's choice among all kernels: ``"direct"`` where the map is
+  small, the ``"fast"`` choice otherwise.
+
+The dispatch (:func:`choose_kernel`; :func:`select_kernel` reads it off tensors) depends on the
+shapes, the device and whether the keys are the queries, never on a global setting:
+
+* ``"direct"`` (``impl="auto"`` only) while the map is small (:func:`small_map`). Softmax
+  forms on the CPU: while a backward pass follows and one sample's map has at most
+  :data:`DIRECT_MAX_ELEMENTS` elements (16 MiB in float32; half that when the keys are the
+  queries) and at most :data:`DIRECT_MAX_TOKEN_RATIO` times the elements of its query, key and
+  value tokens (about the block's own activations), so memory stays O(N) for large maps and
+  narrow widths; without a backward pass the fused float32 kernels are faster at every size
+  measured (under a bfloat16 autocast the direct kernel, whose products then run in bfloat16,
+  stays the faster one up to the same caps).
+  Concatenation: while the map has no more elements than the a, b and value tokens. Dot
+  product: while the map costs fewer products than the linear form,
+  N·M·(C_q + C_v) < (N + M)·C_q·C_v. On a CUDA device the softmax forms take the fused kernel
+  at every size;
+* otherwise, on the CPU: ``"symmetric"`` when the keys are the queries, ``"blocked"`` when the
+  widths differ (the fused CPU kernel would fall back to the materialising math kernel),
+  ``"sdpa"`` when they are equal; on other devices ``"sdpa"`` (widths padded to a common
+  multiple of 8, as FlashAttention and the memory-efficient kernel need); ``"linear"`` and
+  ``"sorted"`` for the forms without a softmax.
+
+The chosen kernel is logged at DEBUG level on the ``nonlocalnet.kernels`` logger.
+
+Precision: half and bfloat16 inputs are accumulated in float32 wherever a sum could leave
+their range: the logits and softmax of the reference and direct paths and of
 :func:`pairwise_weights`, the kᵀv product of the dot product, the prefix sums of the
-concatenation and the blocked softmax kernels. Every aggregate returns the values' dtype.
+concatenation and the blocked softmax kernels. Under a bfloat16 autocast the direct, blocked
+and symmetric kernels run their matrix products in bfloat16, as autocast runs the peers'
+(accumulated in float32 inside the matrix kernel, results rounded to bfloat16: bfloat16 has
+float32's range, so only precision is at stake), while softmax statistics, row sums and
+accumulated outputs and gradients stay in float32; float16 keeps float32 logits. The reference
+keeps float32 throughout. Every aggregate returns the values' dtype.
 
 This module depends on torch alone.
 """
@@ -53,6 +96,7 @@ This module depends on torch alone.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 
 import torch
@@ -62,25 +106,206 @@ from torch import Tensor
 from nonlocalnet._checks import check_choice, check_tokens
 
 __all__ = [
+    "DIRECT_MAX_ELEMENTS",
+    "DIRECT_MAX_TOKEN_RATIO",
+    "DIRECT_SHARED_MAX_ELEMENTS",
+    "DISPATCH_IMPLS",
     "IMPLS",
+    "KERNELS",
+    "LINEAR_MEMORY_KERNELS",
     "PAIRWISE",
     "SOFTMAX_KERNELS",
     "aggregate",
+    "check_impl",
+    "choose_kernel",
     "chunked_softmax_aggregate",
     "concatenation_aggregate",
     "default_scale",
     "dot_product_aggregate",
+    "impl_choices",
     "merged_counts",
     "pairwise_weights",
+    "select_kernel",
+    "small_map",
     "softmax_aggregate",
     "symmetric_softmax_aggregate",
 ]
 
+_log = logging.getLogger("nonlocalnet.kernels")
+
 PAIRWISE = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
+#: the two implementations every block has: the fast path (never the N×M map) and the reference.
 IMPLS = ("fast", "reference")
+#: what ``impl=`` takes besides a kernel name: the dispatcher over every kernel (default), over
+#: the kernels that never form the map, or the reference.
+DISPATCH_IMPLS = ("auto", "fast", "reference")
 SOFTMAX_PAIRWISE = ("gaussian", "embedded_gaussian")
-#: Kernels of the fast softmax path (see :func:`softmax_aggregate`).
-SOFTMAX_KERNELS = ("auto", "sdpa", "blocked")
+#: kernels of the softmax forms.
+SOFTMAX_KERNELS = ("direct", "symmetric", "sdpa", "blocked")
+#: kernels by pairwise function.
+KERNELS = {
+    "gaussian": SOFTMAX_KERNELS,
+    "embedded_gaussian": SOFTMAX_KERNELS,
+    "dot_product": ("direct", "linear"),
+    "concatenation": ("direct", "sorted"),
+}
+#: kernels that never form the N×M map: O(N) extra memory (what ``impl="fast"`` picks from).
+LINEAR_MEMORY_KERNELS = ("symmetric", "sdpa", "blocked", "linear", "sorted")
+
+
+def impl_choices(pairwise: str) -> tuple[str, ...]:
+    """What ``impl=`` accepts for ``pairwise``: :data:`DISPATCH_IMPLS`, then its kernels."""
+    check_choice("pairwise", pairwise, PAIRWISE)
+    return (*DISPATCH_IMPLS, *KERNELS[pairwise])
+
+
+def check_impl(impl: object, pairwise: str | None = None, *, owner: str | None = None) -> None:
+    """Raise ``ValueError`` unless ``impl`` is a dispatch choice or a kernel of ``pairwise``.
+
+    Args:
+        impl: the value given.
+        pairwise: the pairwise function whose kernels are accepted; ``None`` accepts any kernel.
+        owner: the module or function reporting the error (prefixes the message).
+    """
+    if pairwise is None:
+        kernels = tuple(dict.fromkeys(k for ks in KERNELS.values() for k in ks))
+        choices = (*DISPATCH_IMPLS, *kernels)
+    else:
+        choices = impl_choices(pairwise)
+    check_choice("impl", impl, choices, owner=owner)
+
+
+#: Largest map (elements per sample, N·M) the direct kernel takes for a softmax form while
+#: gradients are needed: 16 MiB in float32. Above it, the fused kernel's recomputation costs
+#: less than the map's memory traffic (measured: direct 6-12% faster than the fused CPU
+#: kernel for N = M up to 1568 at C' = 256, even at N = M = 2048, 0.4% slower at 2560).
+DIRECT_MAX_ELEMENTS = 1 << 22
+#: The same when the keys are the queries, where the symmetric kernel saves a third of the
+#: logit products (measured: direct 14% faster at N = 784, even at 1568, 17% slower at 3136).
+DIRECT_SHARED_MAX_ELEMENTS = 1 << 21
+#: The direct kernel's map is also kept at most this many times the q, k, v tokens (the block's
+#: own activations are about as large), so that memory stays O(N) for narrow widths.
+DIRECT_MAX_TOKEN_RATIO = 3
+
+
+def small_map(
+    pairwise: str,
+    n: int,
+    m: int,
+    c_q: int,
+    c_v: int,
+    *,
+    shared: bool = False,
+    grad: bool = True,
+    autocast_bf16: bool = False,
+) -> bool:
+    """Whether the direct kernel is the better choice (see the module docstring).
+
+    Args:
+        pairwise: the pairwise function.
+        n: queries N.
+        m: keys M.
+        c_q: query/key width (1 for concatenation).
+        c_v: value width.
+        shared: the keys are the queries.
+        grad: a backward pass will follow (the direct kernel keeps its map for it, where the
+            fused kernels recompute theirs; without one, the fused float32 kernels are faster).
+        autocast_bf16: a bfloat16 autocast is on: the direct kernel runs its products in
+            bfloat16 as autocast does, faster than the fused CPU kernel with or without a
+            backward pass.
+    """
+    if pairwise == "dot_product":
+        return n * m * (c_q + c_v) < (n + m) * c_q * c_v
+    tokens = n * c_q + m * (c_q + c_v)
+    if pairwise == "concatenation":
+        return n * m <= tokens
+    if not (grad or autocast_bf16):
+        return False
+    cap = DIRECT_SHARED_MAX_ELEMENTS if shared else DIRECT_MAX_ELEMENTS
+    return n * m <= min(cap, DIRECT_MAX_TOKEN_RATIO * tokens)
+
+
+def choose_kernel(
+    pairwise: str,
+    *,
+    n: int,
+    m: int,
+    c_q: int,
+    c_v: int,
+    shared: bool = False,
+    device_type: str = "cpu",
+    grad: bool = True,
+    autocast_bf16: bool = False,
+    impl: str = "auto",
+) -> str:
+    """The kernel :func:`aggregate` runs for these shapes (see the module docstring).
+
+    Args:
+        pairwise: one of :data:`PAIRWISE`.
+        n: queries N.
+        m: keys M.
+        c_q: query/key width (1 for concatenation).
+        c_v: value width.
+        shared: the keys are the queries (one tensor).
+        device_type: ``"cpu"``, ``"cuda"``, ...
+        grad: a backward pass will follow.
+        autocast_bf16: a bfloat16 autocast is on for the device.
+        impl: ``"auto"``, ``"fast"``, ``"reference"`` or a kernel of ``pairwise``.
+
+    Returns:
+        A kernel of :data:`KERNELS`, or ``"reference"``.
+
+    Raises:
+        ValueError: unknown ``impl``, or ``"symmetric"`` for keys that are not the queries.
+    """
+    check_impl(impl, pairwise)
+    if impl == "reference":
+        return "reference"
+    if impl not in DISPATCH_IMPLS:
+        if impl == "symmetric" and not shared:
+            raise ValueError(
+                "impl='symmetric' needs keys that are the queries (one tensor: gaussian "
+                "without sub-sampling)"
+            )
+        return impl
+    softmax = pairwise in SOFTMAX_PAIRWISE
+    on_cpu = device_type == "cpu"
+    small = small_map(
+        pairwise, n, m, c_q, c_v, shared=shared, grad=grad, autocast_bf16=autocast_bf16
+    )
+    if impl == "auto" and (on_cpu or not softmax) and small:
+        return "direct"
+    if pairwise == "dot_product":
+        return "linear"
+    if pairwise == "concatenation":
+        return "sorted"
+    if not on_cpu:
+        return "sdpa"
+    if shared:
+        return "symmetric"
+    return "blocked" if c_q != c_v else "sdpa"
+
+
+def select_kernel(
+    pairwise: str, query: Tensor, key: Tensor, value: Tensor, *, impl: str = "auto"
+) -> str:
+    """:func:`choose_kernel` for these tensors (``key is query``: the keys are the queries; a
+    backward pass follows when grad mode is on and an input requires grad)."""
+    grad = torch.is_grad_enabled() and (
+        query.requires_grad or key.requires_grad or value.requires_grad
+    )
+    return choose_kernel(
+        pairwise,
+        n=query.shape[1],
+        m=key.shape[1],
+        c_q=query.shape[2],
+        c_v=value.shape[2],
+        shared=key is query,
+        device_type=query.device.type,
+        grad=grad,
+        autocast_bf16=_autocast_products(query, key, value) is not None,
+        impl=impl,
+    )
 
 
 def default_scale(pairwise: str, dim: int, use_scale: bool | None) -> float:
@@ -200,23 +425,68 @@ def pairwise_weights(
     return _weights(pairwise, query, key, scale).to(out_dtype)
 
 
-def _check_kernel(kernel: str, impl: str) -> None:
-    """Reject an unknown softmax kernel, or one named for the reference path.
+# -- the direct kernels: the map as one product, normalised in place ----------------------------
 
-    Args:
-        kernel: one of :data:`SOFTMAX_KERNELS`.
-        impl: ``"fast"`` or ``"reference"``.
 
-    Raises:
-        ValueError: unknown ``kernel``, or a kernel other than ``"auto"`` with
-            ``impl="reference"`` (which always materialises the map).
-    """
-    check_choice("kernel", kernel, SOFTMAX_KERNELS)
-    if kernel != "auto" and impl == "reference":
-        raise ValueError(
-            f"kernel picks a fast softmax kernel; impl='reference' takes kernel='auto', "
-            f"got kernel={kernel!r}"
-        )
+def _logits(query: Tensor, key: Tensor, scale: float) -> Tensor:
+    """s · q kᵀ as ``(B, N, M)`` in one product (the scale is the product's alpha)."""
+    kt = key.transpose(1, 2)  # (B, C_q, M)
+    if scale == 1.0:
+        return torch.bmm(query, kt)
+    return torch.baddbmm(query.new_zeros(()), query, kt, beta=0.0, alpha=scale)
+
+
+def _autocast_products(*tensors: Tensor) -> torch.dtype | None:
+    """bfloat16 when a bfloat16 autocast is on for the tensors' device (and none is float64),
+    else None: the dtype autocast itself runs matrix products in."""
+    device = tensors[0].device.type
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        return None
+    if any(t.dtype == torch.float64 for t in tensors):
+        return None
+    return torch.bfloat16 if torch.get_autocast_dtype(device) == torch.bfloat16 else None
+
+
+def _direct(pairwise: str, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+    """The ``"direct"`` kernel: the (B, N, M) map materialised, computed in (at least) float32;
+    under a bfloat16 autocast as autocast runs the peers' products (see
+    :func:`_direct_autocast`)."""
+    if _autocast_products(query, key, value) is not None:
+        return _direct_autocast(pairwise, query, key, value, scale)
+    acc = _accumulation_dtype(query, key, value)
+    m = key.shape[1]
+    with _autocast_off(query.device.type):
+        q, k, v = query.to(acc), key.to(acc), value.to(acc)
+        if pairwise in SOFTMAX_PAIRWISE:
+            w = torch.softmax(_logits(q, k, scale), dim=-1)  # (B, N, M)
+        elif pairwise == "dot_product":
+            w = _logits(q, k, 1.0 / m)  # (B, N, M): q kᵀ / M
+        else:  # concatenation: ReLU(a_i + b_j) / M = ReLU(a_i / M + b_j / M)
+            w = torch.add(q / m, (k / m).transpose(1, 2)).relu_()  # (B, N, M)
+        out = torch.bmm(w, v)  # (B, N, C_v)
+    return out.to(value.dtype)
+
+
+def _direct_autocast(
+    pairwise: str, query: Tensor, key: Tensor, value: Tensor, scale: float
+) -> Tensor:
+    """The direct kernel under a bfloat16 autocast: its products in bfloat16 (accumulated in
+    float32 by the matrix kernel, results rounded to bfloat16, as autocast computes them), a
+    softmax's max and sum in float32 inside its kernel. bfloat16 has float32's exponent range,
+    so nothing overflows; the map carries bfloat16's 8-bit precision, as the peers' does under
+    autocast."""
+    dt = torch.bfloat16
+    m = key.shape[1]
+    with _autocast_off(query.device.type):
+        q, k, v = query.to(dt), key.to(dt), value.to(dt)
+        if pairwise in SOFTMAX_PAIRWISE:
+            w = torch.softmax(_logits(q, k, scale), dim=-1)  # (B, N, M), bfloat16
+        elif pairwise == "dot_product":
+            w = _logits(q, k, 1.0 / m)  # (B, N, M): q kᵀ / M
+        else:  # concatenation
+            w = torch.add(q / m, (k / m).transpose(1, 2)).relu_()  # (B, N, M)
+        out = torch.bmm(w, v)  # (B, N, C_v)
+    return out.to(value.dtype)
 
 
 def softmax_aggregate(
@@ -225,73 +495,69 @@ def softmax_aggregate(
     value: Tensor,
     *,
     scale: float,
-    impl: str = "fast",
-    kernel: str = "auto",
+    impl: str = "auto",
 ) -> Tensor:
     """Σ_j softmax_j(s · q_iᵀ k_j) v_j.
 
-    Kernels of the fast path (``kernel``):
-
-    * ``"auto"``: on the CPU, :func:`symmetric_softmax_aggregate` when ``key is query`` (the
-      logits are symmetric), :func:`chunked_softmax_aggregate` when the value width differs
-      from the query width (the fused CPU kernel would fall back to the materialising math
-      kernel), the fused kernel otherwise; on other devices the fused kernel, the narrower side
-      zero-padded (exact) when the widths differ.
-    * ``"sdpa"``: the fused kernel on every device, the narrower side zero-padded.
-    * ``"blocked"``: :func:`chunked_softmax_aggregate` on every device (one BLAS product per
-      block of queries). Single-threaded on the CPU the fused kernel was ~10% faster; with 2
-      threads on a loaded machine it lost 2-3× to the blocked one (spinning threads).
-
     Args:
         query: ``(B, N, C_q)``.
-        key: ``(B, M, C_q)``.
+        key: ``(B, M, C_q)``; pass the query tensor itself when the keys are the queries (the
+            symmetric kernel applies then).
         value: ``(B, M, C_v)``.
         scale: logit scale s (pass 1.0 for unscaled).
-        impl: ``"fast"`` (no materialised map) or ``"reference"`` (materialised map).
-        kernel: one of :data:`SOFTMAX_KERNELS`, for ``impl="fast"``; ``"auto"`` for the reference.
+        impl: ``"auto"``, ``"fast"``, ``"reference"`` or a kernel of :data:`SOFTMAX_KERNELS`
+            (see the module docstring).
 
     Returns:
         ``(B, N, C_v)``.
 
     Raises:
-        ValueError: unknown ``impl``/``kernel``, or a kernel other than ``"auto"`` with the
-            reference.
+        ValueError: unknown ``impl``, or ``"symmetric"`` for keys that are not the queries.
     """
-    check_choice("impl", impl, IMPLS)
-    _check_kernel(kernel, impl)
-    if impl == "reference":
+    kernel = select_kernel("embedded_gaussian", query, key, value, impl=impl)
+    return _run_softmax(kernel, query, key, value, scale)
+
+
+def _run_softmax(kernel: str, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+    if kernel == "reference":
         return _weighted_sum(_weights("gaussian", query, key, scale), value)
+    if kernel == "direct":
+        return _direct("gaussian", query, key, value, scale)
+    if kernel == "symmetric":
+        return symmetric_softmax_aggregate(query, value, scale=scale)
     if kernel == "blocked":
         return chunked_softmax_aggregate(query, key, value, scale=scale)
+    return _padded_sdpa(query, key, value, scale)
+
+
+def _padded_sdpa(query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+    """The fused kernel, with the widths zero-padded where it needs them equal (exact).
+
+    Zero columns of q and k add nothing to the logits; zero columns of v give zero outputs,
+    dropped. On the CPU the fused kernel needs equal widths (else it falls back to the
+    materialising math kernel); FlashAttention and the memory-efficient CUDA kernel need them
+    equal and a multiple of 8.
+    """
     c_q, c_v = query.shape[-1], value.shape[-1]
-    on_cpu = query.device.type == "cpu" and kernel == "auto"
-    if on_cpu and key is query:
-        # Self-attention on one tensor (gaussian without sub-sampling): the logits are symmetric,
-        # so each tile of them serves two tiles of the map.
-        return symmetric_softmax_aggregate(query, value, scale=scale)
-    if c_v != c_q and on_cpu:
-        # The fused CPU kernel needs equal head dims for q/k and v; otherwise it silently falls
-        # back to the materialising math kernel. Zero-padding would be exact but wastes up to
-        # half its products (gaussian: C-wide logits, C/2-wide values); blocks of queries cost
-        # only what the formula needs.
-        return chunked_softmax_aggregate(query, key, value, scale=scale)
-    if c_v != c_q:
-        # Zero-pad the narrower side (exact) for the fused kernels.
-        if c_v < c_q:
-            out = _sdpa(query, key, F.pad(value, (0, c_q - c_v)), scale)
-            return out[..., :c_v]
-        pad = c_v - c_q
-        return _sdpa(F.pad(query, (0, pad)), F.pad(key, (0, pad)), value, scale)
-    return _sdpa(query, key, value, scale)
+    width = max(c_q, c_v)
+    if query.device.type != "cpu":
+        width = -(-width // 8) * 8
+    if c_q != width:
+        shared = key is query
+        query = F.pad(query, (0, width - c_q))
+        key = query if shared else F.pad(key, (0, width - c_q))
+    out = _sdpa(query, key, F.pad(value, (0, width - c_v)) if c_v != width else value, scale)
+    return out[..., :c_v] if c_v != width else out
 
 
 def _sdpa(query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
-    # Non-contiguous inputs (e.g. a transposed (B, C, N) view) also make the CPU kernel fall back
-    # to the materialising math path, so lay them out densely first: O(N·C) copies.
-    q = query.contiguous()
-    k = q if key is query else key.contiguous()  # self-attention on the input: one copy
+    # Inputs whose last dimension is not contiguous (e.g. a transposed (B, C, N) view) make the
+    # CPU kernel fall back to the materialising math path: lay those out densely first.
+    q = query if query.stride(-1) == 1 else query.contiguous()
+    k = q if key is query else (key if key.stride(-1) == 1 else key.contiguous())
+    v = value if value.stride(-1) == 1 else value.contiguous()
     out = F.scaled_dot_product_attention(
-        q.unsqueeze(1), k.unsqueeze(1), value.contiguous().unsqueeze(1), scale=scale
+        q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=scale
     )  # (B, 1, N, C_v): one head
     return out.squeeze(1)  # (B, N, C_v)
 
@@ -305,12 +571,17 @@ def chunked_softmax_aggregate(
 ) -> Tensor:
     """Σ_j softmax_j(s · q_iᵀ k_j) v_j, exact, one block of queries at a time.
 
-    Each block holds ``chunk × M`` logits (by default :data:`ATTENTION_CHUNK_ELEMENTS` in all),
-    never the whole N×M map; the backward pass recomputes each block from the saved
-    log-sum-exp, as fused attention does. Unlike the fused CPU kernel it takes values of any
-    width, so the products cost what the formula needs: 2·N·M·(C_q + C_v) forward,
-    2·N·M·(2·C_q + C_v) + 2·N·M·(C_q + C_v) backward. Half-precision inputs are accumulated in
-    float32.
+    Each block holds ``chunk × M`` logits (by default :data:`ATTENTION_CHUNK_ELEMENTS` in all,
+    four times as many under a bfloat16 autocast), never the whole N×M map; the backward pass
+    recomputes each block from the saved log-sum-exp, as fused attention does. Unlike the fused
+    CPU kernel it takes values of any width, so the products cost what the formula needs:
+    2·N·M·(C_q + C_v) forward, 2·N·M·(2·C_q + C_v) + 2·N·M·(C_q + C_v) backward. The blocks are
+    written into two buffers allocated once per call.
+
+    Precision: half-precision inputs are accumulated in float32; under a bfloat16 autocast the
+    products run in bfloat16 as autocast runs them (accumulated in float32 inside the matrix
+    kernel, results rounded to bfloat16), while the log-sum-exp, the row sums and the
+    accumulated outputs and gradients stay in float32.
 
     Args:
         query: ``(B, N, C_q)``.
@@ -323,35 +594,57 @@ def chunked_softmax_aggregate(
     Returns:
         ``(B, N, C_v)``.
     """
+    products = _autocast_products(query, key, value)
     if chunk is None:
-        chunk = max(1, ATTENTION_CHUNK_ELEMENTS // key.shape[1])
+        elements = ATTENTION_CHUNK_ELEMENTS * (4 if products is not None else 1)
+        chunk = max(1, elements // key.shape[1])
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    return _ChunkedSoftmaxAttention.apply(query, key, value, float(scale), int(chunk))
+    return _ChunkedSoftmaxAttention.apply(query, key, value, float(scale), int(chunk), products)
+
+
+def _spans(n: int, size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of consecutive blocks of ``size`` over ``n`` positions."""
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _dtypes(products: torch.dtype | None, *tensors: Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype of the products, dtype of the statistics and accumulators) of a blocked kernel."""
+    acc = torch.promote_types(tensors[0].dtype, torch.float32)
+    for t in tensors[1:]:
+        acc = torch.promote_types(acc, t.dtype)
+    return (products or acc), acc
 
 
 class _ChunkedSoftmaxAttention(torch.autograd.Function):
     """softmax(s·q kᵀ) v by blocks of queries; backward recomputes the blocks."""
 
     @staticmethod
-    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, scale: float, chunk: int):
+    def forward(ctx, query, key, value, scale: float, chunk: int, products):
         out_dtype = value.dtype
-        acc = torch.promote_types(query.dtype, torch.float32)
-        with torch.autocast(query.device.type, enabled=False):
-            q = query.to(acc).contiguous()
-            k = q if key is query else key.to(acc).contiguous()
-            v = value.to(acc).contiguous()
+        pdt, acc = _dtypes(products, query, key, value)
+        with _autocast_off(query.device.type):
+            q = query.to(pdt).contiguous()
+            k = q if key is query else key.to(pdt).contiguous()
+            v = value.to(pdt).contiguous()
+            b, n = q.shape[:2]
+            m = k.shape[1]
+            qs = q * scale  # (B, N, C_q): the scale folded into the queries
             kt = k.transpose(1, 2)  # (B, C_q, M)
-            outs, lses = [], []
-            for q_c in q.split(chunk, dim=1):
-                s = torch.bmm(q_c, kt).mul_(scale)  # (B, n_c, M): one block of logits
-                m = s.amax(dim=-1, keepdim=True)  # (B, n_c, 1)
-                p = s.sub_(m).exp_()  # (B, n_c, M), unnormalised, in place
-                l = p.sum(dim=-1, keepdim=True)  # (B, n_c, 1)
-                outs.append(torch.bmm(p, v) / l)  # (B, n_c, C_v)
-                lses.append(m + torch.log(l))  # (B, n_c, 1)
-            out = torch.cat(outs, dim=1)  # (B, N, C_v)
-            lse = torch.cat(lses, dim=1)  # (B, N, 1)
+            out = torch.empty((b, n, v.shape[-1]), dtype=acc, device=q.device)
+            lse = torch.empty((b, n, 1), dtype=acc, device=q.device)
+            buf = torch.empty((b, min(chunk, n), m), dtype=pdt, device=q.device)
+            for i0, i1 in _spans(n, chunk):
+                s = torch.bmm(qs[:, i0:i1], kt, out=buf[:, : i1 - i0])  # (B, n_c, M) logits
+                mx = s.amax(dim=-1, keepdim=True)  # (B, n_c, 1)
+                p = s.sub_(mx).exp_()  # (B, n_c, M), unnormalised, in place
+                l = p.sum(dim=-1, keepdim=True, dtype=acc)  # (B, n_c, 1)
+                if pdt == acc:
+                    torch.bmm(p, v, out=out[:, i0:i1])  # (B, n_c, C_v)
+                else:
+                    out[:, i0:i1] = torch.bmm(p, v)
+                out[:, i0:i1].div_(l)
+                torch.add(mx.to(acc), l.log_(), out=lse[:, i0:i1])  # (B, n_c, 1)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.chunk, ctx.shared = scale, chunk, key is query
         ctx.dtypes = (query.dtype, key.dtype, value.dtype)
@@ -361,36 +654,56 @@ class _ChunkedSoftmaxAttention(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
         scale, chunk = ctx.scale, ctx.chunk
-        with torch.autocast(q.device.type, enabled=False):
-            do = grad_out.to(q.dtype).contiguous()  # (B, N, C_v)
-            delta = (do * out).sum(dim=-1, keepdim=True)  # (B, N, 1): rowsum(dO ∘ O)
+        pdt, acc = q.dtype, out.dtype
+        with _autocast_off(q.device.type):
+            delta = (grad_out.to(acc) * out).sum(dim=-1, keepdim=True)  # (B, N, 1)
+            do = grad_out.to(pdt).contiguous()  # (B, N, C_v)
+            b, n = q.shape[:2]
+            m = k.shape[1]
+            qs = q * scale
             kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # (B, C_q, M), (B, C_v, M)
-            dk = torch.zeros_like(k)
-            dv = torch.zeros_like(v)
-            dqs = []
-            for q_c, do_c, lse_c, delta_c in zip(
-                q.split(chunk, dim=1),
-                do.split(chunk, dim=1),
-                lse.split(chunk, dim=1),
-                delta.split(chunk, dim=1),
-                strict=True,
-            ):
-                # Two (B, n_c, M) buffers at a time, updated in place.
-                p = torch.bmm(q_c, kt).mul_(scale).sub_(lse_c).exp_()  # normalised weights
-                dv.baddbmm_(p.transpose(1, 2), do_c)  # (B, M, C_v) += pᵀ dO
-                ds = torch.bmm(do_c, vt).sub_(delta_c).mul_(p).mul_(scale)  # dL/d(q·k)
-                del p
-                dqs.append(torch.bmm(ds, k))  # (B, n_c, C_q)
-                dk.baddbmm_(ds.transpose(1, 2), q_c)  # (B, M, C_q) += dSᵀ q
-            dq = torch.cat(dqs, dim=1)  # (B, N, C_q)
+            dq = torch.empty(q.shape, dtype=acc, device=q.device)
+            dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+            dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+            rows = min(chunk, n)
+            p_buf = torch.empty((b, rows, m), dtype=pdt, device=q.device)
+            ds_buf = torch.empty((b, rows, m), dtype=pdt, device=q.device)
+            same = pdt == acc  # products accumulate in place; else through a product's output
+            for i0, i1 in _spans(n, chunk):
+                r = i1 - i0
+                # Two (B, n_c, M) buffers, updated in place.
+                p = torch.bmm(qs[:, i0:i1], kt, out=p_buf[:, :r]).sub_(lse[:, i0:i1]).exp_()
+                _accumulate(dv, p.transpose(1, 2), do[:, i0:i1], same)  # dV += pᵀ dO
+                ds = torch.bmm(do[:, i0:i1], vt, out=ds_buf[:, :r])
+                ds.sub_(delta[:, i0:i1]).mul_(p)  # dL/d(s·q·k), without the scale
+                if same:
+                    torch.bmm(ds, k, out=dq[:, i0:i1])  # (B, n_c, C_q)
+                else:
+                    dq[:, i0:i1] = torch.bmm(ds, k)
+                _accumulate(dk, ds.transpose(1, 2), qs[:, i0:i1], same)  # dK += s·dSᵀ q
+            dq.mul_(scale)
         dq_t, dk_t, dv_t = ctx.dtypes
         if ctx.shared:  # key is query: its gradient is the sum, returned once
-            return (dq + dk).to(dq_t), None, dv.to(dv_t), None, None
-        return dq.to(dq_t), dk.to(dk_t), dv.to(dv_t), None, None
+            return (dq + dk).to(dq_t), None, dv.to(dv_t), None, None, None
+        return dq.to(dq_t), dk.to(dk_t), dv.to(dv_t), None, None, None
 
 
-#: Side of the square logit tiles of :func:`symmetric_softmax_aggregate` (4 MiB in float32).
-SYMMETRIC_TILE = 1024
+def _accumulate(acc: Tensor, a: Tensor, b: Tensor, in_place: bool, alpha: float = 1.0) -> None:
+    """``acc += alpha · a @ b``: in place when the dtypes agree, else through the product."""
+    if in_place:
+        acc.baddbmm_(a, b, alpha=alpha)
+    elif alpha == 1.0:
+        acc.add_(torch.bmm(a, b))
+    else:
+        acc.add_(torch.bmm(a, b), alpha=alpha)
+
+
+#: Side of the square logit tiles of :func:`symmetric_softmax_aggregate` (256 KiB in float32):
+#: small enough that the elementwise passes over a tile run from the core's cache.
+SYMMETRIC_TILE = 256
+#: The tile side under a bfloat16 autocast, where every tile's products are added to float32
+#: accumulators (a tile × width pass each): larger tiles make those passes rarer.
+SYMMETRIC_TILE_BF16 = 1024
 
 
 def symmetric_softmax_aggregate(
@@ -399,22 +712,30 @@ def symmetric_softmax_aggregate(
     """Σ_j softmax_j(s · x_iᵀ x_j) v_j when the keys are the queries, exact, by tiles.
 
     The logits S = s·X Xᵀ are symmetric, so one ``tile × tile`` block S_IJ (I ≤ J) gives both
-    the (I, J) and the (J, I) blocks of the map. An online softmax (running max and sum per
-    row, as in flash attention) accumulates the output without the N×N map; the backward pass
-    recomputes each S_IJ once and sends the gradient of both blocks through it,
-    dX_I += s·G X_J and dX_J += s·Gᵀ X_I with G = dS_IJ + dS_JIᵀ. Products: 2·N²·(2·C + 3·C_v)
-    in all against 2·N²·(3·C + 3·C_v) for the materialised map (gaussian: C = 512, C_v = 256).
+    the (I, J) and the (J, I) blocks of the map: its rows for the queries of I, its columns for
+    those of J, each through an online softmax (running max and sum per query, as in flash
+    attention), without the N×N map and without transposing a tile. The backward pass
+    recomputes each S_IJ once and sends the gradient of both blocks through it:
+    dX_I += s·G X_J and dX_J += s·Gᵀ X_I with G = dS_IJ + dS_JIᵀ, where dS_JIᵀ is computed
+    in the (I, J) orientation from V_I dO_Jᵀ. Products: 2·N²·(2·C + 3·C_v) in all against
+    2·N²·(3·C + 3·C_v) for the materialised map (gaussian: C = 512, C_v = 256: 0.78×). The
+    tiles live in a few buffers allocated once per call, so even the first call allocates no
+    more than a handful of tensors. Precision as :func:`chunked_softmax_aggregate` (bfloat16
+    products under a bfloat16 autocast, float32 statistics and accumulators).
 
     Args:
         x: ``(B, N, C)`` queries, which are also the keys.
         value: ``(B, N, C_v)``.
         scale: logit scale s.
-        tile: side of the logit tiles; :data:`SYMMETRIC_TILE` by default.
+        tile: side of the logit tiles; :data:`SYMMETRIC_TILE` by default
+            (:data:`SYMMETRIC_TILE_BF16` under a bfloat16 autocast).
 
     Returns:
         ``(B, N, C_v)``.
     """
-    tile = SYMMETRIC_TILE if tile is None else tile
+    products = _autocast_products(x, value)
+    if tile is None:
+        tile = SYMMETRIC_TILE if products is None else SYMMETRIC_TILE_BF16
     if tile < 1:
         raise ValueError(f"tile must be >= 1, got {tile}")
     if value.shape[:2] != x.shape[:2]:
@@ -422,47 +743,67 @@ def symmetric_softmax_aggregate(
             f"value must have the positions of x, got x {tuple(x.shape)} and value "
             f"{tuple(value.shape)}"
         )
-    return _SymmetricSoftmaxAttention.apply(x, value, float(scale), int(tile))
+    return _SymmetricSoftmaxAttention.apply(x, value, float(scale), int(tile), products)
 
 
-def _online_update(state: list[Tensor], s: Tensor, v: Tensor) -> None:
-    """Fold one block of logits ``s`` (B, n_i, n_j) and values ``v`` (B, n_j, C_v) into rows i."""
-    m, l, o = state
+def _fold_rows(s: Tensor, m: Tensor, l: Tensor, o: Tensor, v: Tensor, p: Tensor) -> None:
+    """Online softmax: fold logits ``s`` (B, n_i, n_j) over keys ``v`` into the rows' state.
+
+    ``m``, ``l`` ``(B, n_i, 1)`` and ``o`` ``(B, n_i, C_v)`` (the statistics' dtype) are updated
+    in place; ``p`` is a buffer of the shape and dtype of ``s``.
+    """
     m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))  # (B, n_i, 1)
-    alpha = torch.exp(m - m_new)  # (B, n_i, 1): rescales what was accumulated
-    p = torch.exp(s - m_new)  # (B, n_i, n_j)
-    state[0] = m_new
-    state[1] = l * alpha + p.sum(dim=-1, keepdim=True)
-    state[2] = torch.baddbmm(o * alpha, p, v)  # (B, n_i, C_v)
+    alpha = (m - m_new).exp_()  # (B, n_i, 1): rescales what was accumulated
+    torch.sub(s, m_new, out=p).exp_()  # (B, n_i, n_j)
+    l.mul_(alpha).add_(p.sum(dim=-1, keepdim=True, dtype=l.dtype))
+    _accumulate(o.mul_(alpha), p, v, p.dtype == o.dtype)
+    m.copy_(m_new)
+
+
+def _fold_columns(s: Tensor, m: Tensor, l: Tensor, o: Tensor, v: Tensor) -> None:
+    """:func:`_fold_rows` for the columns of ``s``: the queries of its second tile.
+
+    ``m``, ``l`` ``(B, n_j, 1)``, ``o`` ``(B, n_j, C_v)``, ``v`` ``(B, n_i, C_v)``; ``s`` is
+    overwritten.
+    """
+    m_new = torch.maximum(m, s.amax(dim=-2).unsqueeze(-1))  # (B, n_j, 1)
+    alpha = (m - m_new).exp_()  # (B, n_j, 1)
+    p = s.sub_(m_new.transpose(1, 2)).exp_()  # (B, n_i, n_j): columns normalised per query
+    l.mul_(alpha).add_(p.sum(dim=-2, dtype=l.dtype).unsqueeze(-1))
+    _accumulate(o.mul_(alpha), p.transpose(1, 2), v, p.dtype == o.dtype)
+    m.copy_(m_new)
 
 
 class _SymmetricSoftmaxAttention(torch.autograd.Function):
     """softmax(s·x xᵀ) v over tiles I ≤ J of the symmetric logits; backward recomputes them."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, value: Tensor, scale: float, tile: int):
+    def forward(ctx, x: Tensor, value: Tensor, scale: float, tile: int, products):
         out_dtype = value.dtype
-        acc = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(x.device.type, enabled=False):
-            xa = x.to(acc).contiguous()
-            va = value.to(acc).contiguous()
-            xs, vs = xa.split(tile, dim=1), va.split(tile, dim=1)
-            states = [
-                [
-                    torch.full((*xi.shape[:2], 1), -math.inf, dtype=acc, device=x.device),
-                    xi.new_zeros((*xi.shape[:2], 1)),
-                    xi.new_zeros((*xi.shape[:2], va.shape[-1])),
-                ]
-                for xi in xs
-            ]
-            for i, xi in enumerate(xs):
-                for j in range(i, len(xs)):
-                    s = torch.bmm(xi, xs[j].transpose(1, 2)).mul_(scale)  # (B, n_i, n_j)
-                    _online_update(states[i], s, vs[j])
-                    if j != i:
-                        _online_update(states[j], s.transpose(1, 2), vs[i])  # S_JI = S_IJᵀ
-            out = torch.cat([o / l for _, l, o in states], dim=1)  # (B, N, C_v)
-            lse = torch.cat([m + torch.log(l) for m, l, _ in states], dim=1)  # (B, N, 1)
+        pdt, acc = _dtypes(products, x, value)
+        with _autocast_off(x.device.type):
+            xa = x.to(pdt).contiguous()
+            va = value.to(pdt).contiguous()
+            xs = xa * scale  # (B, N, C): the scale folded into one side of every product
+            b, n = xa.shape[:2]
+            t = min(tile, n)
+            m = torch.full((b, n, 1), -math.inf, dtype=acc, device=x.device)
+            l = torch.zeros((b, n, 1), dtype=acc, device=x.device)
+            o = torch.zeros((b, n, va.shape[-1]), dtype=acc, device=x.device)
+            s_buf = torch.empty((b, t, t), dtype=pdt, device=x.device)
+            p_buf = torch.empty((b, t, t), dtype=pdt, device=x.device)
+            spans = _spans(n, t)
+            for ii, (i0, i1) in enumerate(spans):
+                for j0, j1 in spans[ii:]:
+                    ni, nj = i1 - i0, j1 - j0
+                    xj = xa[:, j0:j1].transpose(1, 2)  # (B, C, n_j)
+                    s = torch.bmm(xs[:, i0:i1], xj, out=s_buf[:, :ni, :nj])  # S_IJ
+                    rows = (m[:, i0:i1], l[:, i0:i1], o[:, i0:i1])
+                    _fold_rows(s, *rows, va[:, j0:j1], p_buf[:, :ni, :nj])
+                    if j0 != i0:  # S_JI = S_IJᵀ: the columns serve the queries of J
+                        _fold_columns(s, m[:, j0:j1], l[:, j0:j1], o[:, j0:j1], va[:, i0:i1])
+            out = o.div_(l)  # (B, N, C_v)
+            lse = m.add_(l.log_())  # (B, N, 1)
         ctx.save_for_backward(xa, va, out, lse)
         ctx.scale, ctx.tile, ctx.dtypes = scale, tile, (x.dtype, value.dtype)
         return out.to(out_dtype)
@@ -471,36 +812,50 @@ class _SymmetricSoftmaxAttention(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         xa, va, out, lse = ctx.saved_tensors
         scale, tile = ctx.scale, ctx.tile
-        with torch.autocast(xa.device.type, enabled=False):
-            do = grad_out.to(xa.dtype).contiguous()  # (B, N, C_v)
-            delta = (do * out).sum(dim=-1, keepdim=True)  # (B, N, 1): rowsum(dO ∘ O)
-            dx, dv = torch.zeros_like(xa), torch.zeros_like(va)
-            xs, vs, dos = xa.split(tile, 1), va.split(tile, 1), do.split(tile, 1)
-            lses, deltas = lse.split(tile, 1), delta.split(tile, 1)
-            dxs, dvs = dx.split(tile, 1), dv.split(tile, 1)  # views: updated in place
-
-            def block_grad(s: Tensor, i: int, j: int) -> Tensor:
-                # rows i, keys j: dV_j += Pᵀ dO_i; returns dS = P ∘ (dO_i V_jᵀ - δ_i)
-                p = (s - lses[i]).exp_()  # (B, n_i, n_j): normalised weights
-                dvs[j].baddbmm_(p.transpose(1, 2), dos[i])
-                return torch.bmm(dos[i], vs[j].transpose(1, 2)).sub_(deltas[i]).mul_(p)
-
-            for i, xi in enumerate(xs):
-                for j in range(i, len(xs)):
-                    s = torch.bmm(xi, xs[j].transpose(1, 2)).mul_(scale)  # (B, n_i, n_j)
-                    g = block_grad(s, i, j)  # dS_IJ
-                    if j != i:
-                        g += block_grad(s.transpose(1, 2), j, i).transpose(1, 2)  # + dS_JIᵀ
-                        dxs[j].baddbmm_(g.transpose(1, 2), xi, alpha=scale)
-                    else:
-                        g = g + g.transpose(1, 2)  # both places of each diagonal-tile logit
-                    dxs[i].baddbmm_(g, xs[j], alpha=scale)
+        pdt, acc = xa.dtype, out.dtype
+        same = pdt == acc
+        with _autocast_off(xa.device.type):
+            delta = (grad_out.to(acc) * out).sum(dim=-1, keepdim=True)  # (B, N, 1)
+            do = grad_out.to(pdt).contiguous()  # (B, N, C_v)
+            xs = xa * scale
+            b, n = xa.shape[:2]
+            t = min(tile, n)
+            dx = torch.zeros(xa.shape, dtype=acc, device=xa.device)
+            dv = torch.zeros(va.shape, dtype=acc, device=xa.device)
+            bufs = [torch.empty((b, t, t), dtype=pdt, device=xa.device) for _ in range(3)]
+            lse_t, delta_t = lse.transpose(1, 2), delta.transpose(1, 2)  # (B, 1, N)
+            spans = _spans(n, t)
+            for ii, (i0, i1) in enumerate(spans):
+                xi, vi, doi = xs[:, i0:i1], va[:, i0:i1], do[:, i0:i1]  # xi holds the scale
+                for j0, j1 in spans[ii:]:
+                    ni, nj = i1 - i0, j1 - j0
+                    s_b, c_b, d_b = (buf[:, :ni, :nj] for buf in bufs)
+                    xj, vj, doj = xa[:, j0:j1], va[:, j0:j1], do[:, j0:j1]
+                    s = torch.bmm(xi, xj.transpose(1, 2), out=s_b)  # (B, n_i, n_j): S_IJ
+                    if j0 == i0:
+                        p = s.sub_(lse[:, i0:i1]).exp_()  # P_II
+                        _accumulate(dv[:, i0:i1], p.transpose(1, 2), doi, same)
+                        ds = torch.bmm(doi, vi.transpose(1, 2), out=d_b)
+                        ds.sub_(delta[:, i0:i1]).mul_(p)  # dS_II
+                        g = torch.add(ds, ds.transpose(1, 2), out=c_b)  # both places of a logit
+                        _accumulate(dx[:, i0:i1], g, xi, same)
+                        continue
+                    pc = torch.sub(s, lse_t[:, :, j0:j1], out=c_b).exp_()  # P_JIᵀ
+                    p = s.sub_(lse[:, i0:i1]).exp_()  # P_IJ
+                    _accumulate(dv[:, j0:j1], p.transpose(1, 2), doi, same)  # += P_IJᵀ dO_I
+                    _accumulate(dv[:, i0:i1], pc, doj, same)  # dV_I += P_JIᵀ dO_J
+                    ds = torch.bmm(doi, vj.transpose(1, 2), out=d_b)
+                    ds.sub_(delta[:, i0:i1]).mul_(p)  # dS_IJ
+                    dsc = torch.bmm(vi, doj.transpose(1, 2), out=s)  # (dO_J V_Iᵀ)ᵀ
+                    g = ds.add_(dsc.sub_(delta_t[:, :, j0:j1]).mul_(pc))  # dS_IJ + dS_JIᵀ
+                    _accumulate(dx[:, i0:i1], g, xj, same, alpha=scale)
+                    _accumulate(dx[:, j0:j1], g.transpose(1, 2), xi, same)
         x_t, v_t = ctx.dtypes
-        return dx.to(x_t), dv.to(v_t), None, None
+        return dx.to(x_t), dv.to(v_t), None, None, None
 
 
 def dot_product_aggregate(
-    query: Tensor, key: Tensor, value: Tensor, *, impl: str = "fast"
+    query: Tensor, key: Tensor, value: Tensor, *, impl: str = "auto"
 ) -> Tensor:
     """Σ_j (q_iᵀ k_j) v_j / M.
 
@@ -508,21 +863,24 @@ def dot_product_aggregate(
         query: ``(B, N, C_q)``.
         key: ``(B, M, C_q)``.
         value: ``(B, M, C_v)``.
-        impl: ``"fast"`` (right-to-left product, q (kᵀv) / M) or ``"reference"``.
+        impl: ``"auto"``, ``"fast"``, ``"reference"`` or a kernel: ``"linear"`` (right to left,
+            q (kᵀv) / M) or ``"direct"``.
 
     Returns:
         ``(B, N, C_v)``.
     """
-    check_choice("impl", impl, IMPLS)
-    if impl == "reference":
+    kernel = select_kernel("dot_product", query, key, value, impl=impl)
+    if kernel == "reference":
         return _weighted_sum(_weights("dot_product", query, key, 1.0), value)
+    if kernel == "direct":
+        return _direct("dot_product", query, key, value, 1.0)
     # kᵀv sums over all M keys: accumulate half and bfloat16 in float32, where it cannot
     # overflow (float16 tops out at 65504).
     acc = _accumulation_dtype(query, key, value)
     with _autocast_off(query.device.type):
         q, k, v = query.to(acc), key.to(acc), value.to(acc)
         kv = torch.bmm(k.transpose(1, 2), v)  # (B, C_q, C_v)
-        out = torch.bmm(q, kv) / key.shape[1]  # (B, N, C_v)
+        out = torch.bmm(q, kv.div_(key.shape[1]))  # (B, N, C_v)
     return out.to(value.dtype)
 
 
@@ -565,28 +923,31 @@ def merged_counts(thresholds: Tensor, query: Tensor) -> Tensor:
     return counts[:, :n]  # (B, N)
 
 
-def concatenation_aggregate(a: Tensor, b: Tensor, value: Tensor, *, impl: str = "fast") -> Tensor:
+def concatenation_aggregate(a: Tensor, b: Tensor, value: Tensor, *, impl: str = "auto") -> Tensor:
     """Σ_j ReLU(a_i + b_j) v_j / M.
 
     Args:
         a: ``(B, N, 1)`` query terms w_θᵀθ(x_i).
         b: ``(B, M, 1)`` key terms w_φᵀφ(x_j).
         value: ``(B, M, C_v)``.
-        impl: ``"fast"`` (sort + prefix sums + binary search) or ``"reference"``.
+        impl: ``"auto"``, ``"fast"``, ``"reference"`` or a kernel: ``"sorted"`` (sort + prefix
+            sums + binary search) or ``"direct"``.
 
     Returns:
         ``(B, N, C_v)``.
     """
-    check_choice("impl", impl, IMPLS)
     if a.shape[-1] != 1 or b.shape[-1] != 1:
         raise ValueError(
             f"concatenation takes scalar query/key terms of shape (B, N, 1) and (B, M, 1), "
             f"got {tuple(a.shape)} and {tuple(b.shape)}"
         )
-    if impl == "reference":
+    kernel = select_kernel("concatenation", a, b, value, impl=impl)
+    if kernel == "reference":
         return _weighted_sum(_weights("concatenation", a, b, 1.0), value)
-    m = b.shape[1]
     out_dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), value.dtype)
+    if kernel == "direct":
+        return _direct("concatenation", a, b, value, 1.0).to(out_dtype)
+    m = b.shape[1]
     # The prefix sums below add large partial sums (a_i Σ v + Σ b v): accumulate half and
     # bfloat16 inputs in float32, as fused attention kernels do.
     acc = torch.promote_types(out_dtype, torch.float32)
@@ -621,44 +982,54 @@ def aggregate(
     value: Tensor,
     *,
     scale: float = 1.0,
-    impl: str = "fast",
-    kernel: str = "auto",
+    impl: str = "auto",
+    validate: bool = True,
 ) -> Tensor:
     """y_i = 1/C(x) Σ_j f(q_i, k_j) v_j for any pairwise function of the NL paper.
 
     Args:
         pairwise: one of :data:`PAIRWISE`.
         query: ``(B, N, C_q)``; for concatenation ``(B, N, 1)`` holding a_i.
-        key: ``(B, M, C_q)``; for concatenation ``(B, M, 1)`` holding b_j.
+        key: ``(B, M, C_q)``; for concatenation ``(B, M, 1)`` holding b_j. Pass the query
+            tensor itself when the keys are the queries.
         value: ``(B, M, C_v)``.
         scale: logit scale of the softmax forms (see :func:`default_scale`).
-        impl: ``"fast"`` or ``"reference"``.
-        kernel: fast softmax kernel (see :func:`softmax_aggregate`); the forms without a
-            softmax and the reference path take ``"auto"``.
+        impl: ``"auto"`` (default), ``"fast"``, ``"reference"`` or one of ``KERNELS[pairwise]``
+            (see the module docstring).
+        validate: check the tokens' shapes and dtypes (a block that built them itself from a
+            checked input passes False: the checks cost more than a small map's products).
 
     Returns:
         ``(B, N, C_v)``.
 
     Raises:
-        ValueError: unknown ``pairwise``/``impl``/``kernel``, a kernel other than ``"auto"``
-            for a form without a softmax or for the reference, mismatched shapes, empty
-            dimensions.
+        ValueError: unknown ``pairwise``/``impl``, a kernel that does not apply, mismatched
+            shapes, empty dimensions.
         TypeError: non-tensor or non-floating inputs.
     """
-    check_choice("pairwise", pairwise, PAIRWISE)
-    check_choice("impl", impl, IMPLS)
-    _check_kernel(kernel, impl)
-    if kernel != "auto" and pairwise not in SOFTMAX_PAIRWISE:
-        raise ValueError(
-            f"kernel applies to the softmax forms (gaussian, embedded_gaussian), "
-            f"got kernel={kernel!r} with pairwise={pairwise!r}"
+    compiling = torch.compiler.is_compiling()
+    if validate:
+        check_choice("pairwise", pairwise, PAIRWISE)
+        _check_qkv(query, key, value, same_dim=True)
+        # (skipped while torch.compile traces: Dynamo may see scale as a symbolic float)
+        if not compiling and not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+    kernel = select_kernel(pairwise, query, key, value, impl=impl)
+    if not compiling and _log.isEnabledFor(logging.DEBUG):
+        _log.debug(
+            "%s, impl=%r: kernel %r for B=%d, N=%d, M=%d, C_q=%d, C_v=%d on %s",
+            pairwise,
+            impl,
+            kernel,
+            query.shape[0],
+            query.shape[1],
+            key.shape[1],
+            query.shape[2],
+            value.shape[2],
+            query.device,
         )
-    _check_qkv(query, key, value, same_dim=True)
-    # (skipped while torch.compile traces: Dynamo may see scale as a symbolic float)
-    if not torch.compiler.is_compiling() and not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
     if pairwise in SOFTMAX_PAIRWISE:
-        return softmax_aggregate(query, key, value, scale=scale, impl=impl, kernel=kernel)
+        return _run_softmax(kernel, query, key, value, scale)
     if pairwise == "dot_product":
-        return dot_product_aggregate(query, key, value, impl=impl)
-    return concatenation_aggregate(query, key, value, impl=impl)
+        return dot_product_aggregate(query, key, value, impl=kernel)
+    return concatenation_aggregate(query, key, value, impl=kernel)

@@ -4,6 +4,10 @@
   functions;
 * :mod:`~nonlocalnet.layers.global_context`: SNL, GC and SE (GCNet paper);
 * :mod:`~nonlocalnet.layers.asymmetric`: the pyramid sampler, APNB and AFNB (ANN paper);
+* the successors: :mod:`~nonlocalnet.layers.dnl` (disentangled non-local),
+  :mod:`~nonlocalnet.layers.criss_cross` (CCNet), :mod:`~nonlocalnet.layers.ema` (EMANet),
+  :mod:`~nonlocalnet.layers.efficient_attention` (efficient attention, also a pairwise form of
+  the NL block);
 * :mod:`~nonlocalnet.layers.registry`: ``create_block(name, channels, dims=...)``;
 * :mod:`~nonlocalnet.layers.layout`: :class:`AttentionLayout`, what every attention block's
   ``layout(size)`` returns: how queries are folded and which input positions each key stands for.
@@ -17,6 +21,15 @@ with ``fullgraph=True``.
 """
 
 from nonlocalnet.layers.asymmetric import AFNB, APNB, PyramidPooling
+from nonlocalnet.layers.criss_cross import CrissCrossAttention
+from nonlocalnet.layers.dnl import (
+    DisentangledNonLocal1d,
+    DisentangledNonLocal2d,
+    DisentangledNonLocal3d,
+    DisentangledNonLocalNd,
+)
+from nonlocalnet.layers.efficient_attention import EfficientAttention
+from nonlocalnet.layers.ema import EMAU
 from nonlocalnet.layers.global_context import GlobalContext, SimplifiedNonLocal, SqueezeExcite
 from nonlocalnet.layers.layout import AttentionLayout
 from nonlocalnet.layers.nonlocal_block import NonLocal1d, NonLocal2d, NonLocal3d, NonLocalNd
@@ -25,7 +38,14 @@ from nonlocalnet.layers.registry import create_block, list_blocks, register_bloc
 __all__ = [
     "AFNB",
     "APNB",
+    "EMAU",
     "AttentionLayout",
+    "CrissCrossAttention",
+    "DisentangledNonLocal1d",
+    "DisentangledNonLocal2d",
+    "DisentangledNonLocal3d",
+    "DisentangledNonLocalNd",
+    "EfficientAttention",
     "GlobalContext",
     "NonLocal1d",
     "NonLocal2d",

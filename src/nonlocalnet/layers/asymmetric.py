@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from nonlocalnet._checks import check_choice, check_feature_map, is_tracing, query_index
-from nonlocalnet.functional import IMPLS, pairwise_weights, softmax_aggregate
+from nonlocalnet.functional import DISPATCH_IMPLS, pairwise_weights, softmax_aggregate
 from nonlocalnet.layers._dims import (
     ADAPTIVE_AVG_POOL,
     BATCH_NORM,
@@ -174,7 +174,7 @@ class _PyramidAttention(nn.Module):
             check_positive_int(name, n, v)
         check_dropout(name, dropout)
         check_dims(dims, owner=name)
-        check_choice("impl", impl, IMPLS, owner=name)
+        check_choice("impl", impl, DISPATCH_IMPLS, owner=name)
         if not isinstance(zero_init, bool):
             raise TypeError(f"{name}: zero_init must be a bool, got {zero_init!r}")
         for n, v in widths.items():

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from nonlocalnet._checks import check_choice, check_feature_map, query_index
-from nonlocalnet.functional import IMPLS, softmax_aggregate
+from nonlocalnet.functional import DISPATCH_IMPLS, softmax_aggregate
 from nonlocalnet.layers._dims import CONV, check_dims, check_positive_int
 from nonlocalnet.layers.layout import AttentionLayout
 
@@ -235,14 +235,14 @@ def criss_cross_aggregate(
         ValueError: unknown ``impl`` or mismatched shapes.
         TypeError: non-tensor or non-floating inputs.
     """
-    check_choice("impl", impl, IMPLS)
+    check_choice("impl", impl, DISPATCH_IMPLS)
     _check_maps(query, key, value)
     if impl == "reference":
         return _reference(query, key, value)
     if query.dim() == 3:
         # One axis: the line is the whole sequence, plain softmax attention; fused, no L×L map.
         y = softmax_aggregate(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=1.0
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=1.0, impl=impl
         )  # (B, L, C_v)
         return y.transpose(1, 2)  # (B, C_v, L)
     return _CrissCrossAttention.apply(query, key, value)
@@ -303,7 +303,7 @@ class CrissCrossAttention(nn.Module):
             inner_channels = max(channels // 8, 1)
         check_positive_int(name, "inner_channels", inner_channels)
         check_positive_int(name, "recurrence", recurrence)
-        check_choice("impl", impl, IMPLS)
+        check_choice("impl", impl, DISPATCH_IMPLS)
         self.channels = channels
         self.inner_channels = inner_channels
         self.recurrence = recurrence

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from nonlocalnet._checks import check_choice, check_feature_map, query_index
 from nonlocalnet.functional import (
-    IMPLS,
+    DISPATCH_IMPLS,
     dot_product_aggregate,
     pairwise_weights,
     softmax_aggregate,
@@ -126,7 +126,7 @@ class DisentangledNonLocalNd(nn.Module):
             inner_channels = max(channels // 2, 1)
         check_positive_int(name, "inner_channels", inner_channels)
         check_choice("pairwise", pairwise, DNL_PAIRWISE)
-        check_choice("impl", impl, IMPLS)
+        check_choice("impl", impl, DISPATCH_IMPLS)
         if pairwise == "embedded_gaussian":
             if temperature is None:
                 temperature = DEFAULT_TEMPERATURE
@@ -240,9 +240,9 @@ class DisentangledNonLocalNd(nn.Module):
             y = torch.bmm(omega, v)  # (B, N, C')
         else:
             if self.pairwise == "embedded_gaussian":
-                y = softmax_aggregate(q, k, v, scale=self.scale, impl="fast")  # (B, N, C')
+                y = softmax_aggregate(q, k, v, scale=self.scale, impl=self.impl)  # (B, N, C')
             else:
-                y = dot_product_aggregate(q, k, v, impl="fast")  # (B, N, C')
+                y = dot_product_aggregate(q, k, v, impl=self.impl)  # (B, N, C')
             u = attention_pool(v.transpose(1, 2), m, impl="fast")  # (B, C')
             y = y + u.unsqueeze(1)  # (B, N, C'): the unary context, the same for every query
         return y.transpose(1, 2).reshape(x.shape[0], self.inner_channels, *x.shape[2:])

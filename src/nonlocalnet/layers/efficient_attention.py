@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from nonlocalnet._checks import check_choice, check_feature_map, check_tokens, query_index
-from nonlocalnet.functional import IMPLS
+from nonlocalnet.functional import DISPATCH_IMPLS
 from nonlocalnet.layers._dims import CONV, check_dims, check_positive_int
 from nonlocalnet.layers.layout import AttentionLayout
 
@@ -154,7 +154,7 @@ def efficient_aggregate(
             mismatched shapes, empty dimensions.
         TypeError: non-tensor or non-floating inputs.
     """
-    check_choice("impl", impl, IMPLS)
+    check_choice("impl", impl, DISPATCH_IMPLS)
     _check_efficient(query, key, value, heads, normalization)
     b, n = query.shape[:2]
     v = _heads(value, heads)  # (B, h, M, d_v)
@@ -221,7 +221,7 @@ class EfficientAttention(nn.Module):
             if c % heads:
                 raise ValueError(f"{name}: {n} ({c}) must be divisible by heads ({heads})")
         check_choice("normalization", normalization, NORMALIZATIONS)
-        check_choice("impl", impl, IMPLS)
+        check_choice("impl", impl, DISPATCH_IMPLS)
         self.channels = channels
         self.key_channels = key_channels
         self.value_channels = value_channels

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nonlocalnet._checks import check_choice, check_feature_map, query_index
-from nonlocalnet.functional import IMPLS
+from nonlocalnet.functional import DISPATCH_IMPLS
 from nonlocalnet.layers._dims import BATCH_NORM, CONV, check_dims, check_positive_int
 
 __all__ = ["EMAU", "em_attention", "l2_normalise"]
@@ -84,7 +84,7 @@ def em_attention(
     Raises:
         ValueError: unknown ``impl``, ``num_stages`` < 1 or mismatched shapes.
     """
-    check_choice("impl", impl, IMPLS)
+    check_choice("impl", impl, DISPATCH_IMPLS)
     check_positive_int("em_attention", "num_stages", num_stages)
     if x.dim() != 3 or mu.dim() != 3 or x.shape[:2] != mu.shape[:2]:
         raise ValueError(
@@ -165,7 +165,7 @@ class EMAU(nn.Module):
             or not (0 <= momentum <= 1)
         ):
             raise ValueError(f"{name}: momentum must be a number in [0, 1], got {momentum!r}")
-        check_choice("impl", impl, IMPLS)
+        check_choice("impl", impl, DISPATCH_IMPLS)
         self.channels = channels
         self.num_bases = num_bases
         self.num_stages = num_stages

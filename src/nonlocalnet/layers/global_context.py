@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nonlocalnet._checks import check_choice, check_feature_map, query_index
-from nonlocalnet.functional import IMPLS, softmax_aggregate
+from nonlocalnet._checks import autocast_enabled, check_choice, check_feature_map, query_index
+from nonlocalnet.functional import DISPATCH_IMPLS, softmax_aggregate
 from nonlocalnet.layers._dims import CONV, check_dims, check_positive_int, parameter_placement
 from nonlocalnet.layers.layout import AttentionLayout
 
@@ -51,6 +51,7 @@ __all__ = [
     "SimplifiedNonLocal",
     "SqueezeExcite",
     "attention_pool",
+    "masked_attention_pool",
 ]
 
 POOLINGS = ("att", "avg")
@@ -104,7 +105,7 @@ def attention_pool(x: Tensor, logits: Tensor, *, impl: str = "fast") -> Tensor:
     Returns:
         ``(B, C)`` context.
     """
-    check_choice("impl", impl, IMPLS)
+    check_choice("impl", impl, DISPATCH_IMPLS)
     if impl == "reference":
         query = logits.new_ones(logits.shape[0], 1, 1)  # (B, 1, 1): q · k_j = ℓ_j
         key = logits.unsqueeze(-1)  # (B, N, 1)
@@ -115,14 +116,91 @@ def attention_pool(x: Tensor, logits: Tensor, *, impl: str = "fast") -> Tensor:
     return torch.bmm(x, w.to(x.dtype).unsqueeze(-1)).squeeze(-1)  # (B, C, 1) -> (B, C)
 
 
+def masked_attention_pool(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """c = Σ_j softmax_j(wᵀx_j + b) x_j, the logits' 1×1 convolution included (fast path).
+
+    The same function as ``attention_pool(x, conv_mask(x))``, with a backward pass written out:
+    the input's gradient, dc ⊗ p + w ⊗ dℓ (the pooling's and the logits' parts), is formed in
+    one output, where autograd forms one outer product per part (a K = 1 matrix product and a
+    convolution backward) and adds them. The logits and the pooling read x as it lies; the
+    softmax runs in (at least) float32. Autocast is off inside: x is read in its own dtype
+    (half-precision inputs are accumulated in float32 by the products' kernels).
+
+    Args:
+        x: ``(B, C, N)`` features.
+        weight: ``(C,)`` logit weights w (``conv_mask``'s).
+        bias: ``()`` or ``(1,)`` logit bias b, or None.
+
+    Returns:
+        ``(B, C)`` context.
+    """
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return _MaskedAttentionPool.apply(x, weight, bias)
+    with _autocast_off(x.device.type):
+        return _masked_pool(x, weight, bias)[0]  # inference: no autograd function to set up
+
+
+def _masked_pool(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(c, p)``: the context ``(B, C)`` and the weights ``(B, N)`` (autocast off)."""
+    w = weight if weight.dtype == x.dtype else weight.to(x.dtype)
+    logits = torch.bmm(w.reshape(1, 1, -1).expand(x.shape[0], 1, -1), x).squeeze(1)  # (B, N)
+    if bias is not None:
+        logits = logits + bias.reshape(())
+    p = torch.softmax(logits, dim=-1, dtype=_compute_dtype(x.dtype))  # (B, N)
+    px = p if p.dtype == x.dtype else p.to(x.dtype)
+    return torch.bmm(x, px.unsqueeze(-1)).squeeze(-1), p  # (B, C)
+
+
+class _MaskedAttentionPool(torch.autograd.Function):
+    """softmax(wᵀx + b)-weighted sum over positions, with its backward in closed form."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None):
+        with _autocast_off(x.device.type):
+            c, p = _masked_pool(x, weight, bias)  # (B, C), (B, N)
+        ctx.save_for_backward(x, weight, p)
+        ctx.has_bias = bias is not None
+        ctx.bias_shape = None if bias is None else bias.shape
+        return c
+
+    @staticmethod
+    def backward(ctx, dc: Tensor):
+        x, weight, p = ctx.saved_tensors
+        with _autocast_off(x.device.type):
+            dc = dc.to(x.dtype)
+            dp = torch.bmm(dc.unsqueeze(1), x).squeeze(1).to(p.dtype)  # (B, N): x_jᵀ dc
+            dl = p * (dp - (p * dp).sum(dim=-1, keepdim=True))  # (B, N): softmax backward
+            dl_x = dl.to(x.dtype)
+            dw = torch.bmm(x, dl_x.unsqueeze(-1)).sum(dim=(0, 2))  # (C,): Σ dℓ_j x_j
+            w = weight.to(x.dtype).reshape(1, -1, 1)  # (1, C, 1)
+            # dx = dc ⊗ p + w ⊗ dℓ, one (B, C, N) output
+            dx = torch.mul(dc.unsqueeze(-1), p.to(x.dtype).unsqueeze(1))
+            dx.addcmul_(w, dl_x.unsqueeze(1))
+        db = dl.sum().reshape(ctx.bias_shape).to(weight.dtype) if ctx.has_bias else None
+        return dx, dw.to(weight.dtype).reshape(weight.shape), db
+
+
 # One leaf call each under torch.fx symbolic tracing (their dtype and autocast choices read the
 # inputs' dtypes and devices, which are proxies there).
 torch.fx.wrap("attention_pool")
+torch.fx.wrap("masked_attention_pool")
 
 
 def _attention_weights(logits: Tensor) -> Tensor:
     """softmax over the N positions of ``(B, N)`` logits, in (at least) float32."""
     return torch.softmax(logits, dim=-1, dtype=_compute_dtype(logits.dtype))
+
+
+def _attention_context(block: nn.Module, x: Tensor) -> Tensor:
+    """The attention-pooled context of SNL and GC, ``(B, C)``: the reference through the
+    functional core, the fast path through :func:`masked_attention_pool`."""
+    if block.impl == "reference":
+        logits = block.conv_mask(x).flatten(1)  # (B, N)
+        return attention_pool(x.flatten(2), logits, impl="reference")
+    conv = block.conv_mask
+    return masked_attention_pool(x.flatten(2), conv.weight.reshape(-1), conv.bias)  # (B, C)
 
 
 def _map_rows(w: Tensor, queries: Sequence[int] | Tensor | None) -> Tensor:
@@ -145,9 +223,9 @@ def _layout(owner: nn.Module, size: Sequence[int]) -> AttentionLayout:
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
-    """Autocast disabled, on devices that have autocast (not on ``meta``)."""
-    available = getattr(torch.amp, "is_autocast_available", None)
-    if available is not None and not available(device_type):
+    """Autocast disabled, on devices that have autocast (not on ``meta``); nothing to do (a
+    null context, cheaper) when it is off already."""
+    if not autocast_enabled(device_type):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, enabled=False)
 
@@ -157,6 +235,8 @@ def _layer_norm_fp32(
 ) -> Tensor:
     """``F.layer_norm`` computed in (at least) float32 with autocast off, returned in x's dtype."""
     dt = _compute_dtype(x.dtype)
+    if dt == x.dtype and not autocast_enabled(x.device.type):  # nothing to cast
+        return F.layer_norm(x, shape, weight, bias, eps)
     with _autocast_off(x.device.type):
         w = weight.to(dt) if weight is not None else None
         b = bias.to(dt) if bias is not None else None
@@ -207,7 +287,7 @@ class SimplifiedNonLocal(nn.Module):
         name = type(self).__name__
         check_positive_int(name, "channels", channels)
         check_dims(dims, owner=name)
-        check_choice("impl", impl, IMPLS, owner=name)
+        check_choice("impl", impl, DISPATCH_IMPLS, owner=name)
         _check_bool(name, "zero_init", zero_init)
         self.channels = channels
         self.dims = dims
@@ -234,9 +314,7 @@ class SimplifiedNonLocal(nn.Module):
     def context(self, x: Tensor) -> Tensor:
         """c = Σ_j softmax_j(W_k x_j) x_j: ``(B, C, 1, ...)`` (one 1 per spatial dim)."""
         self._check(x)
-        logits = self.conv_mask(x).flatten(1)  # (B, N)
-        c = attention_pool(x.flatten(2), logits, impl=self.impl)  # (B, C)
-        return _unit_dims(c, self.dims)  # (B, C, 1, ...)
+        return _unit_dims(_attention_context(self, x), self.dims)  # (B, C, 1, ...)
 
     def residual(self, x: Tensor) -> Tensor:
         """The branch added to x: W_v c, ``(B, C, 1, ...)`` (the same for every position)."""
@@ -296,6 +374,19 @@ def _transform(
     return nn.Sequential(
         conv(channels, planes, **kw), norm, nn.ReLU(inplace=True), conv(planes, channels, **kw)
     )
+
+
+def _transform_tokens(t: nn.Sequential, c: Tensor) -> Tensor:
+    """:func:`_transform` applied to a ``(B, C)`` context: the same convolutions, LayerNorm
+    (in float32) and ReLU, as matrix products on the vectors."""
+    conv1, norm, _, conv2 = t
+    h = F.linear(c, conv1.weight.flatten(1), conv1.bias)  # (B, C·r)
+    if isinstance(norm, nn.LayerNorm):
+        w = norm.weight.reshape(-1) if norm.weight is not None else None
+        b = norm.bias.reshape(-1) if norm.bias is not None else None
+        h = _layer_norm_fp32(h, (h.shape[-1],), w, b, norm.eps)  # over the C·r channels
+    h = F.relu(h)
+    return F.linear(h, conv2.weight.flatten(1), conv2.bias)  # (B, C)
 
 
 def _avg_pool(x: Tensor, dims: int) -> Tensor:
@@ -359,7 +450,7 @@ class GlobalContext(nn.Module):
         planes = _reduced_channels(name, channels, ratio)
         check_choice("pooling", pooling, POOLINGS, owner=name)
         check_dims(dims, owner=name)
-        check_choice("impl", impl, IMPLS, owner=name)
+        check_choice("impl", impl, DISPATCH_IMPLS, owner=name)
         _check_bool(name, "layer_norm", layer_norm)
         _check_bool(name, "zero_init", zero_init)
         if (
@@ -430,9 +521,7 @@ class GlobalContext(nn.Module):
         self._check(x)
         if self.pooling == "avg":
             return _avg_pool(x, self.dims)
-        logits = self.conv_mask(x).flatten(1)  # (B, N)
-        c = attention_pool(x.flatten(2), logits, impl=self.impl)  # (B, C)
-        return _unit_dims(c, self.dims)  # (B, C, 1, ...)
+        return _unit_dims(_attention_context(self, x), self.dims)  # (B, C, 1, ...)
 
     def residual(self, x: Tensor) -> Tensor:
         """The transform output before fusion, ``(B, C, 1, ...)``, the same for every position.
@@ -446,12 +535,29 @@ class GlobalContext(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """z = x ⊙ sigmoid(transform_mul(c)) + transform_add(c), same shape as ``x``."""
-        c = self.context(x)
+        if self.impl == "reference":
+            c = self.context(x)
+            out = x
+            if self.transform_mul is not None:
+                out = out * torch.sigmoid(self.transform_mul(c))
+            if self.transform_add is not None:
+                out = out + self.transform_add(c)
+            return out
+        # fast path: the context as (B, C) and the transforms as matrix products on it (a
+        # convolution on a 1×1 map costs more to set up than it computes)
+        if self.pooling == "avg":
+            self._check(x)
+            c = x.flatten(2).mean(-1)  # (B, C)
+        else:
+            self._check(x)
+            c = _attention_context(self, x)  # (B, C)
         out = x
         if self.transform_mul is not None:
-            out = out * torch.sigmoid(self.transform_mul(c))
+            out = out * _unit_dims(
+                torch.sigmoid(_transform_tokens(self.transform_mul, c)), self.dims
+            )
         if self.transform_add is not None:
-            out = out + self.transform_add(c)
+            out = out + _unit_dims(_transform_tokens(self.transform_add, c), self.dims)
         return out
 
     @torch.no_grad()
@@ -536,8 +642,11 @@ class SqueezeExcite(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """z = x ⊙ sigmoid(fc2(ReLU(fc1(mean x)))), same shape as ``x``."""
         _check_input(self, x)
-        s = self.fc2(F.relu(self.fc1(_avg_pool(x, self.dims))))  # (B, C, 1, ...)
-        return x * torch.sigmoid(s)
+        m = x.flatten(2).mean(-1)  # (B, C)
+        # fc1 and fc2 as matrix products on the (B, C) vector (the 1×1 convolutions' weights)
+        h = F.relu(F.linear(m, self.fc1.weight.flatten(1), self.fc1.bias))  # (B, C·r)
+        s = F.linear(h, self.fc2.weight.flatten(1), self.fc2.bias)  # (B, C)
+        return x * _unit_dims(torch.sigmoid(s), self.dims)
 
     def extra_repr(self) -> str:
         return f"{self.channels}, ratio={self.ratio:.4g}, dims={self.dims}"

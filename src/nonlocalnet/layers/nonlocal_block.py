@@ -17,9 +17,20 @@ last odd row/column feed no key, and every pooled axis needs at least 2 position
 the two agree; on a 7×9 map they do not (20 keys against 12), so converted peer weights are
 reproduced exactly with ``"floor"``.
 
+Two paths (``impl``). The reference runs the paper's convolutions and materialises the map.
+The fast path (every other ``impl``; ``"auto"`` by default) computes θ, φ, g and W_z with the
+same weights as matrix products over all B·N positions at once (a 1×1 convolution on the CPU
+runs one product per sample: slow for small maps in large batches); with one sample it reads
+the map as it lies and writes W_z's output in map layout, so no copy transposes anything; the
+aggregation is the kernel :mod:`nonlocalnet.functional` dispatches to for the shapes, dtype
+and device (:meth:`NonLocalNd.kernel_for` tells which; ``impl`` can name one); and in eval mode
+a BatchNorm folds into W_z. Efficient attention (Shen et al., 2021) is a fifth pairwise form,
+``pairwise="efficient"``: θ, φ, g as for the embedded Gaussian, y = ρ_q(θ)(ρ_k(φ)ᵀ g).
+
 The forward pass traces with :mod:`torch.fx` (``create_feature_extractor``): the input checks
 stand aside while tracing, sizes are read axis by axis, and the functional core
-:func:`~nonlocalnet.functional.aggregate` is one leaf call of the graph.
+:func:`~nonlocalnet.functional.aggregate` and the projections are leaf calls of the graph
+(their choices read sizes and dtypes at run time).
 
 :meth:`NonLocalNd.layout` describes the folding of queries (by the extent) and the cell of input
 positions behind each key; the block lays its own tokens out through it.
@@ -30,23 +41,44 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nonlocalnet._checks import check_choice, check_feature_map, is_tracing, query_index
-from nonlocalnet.functional import IMPLS, PAIRWISE, aggregate, default_scale, pairwise_weights
+from nonlocalnet._checks import (
+    autocast_enabled,
+    check_choice,
+    check_feature_map,
+    is_tracing,
+    query_index,
+)
+from nonlocalnet.functional import (
+    DISPATCH_IMPLS,
+    PAIRWISE,
+    aggregate,
+    choose_kernel,
+    default_scale,
+    impl_choices,
+    pairwise_weights,
+)
 from nonlocalnet.layers._dims import (
     BATCH_NORM,
     CONV,
     MAX_POOL,
+    autocast_input,
     check_batch_norm_values,
     check_dims,
     check_positive_int,
-    parameter_placement,
+    eval_batch_norm_affine,
+    linear_1x1s,
+    project_map,
+    project_tokens,
 )
+from nonlocalnet.layers.efficient_attention import efficient_aggregate, efficient_weights
 from nonlocalnet.layers.layout import ROUNDINGS, AttentionLayout, spatial_size
 
 __all__ = [
     "EXTENTS",
+    "NL_PAIRWISE",
     "SUB_SAMPLE_ROUNDINGS",
     "NonLocal1d",
     "NonLocal2d",
@@ -57,6 +89,17 @@ __all__ = [
 # The functional core is one leaf call under torch.fx symbolic tracing: its kernel choice reads
 # devices, dtypes and sizes, which are proxies there.
 torch.fx.wrap("aggregate")
+torch.fx.wrap("efficient_aggregate")
+torch.fx.wrap("autocast_input")
+torch.fx.wrap("linear_1x1s")
+torch.fx.wrap("project_tokens")
+torch.fx.wrap("project_map")
+
+#: pairwise functions of the block: the four of the NL paper, and efficient attention
+#: (Shen et al., 2021: ρ_q(θ)(ρ_k(φ)ᵀ g), the linear member of the family).
+NL_PAIRWISE = (*PAIRWISE, "efficient")
+#: kernels of the efficient form: the implied map materialised, or the global context first.
+EFFICIENT_KERNELS = ("direct", "context")
 
 EXTENTS = ("spacetime", "space", "time")
 SUB_SAMPLE_POSITIONS = ("after", "before")
@@ -74,14 +117,27 @@ class NonLocalNd(nn.Module):
 
     :class:`NonLocal1d`, :class:`NonLocal2d` and :class:`NonLocal3d` fix ``dims``.
 
+    Implementations (``impl``): ``"reference"`` follows the paper literally (the θ, φ, g and W_z
+    convolutions, the N×M map materialised); every other choice runs the fast path: θ, φ and g
+    as matrix products over all B·N positions of one token layout of x (one product where a
+    convolution runs one per sample), the aggregation by the kernel the dispatcher of
+    :mod:`nonlocalnet.functional` picks for the shapes, dtype and device (``"auto"``, the
+    default: the direct product while the map is small, O(N)-memory kernels once it is large;
+    ``"fast"``: always an O(N)-memory kernel), or the kernel named (``impl="sdpa"``,
+    ``"blocked"``, ``"symmetric"``, ``"direct"``, ``"linear"``, ``"sorted"``, and for
+    ``pairwise="efficient"`` ``"direct"`` or ``"context"``), and W_z as one product, with an
+    eval-mode BatchNorm folded into it. :meth:`kernel_for` tells which kernel an input gets.
+
     Args:
         channels: input and output channels C.
         inner_channels: width C' of θ, φ and g; defaults to ``channels // 2``.
-        pairwise: ``"gaussian"``, ``"embedded_gaussian"``, ``"dot_product"`` or
-            ``"concatenation"``.
+        pairwise: ``"gaussian"``, ``"embedded_gaussian"``, ``"dot_product"``,
+            ``"concatenation"`` or ``"efficient"`` (efficient attention, Shen et al. 2021:
+            y = ρ_q(θ)(ρ_k(φ)ᵀ g), ρ_q a softmax over the channels of each query, ρ_k over the
+            positions of each key channel; see :mod:`~nonlocalnet.layers.efficient_attention`).
         use_scale: scale the softmax logits by d^-1/2 (d = C' for embedded_gaussian, C for
             gaussian). ``None``: on for embedded_gaussian (official code), off for gaussian
-            (paper). Must not be True for dot_product/concatenation.
+            (paper). Must not be True for dot_product/concatenation/efficient.
         sub_sample: max-pool the key/value side (see the module docstring).
         sub_sample_position: ``"after"`` pools the outputs of φ and g (paper); ``"before"`` pools
             x before the φ and g convolutions (official code; cheaper).
@@ -93,8 +149,7 @@ class NonLocalNd(nn.Module):
             ``norm(channels) -> nn.Module``.
         zero_init: start the block as the identity: the norm's weight is zeroed, or, without a
             norm, W_z's weight and bias.
-        impl: ``"fast"`` (never materialises the N×M map) or ``"reference"`` (the formula
-            taken literally).
+        impl: ``"auto"`` (default), ``"fast"``, ``"reference"`` or a kernel name (above).
         dims: number of dimensions after (B, C): 1, 2 or 3.
         extent: which positions attend to which, for 3d inputs: ``"spacetime"`` (all T·H·W),
             ``"space"`` (within each frame) or ``"time"`` (across frames at each pixel).
@@ -112,7 +167,7 @@ class NonLocalNd(nn.Module):
         sub_sample_position: str = "after",
         norm: bool | Callable[[int], nn.Module] = True,
         zero_init: bool = True,
-        impl: str = "fast",
+        impl: str = "auto",
         *,
         dims: int = 2,
         extent: str = "spacetime",
@@ -127,10 +182,10 @@ class NonLocalNd(nn.Module):
         if inner_channels is None:
             inner_channels = max(channels // 2, 1)
         check_positive_int(name, "inner_channels", inner_channels)
-        check_choice("pairwise", pairwise, PAIRWISE, owner=name)
+        check_choice("pairwise", pairwise, NL_PAIRWISE, owner=name)
         check_choice("sub_sample_position", sub_sample_position, SUB_SAMPLE_POSITIONS, owner=name)
         check_choice("sub_sample_rounding", sub_sample_rounding, SUB_SAMPLE_ROUNDINGS, owner=name)
-        check_choice("impl", impl, IMPLS, owner=name)
+        check_choice("impl", impl, _impl_choices(pairwise), owner=name)
         check_choice("extent", extent, EXTENTS, owner=name)
         for flag, value in (("sub_sample", sub_sample), ("zero_init", zero_init)):
             if not isinstance(value, bool):
@@ -139,11 +194,24 @@ class NonLocalNd(nn.Module):
             raise TypeError(f"{name}: use_scale must be None or a bool, got {use_scale!r}")
         if extent != "spacetime" and dims != 3:
             raise ValueError(f"{name}: extent {extent!r} needs 3d (B, C, T, H, W) inputs")
-        dot_dim = channels if pairwise == "gaussian" else inner_channels
-        try:
-            self.scale = default_scale(pairwise, dot_dim, use_scale)  # validates use_scale
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+        if impl == "symmetric" and (pairwise != "gaussian" or sub_sample):
+            raise ValueError(
+                f"{name}: impl='symmetric' needs keys that are the queries: pairwise='gaussian' "
+                f"without sub-sampling, got pairwise={pairwise!r}, sub_sample={sub_sample}"
+            )
+        if pairwise == "efficient":
+            if use_scale:
+                raise ValueError(
+                    f"{name}: use_scale applies to the softmax forms (gaussian, "
+                    f"embedded_gaussian), got use_scale=True with pairwise='efficient'"
+                )
+            self.scale = 1.0
+        else:
+            dot_dim = channels if pairwise == "gaussian" else inner_channels
+            try:
+                self.scale = default_scale(pairwise, dot_dim, use_scale)  # validates use_scale
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
 
         self.dims = dims
         self.channels = channels
@@ -237,7 +305,8 @@ class NonLocalNd(nn.Module):
 
     def _check(self, x: Tensor) -> None:
         name = type(self).__name__
-        dtype, device = parameter_placement(self)
+        w = self.g.weight  # the parameters' placement (every parameter shares it)
+        dtype, device = w.dtype, w.device
         check_feature_map(
             x,
             spatial_dims=self.dims,
@@ -259,27 +328,86 @@ class NonLocalNd(nn.Module):
                 )
         check_batch_norm_values(self, x, name)
 
+    # -- kernel choice ------------------------------------------------------------------------
+
+    def kernel_for(self, x: Tensor) -> str:
+        """The kernel that aggregates ``x`` with this block's ``impl`` (no computation).
+
+        The choice depends on the sizes, the device, and whether a backward pass will follow
+        (grad mode on, and x or a parameter requiring grad), as in the forward pass.
+
+        Args:
+            x: ``(B, C, *S)`` input (only its shape, device and ``requires_grad`` are read).
+
+        Returns:
+            ``"reference"`` or a kernel name: ``"direct"``, ``"sdpa"``, ``"blocked"``,
+            ``"symmetric"``, ``"linear"``, ``"sorted"``, or for ``pairwise="efficient"``
+            ``"direct"``/``"context"``.
+        """
+        self._check(x)
+        lay = self.layout(tuple(x.shape[2:]))
+        n, m, c = lay.num_queries, lay.num_keys, self.inner_channels
+        check_choice("impl", self.impl, _impl_choices(self.pairwise), owner=type(self).__name__)
+        if self.pairwise == "efficient":
+            return _efficient_kernel(self.impl, n, m, c, c)
+        c_q = {"gaussian": self.channels, "concatenation": 1}.get(self.pairwise, c)
+        grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        return choose_kernel(
+            self.pairwise,
+            n=n,
+            m=m,
+            c_q=c_q,
+            c_v=c,
+            shared=self.pairwise == "gaussian" and not self.sub_sample,
+            device_type=x.device.type,
+            grad=grad,
+            autocast_bf16=autocast_enabled(x.device.type)
+            and torch.get_autocast_dtype(x.device.type) == torch.bfloat16
+            and x.dtype != torch.float64,
+            impl=self.impl,
+        )
+
+    # -- the embeddings -----------------------------------------------------------------------
+
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries, keys and values of the functional core, as tokens.
+
+        The reference computes them with the θ, φ, g convolutions; the fast path with the same
+        weights as matrix products on the tokens of x (and, for concatenation, the scalars a_i
+        and b_j directly: see :meth:`_concat_terms`).
 
         Args:
             x: ``(B, C, *S)`` input.
 
         Returns:
             ``(query, key, value)``: ``(B', N, d)``, ``(B', M, d)``, ``(B', M, C')`` where d is C
-            (gaussian), C' (embedded_gaussian, dot_product) or 1 (concatenation: a_i and b_j),
-            folded as :meth:`layout` says.
+            (gaussian), C' (embedded_gaussian, dot_product, efficient) or 1 (concatenation: a_i
+            and b_j), folded as :meth:`layout` says.
         """
+        q, k, v, _ = self._embed(x)
+        return q, k, v
+
+    def _embed(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, AttentionLayout]:
+        """:meth:`embed`, and the layout it used."""
         self._check(x)
         lay = self.layout(spatial_size(x, self.dims))
+        # unpacked one by one: under torch.fx a traced call's outputs unpack, but do not splat
+        if self.impl == "reference":
+            q, k, v = self._embed_reference(x, lay)
+        else:
+            q, k, v = self._embed_fast(x, lay)
+        return q, k, v, lay
+
+    def _embed_reference(self, x: Tensor, lay: AttentionLayout) -> tuple[Tensor, Tensor, Tensor]:
+        """θ, φ and g as the paper's convolutions, folded into tokens."""
         sub = self.sub_sample
         xk = self._pool(x) if sub and self.sub_sample_position == "before" else x
         value = self.g(xk)
         if sub and self.sub_sample_position == "after":
             value = self._pool(value)
         v = lay.fold_keys(value)  # (B', M, C')
-        if self.pairwise == "concatenation" and self.impl == "fast":
-            return (*self._concat_terms(x, xk, lay), v)
         if self.pairwise == "gaussian":
             query, key = x, (self._pool(x) if sub else x)
         else:
@@ -295,39 +423,143 @@ class NonLocalNd(nn.Module):
             k = k @ w[self.inner_channels :]  # (B', M, 1): b_j = w_φᵀ φ(x_j)
         return q, k, v
 
-    def _concat_terms(self, x: Tensor, xk: Tensor, lay: AttentionLayout) -> tuple[Tensor, Tensor]:
-        """a_i and b_j of the concatenation form without the C'-wide θ/φ maps (fast path).
+    def _pool_tokens(self, t: Tensor, lay: AttentionLayout, batch: int) -> Tensor:
+        """Max-pool ``(B', N, C')`` query-side tokens into ``(B', M, C')`` key tokens."""
+        return lay.fold_keys(self._pool(lay.unfold(t, batch)))  # via (B, C', *S)
+
+    def _project(
+        self,
+        lay: AttentionLayout,
+        t: Tensor,
+        weights: tuple[Tensor, ...],
+        biases: tuple[Tensor | None, ...],
+        groups: tuple[int, ...] | None = None,
+        keys: bool = False,
+    ) -> tuple[Tensor, ...]:
+        """1×1 convolutions of the map ``t`` (x, or the pooled x when ``keys``), as tokens.
+
+        Without folding, the map is read as it lies (:func:`project_tokens`); folded extents
+        lay it out as tokens first (:func:`linear_1x1s`). ``groups``: see there.
+        """
+        if not lay.fold_dims:
+            return project_tokens(t.flatten(2), weights, biases, groups)  # via (B, C, N)
+        tokens = lay.fold_keys(t) if keys else lay.fold(t)  # (B', N or M, C)
+        return linear_1x1s(autocast_input(tokens.contiguous()), weights, biases, groups)
+
+    def _weights(self, *convs: nn.Module) -> tuple[tuple[Tensor, ...], tuple[Tensor | None, ...]]:
+        """The ``(C_out, C_in)`` matrices and biases of 1×1 convolutions."""
+        weights = tuple(m.weight.reshape(m.weight.shape[0], m.weight.shape[1]) for m in convs)
+        return weights, tuple(m.bias for m in convs)
+
+    def _embed_fast(self, x: Tensor, lay: AttentionLayout) -> tuple[Tensor, Tensor, Tensor]:
+        """θ, φ and g as matrix products over all positions, with the convolutions' weights."""
+        sub, batch, c = self.sub_sample, x.shape[0], self.inner_channels
+        before = sub and self.sub_sample_position == "before"
+        after = sub and self.sub_sample_position == "after"
+        if self.pairwise == "gaussian":
+            q = lay.fold(x)  # (B', N, C)
+            xk = self._pool(x) if sub else None  # (B, C, *grid)
+            k = lay.fold_keys(xk) if sub else q  # without sub-sampling: keys are the queries
+            (v,) = self._project(lay, xk if before else x, *self._weights(self.g), keys=before)
+            return q, k, self._pool_tokens(v, lay, batch) if after else v
+        if self.pairwise == "concatenation":
+            return self._concat_terms(x, self._pool(x) if before else None, lay)
+        if before:
+            (q,) = self._project(lay, x, *self._weights(self.theta))  # (B', N, C')
+            xk = self._pool(x)  # (B, C, *grid)
+            k, v = self._project(lay, xk, *self._weights(self.phi, self.g), keys=True)
+            return q, k, v  # (B', M, C') keys and values
+        if not after:
+            q, k, v = self._project(lay, x, *self._weights(self.theta, self.phi, self.g))
+            return q, k, v
+        # φ and g pooled together: one pooling of their stacked outputs
+        q, kv = self._project(lay, x, *self._weights(self.theta, self.phi, self.g), (1, 2))
+        k, v = self._pool_tokens(kv, lay, batch).split(c, dim=-1)  # (B', M, C') each
+        return q, k, v
+
+    def _concat_terms(
+        self, x: Tensor, xk: Tensor | None, lay: AttentionLayout
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """a_i, b_j and g of the concatenation form without the C'-wide θ/φ maps (fast path).
 
         a_i = w_θᵀ(W_θ x_i + b_θ) = (W_θᵀ w_θ)ᵀ x_i + w_θᵀ b_θ: a C-wide product per position
         replaces the θ convolution. The same holds for b_j unless φ's output is max-pooled
         (``sub_sample_position="after"``), which does not commute with the projection.
+
+        Args:
+            x: ``(B, C, *S)`` input.
+            xk: the max-pooled input when sub-sampling, else None.
+            lay: the layout of the input.
         """
         c, c_in = self.inner_channels, self.channels
         w = self.concat_project.weight.reshape(2, c)  # (2, C'): rows w_θ, w_φ
 
-        def project(tokens: Tensor, conv: nn.Module, w_f: Tensor) -> Tensor:
+        def folded(conv: nn.Module, w_f: Tensor) -> tuple[Tensor, Tensor | None]:
             weight = w_f @ conv.weight.reshape(c, c_in)  # (C,)
-            bias = w_f @ conv.bias if conv.bias is not None else 0.0
-            return tokens @ weight.unsqueeze(-1) + bias  # (B', ·, 1)
+            bias = (w_f @ conv.bias).reshape(1) if conv.bias is not None else None
+            return weight.unsqueeze(0), bias  # (1, C), (1,)
 
-        a = project(lay.fold(x), self.theta, w[0])  # (B', N, 1)
-        if self.sub_sample and self.sub_sample_position == "after":
-            phi = lay.fold_keys(self._pool(self.phi(x)))  # (B', M, C')
-            b = phi @ w[1].unsqueeze(-1)  # (B', M, 1)
-        else:
-            b = project(lay.fold_keys(xk), self.phi, w[1])  # (B', M, 1)
-        return a, b
+        wa, ba = folded(self.theta, w[0])
+        wb, bb = folded(self.phi, w[1])
+        if not self.sub_sample:
+            a, b = self._project(lay, x, (wa, wb), (ba, bb))  # (B', N, 1) each
+            (v,) = self._project(lay, x, *self._weights(self.g))  # (B', N, C')
+            return a, b, v
+        (a,) = self._project(lay, x, (wa,), (ba,))  # (B', N, 1)
+        if self.sub_sample_position == "before":
+            (b,) = self._project(lay, xk, (wb,), (bb,), keys=True)  # (B', M, 1)
+            (v,) = self._project(lay, xk, *self._weights(self.g), keys=True)  # (B', M, C')
+            return a, b, v
+        (phi_v,) = self._project(lay, x, *self._weights(self.phi, self.g), (2,))  # (B', N, 2C')
+        phi, v = self._pool_tokens(phi_v, lay, x.shape[0]).split(c, dim=-1)  # (B', M, C') each
+        return a, phi @ w[1].unsqueeze(-1), v  # b_j = w_φᵀ max-pooled φ: (B', M, 1)
+
+    # -- the operation ------------------------------------------------------------------------
+
+    def _aggregate(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.pairwise == "efficient":
+            kernel = _efficient_kernel(self.impl, q.shape[1], k.shape[1], q.shape[2], v.shape[2])
+            impl = "fast" if kernel == "context" else "reference"
+            return efficient_aggregate(q, k, v, impl=impl)  # (B', N, C')
+        validate = self.impl == "reference"  # the fast path's tokens come from a checked input
+        return aggregate(
+            self.pairwise, q, k, v, scale=self.scale, impl=self.impl, validate=validate
+        )
+
+    def _tokens_out(self, x: Tensor) -> tuple[Tensor, AttentionLayout]:
+        """y as ``(B', N, C')`` tokens, and the layout."""
+        q, k, v, lay = self._embed(x)
+        return self._aggregate(q, k, v), lay
 
     def nonlocal_op(self, x: Tensor) -> Tensor:
         """y = 1/C(x) Σ_j f(x_i, x_j) g(x_j), before W_z: ``(B, C', *S)``."""
-        q, k, v = self.embed(x)
-        y = aggregate(self.pairwise, q, k, v, scale=self.scale, impl=self.impl)  # (B', N, C')
-        return self.layout(spatial_size(x, self.dims)).unfold(y, x.shape[0])
+        y, lay = self._tokens_out(x)  # (B', N, C')
+        return lay.unfold(y, x.shape[0])
 
     def residual(self, x: Tensor) -> Tensor:
         """The residual branch BN(W_z y), before adding x."""
-        z = self.conv_out(self.nonlocal_op(x))
-        return self.norm(z) if self.norm is not None else z
+        if self.impl == "reference":
+            z = self.conv_out(self.nonlocal_op(x))
+            return self.norm(z) if self.norm is not None else z
+        y, lay = self._tokens_out(x)  # (B', N, C')
+        weight = self.conv_out.weight.reshape(self.channels, self.inner_channels)  # (C, C')
+        affine = eval_batch_norm_affine(self.norm)  # an eval-mode BatchNorm: scale and shift
+        if affine is not None:
+            scale, shift = affine
+            if not lay.fold_dims:
+                z = _project_eval_bn(y, weight, self.conv_out.bias, scale, shift)  # (B, C, N)
+                return z.view_as(x)  # (B, C, *S)
+            weight, bias = _fold_bn(weight, self.conv_out.bias, scale, shift)
+            return lay.unfold(F.linear(y, weight, bias), x.shape[0])  # (B, C, *S)
+        bias = self.conv_out.bias
+        if not lay.fold_dims:
+            contiguous = self.norm is not None  # a norm on a contiguous map
+            z = project_map(y, weight, bias, contiguous=contiguous).view_as(x)  # (B, C, *S)
+        else:
+            z = lay.unfold(F.linear(y, weight, bias), x.shape[0])  # (B, C, *S)
+            if self.norm is not None:
+                z = z.contiguous()
+        return z if self.norm is None else self.norm(z)
 
     def forward(self, x: Tensor) -> Tensor:
         """z = BN(W_z y) + x, same shape as ``x``."""
@@ -355,7 +587,7 @@ class NonLocalNd(nn.Module):
             ``(B', len(queries), M)``. B' = B for spacetime (N = T·H·W or H·W or L), B·T for
             ``extent="space"`` (N = H·W per frame), B·H·W for ``extent="time"`` (N = T); key j
             stands for the positions ``layout(x.shape[2:]).key_cells(fold)`` lists. Rows sum to 1
-            for the softmax forms. Computed and returned in (at least) float32.
+            for the softmax and efficient forms. Computed and returned in (at least) float32.
         """
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"attention_map: chunk_size must be an int >= 1, got {chunk_size!r}")
@@ -363,10 +595,14 @@ class NonLocalNd(nn.Module):
         n = q.shape[1]
         idx = query_index(n, queries, q.device)
         dtype = torch.promote_types(q.dtype, torch.float32)
-        rows = [
-            pairwise_weights(self.pairwise, q[:, chunk], k, scale=self.scale, dtype=dtype)
-            for chunk in idx.split(chunk_size)
-        ]  # (B', n_c, M) each
+        if self.pairwise == "efficient":
+            q, k = q.to(dtype), k.to(dtype)
+            rows = [efficient_weights(q[:, chunk], k)[:, 0] for chunk in idx.split(chunk_size)]
+        else:
+            rows = [
+                pairwise_weights(self.pairwise, q[:, chunk], k, scale=self.scale, dtype=dtype)
+                for chunk in idx.split(chunk_size)
+            ]  # (B', n_c, M) each
         return torch.cat(rows, dim=1)
 
     def extra_repr(self) -> str:
@@ -375,8 +611,50 @@ class NonLocalNd(nn.Module):
             f"scale={self.scale:.4g}, sub_sample={self.sub_sample}, "
             f"sub_sample_position={self.sub_sample_position!r}, "
             f"sub_sample_rounding={self.sub_sample_rounding!r}, extent={self.extent!r}, "
-            f"impl={self.impl!r}"
+            f"impl={self.impl!r} (kernel per input: kernel_for(x))"
         )
+
+
+def _fold_bn(
+    weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor
+) -> tuple[Tensor, Tensor]:
+    """W_z and its bias with an eval-mode BatchNorm's per-channel scale and shift folded in."""
+    folded = weight * scale.unsqueeze(-1)  # (C, C')
+    return folded, (shift if bias is None else torch.addcmul(shift, bias, scale))
+
+
+def _project_eval_bn(
+    y: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor
+) -> Tensor:
+    """BN(W_z y) for ``(B', N, C')`` tokens and an eval-mode BatchNorm, as a ``(B, C, N)`` map.
+
+    Folded into W_z (C×C' products) when the map has at least C' positions; applied to the map
+    afterwards (one pass over it, cheaper than the fold for smaller maps) otherwise.
+    """
+    if y.shape[0] * y.shape[1] >= weight.shape[1]:
+        return project_map(y, *_fold_bn(weight, bias, scale, shift), contiguous=False)
+    z = project_map(y, weight, bias, contiguous=False)  # (B, C, N)
+    return torch.addcmul(shift.unsqueeze(-1), z, scale.unsqueeze(-1))
+
+
+# a leaf call under torch.fx: its choice reads the sizes
+torch.fx.wrap("_project_eval_bn")
+
+
+def _impl_choices(pairwise: str) -> tuple[str, ...]:
+    """What the block's ``impl`` accepts for ``pairwise``."""
+    if pairwise == "efficient":
+        return (*DISPATCH_IMPLS, *EFFICIENT_KERNELS)
+    return impl_choices(pairwise)
+
+
+def _efficient_kernel(impl: str, n: int, m: int, c_k: int, c_v: int) -> str:
+    """The efficient form's kernel: the implied N×M map while it costs fewer products than the
+    context ρ_k(K)ᵀV (as the dot product's rule), the context otherwise."""
+    if impl in ("reference", *EFFICIENT_KERNELS):
+        return impl
+    small = n * m * (c_k + c_v) < (n + m) * c_k * c_v
+    return "direct" if impl == "auto" and small else "context"
 
 
 class _FixedDims(NonLocalNd):

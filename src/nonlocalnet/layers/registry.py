@@ -2,7 +2,15 @@
 
     >>> block = create_block("gc", 256)                    # GlobalContext(256), 2d
     >>> block = create_block("nl_dot", 512, dims=3)        # NonLocal3d(512, pairwise="dot_product")
+    >>> block = create_block("cca", 512)                   # CrissCrossAttention(512), R = 2
     >>> make = resolve_block("snl", dims=1)                # a constructor: make(channels) -> block
+
+The successors of the NL block are registered too: ``"dnl"`` (disentangled non-local, mmseg's
+DNLHead settings: embedded Gaussian, temperature 0.05, scaled logits), ``"dnl_dot"``,
+``"cca"`` (criss-cross attention, two recurrent steps, q/k at C/8), ``"ema"`` (EMA unit,
+K = 64 bases, T = 3 EM steps), ``"effattn"`` (efficient attention, one head, softmax
+normalisation) and ``"nl_effattn"`` (the NL block with efficient attention as its pairwise
+function).
 
 Every block takes its channel count first and ``dims`` (1, 2 or 3) as a keyword. Keyword
 arguments override the preset's defaults (``create_block("gc", 256, ratio=1/4)``).
@@ -22,6 +30,10 @@ from typing import Any
 from torch import nn
 
 from nonlocalnet.layers.asymmetric import APNB
+from nonlocalnet.layers.criss_cross import CrissCrossAttention
+from nonlocalnet.layers.dnl import DisentangledNonLocalNd
+from nonlocalnet.layers.efficient_attention import EfficientAttention
+from nonlocalnet.layers.ema import EMAU
 from nonlocalnet.layers.global_context import GlobalContext, SimplifiedNonLocal, SqueezeExcite
 from nonlocalnet.layers.nonlocal_block import NonLocalNd
 
@@ -44,12 +56,18 @@ _REGISTRY: dict[str, BlockFactory] = {
     "nl_gaussian": _preset(NonLocalNd, pairwise="gaussian"),
     "nl_dot": _preset(NonLocalNd, pairwise="dot_product"),
     "nl_concat": _preset(NonLocalNd, pairwise="concatenation"),
+    "nl_effattn": _preset(NonLocalNd, pairwise="efficient"),
     "snl": _preset(SimplifiedNonLocal),
     "gc": _preset(GlobalContext, ratio=1 / 16, pooling="att", fusion=("add",)),
     "gc_r4": _preset(GlobalContext, ratio=1 / 4, pooling="att", fusion=("add",)),
     "gc_mul": _preset(GlobalContext, ratio=1 / 16, pooling="att", fusion=("mul",)),
     "se": _preset(SqueezeExcite, ratio=1 / 16),
     "apnb": _preset(APNB),
+    "dnl": _preset(DisentangledNonLocalNd, pairwise="embedded_gaussian"),
+    "dnl_dot": _preset(DisentangledNonLocalNd, pairwise="dot_product"),
+    "cca": _preset(CrissCrossAttention, recurrence=2),
+    "ema": _preset(EMAU, num_bases=64, num_stages=3),
+    "effattn": _preset(EfficientAttention, heads=1, normalization="softmax"),
 }
 
 
