@@ -76,3 +76,40 @@ def test_dnl_and_criss_cross_in_a_detector(name: str) -> None:
     with torch.no_grad():
         a, b = base(images)[0], model(images)[0]
     assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
+
+
+@pytest.mark.parametrize(("name", "kind"), [("dnl", "pairwise"), ("cca", "pairwise"),
+                                            ("ema", "bases"), ("effattn", "pairwise")])  # fmt: skip
+def test_successors_are_drawn_and_analysed(tmp_path, name: str, kind: str) -> None:
+    from nonlocalnet.layers import create_block
+    from nonlocalnet.viz.analyze import analyze_model
+    from nonlocalnet.viz.visualize import draw_model_attention
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), create_block(name, 16)).eval()
+    x = torch.randn(3, 9, 11)
+    summary = draw_model_attention(model, x, num_queries=1, k=4, out_dir=tmp_path)
+    entry = summary["blocks"][0]
+    assert entry["kind"] == kind and (tmp_path / "summary.json").is_file()
+    weights = entry["queries"][0]["topk_weights"]
+    assert weights == sorted(weights, reverse=True) and 0 < weights[0] <= 1
+    rows = analyze_model(model, [x], num_pairs=30)
+    assert rows[0]["block"] == "1" and 0.0 <= rows[0]["attention_mean"] <= 2.0
+
+
+def test_ema_weights_over_positions_by_hand() -> None:
+    torch.manual_seed(0)
+    block = EMAU(8, num_bases=4, zero_init=False).eval().double()
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    z = block.attention_map(x)  # (B, N, K)
+    w = block.attention_map(x, queries=[3, 17], over="positions")  # (B, 2, N)
+    for b in range(2):
+        for r, i in enumerate((3, 17)):
+            for j in range(30):
+                expected = sum(
+                    z[b, i, k] * z[b, j, k] / (1e-6 + z[b, :, k].sum()) for k in range(4)
+                )
+                assert abs(float(w[b, r, j] - expected)) < 1e-12
+    assert torch.allclose(w.sum(-1), torch.ones(2, 2, dtype=torch.float64), atol=1e-5)
+    layout = block.layout((5, 6))
+    assert layout.kind == "bases" and layout.num_bases == 4 and layout.num_keys == 30

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from nonlocalnet._checks import check_choice, check_feature_map, query_index
 from nonlocalnet.functional import DISPATCH_IMPLS
 from nonlocalnet.layers._dims import BATCH_NORM, CONV, check_dims, check_positive_int
+from nonlocalnet.layers.layout import AttentionLayout
 
 __all__ = ["EMAU", "em_attention", "l2_normalise"]
 
@@ -244,19 +245,37 @@ class EMAU(nn.Module):
         return F.relu(x + branch)
 
     @torch.no_grad()
-    def attention_map(self, x: Tensor, queries: Sequence[int] | Tensor | None = None) -> Tensor:
-        """The responsibilities z⁽ᵀ⁾ of the asked positions over the K bases.
+    def attention_map(
+        self, x: Tensor, queries: Sequence[int] | Tensor | None = None, *, over: str = "bases"
+    ) -> Tensor:
+        """The responsibilities z⁽ᵀ⁾ of the asked positions over the K bases, or their weights
+        over the positions through the bases.
+
+        With ``over="positions"``: w_ij = Σ_k z_ik · z_jk / Σ_j' z_j'k, the weight of position j
+        in the bases that reconstruct position i (each base μ_k is the z-weighted mean of the
+        positions, then l2-normalised; w leaves the normalisation out). Rows sum to 1.
 
         Args:
             x: ``(B, C, *S)`` input.
             queries: positions in [0, N) (row major); all N when omitted.
+            over: ``"bases"`` (``(B, Nq, K)``) or ``"positions"`` (``(B, Nq, N)``).
 
         Returns:
-            ``(B, Nq, K)``; rows sum to 1.
+            The rows; each sums to 1.
         """
+        check_choice("over", over, ("bases", "positions"), owner="EMAU")
         _, z, _ = self.em(x)
         idx = query_index(z.shape[1], queries, z.device)
-        return z[:, idx]
+        if over == "bases":
+            return z[:, idx]
+        share = z / (EPS + z.sum(dim=1, keepdim=True))  # (B, N, K): the bases' weights
+        return torch.bmm(z[:, idx], share.transpose(1, 2))  # (B, Nq, N)
+
+    def layout(self, size: Sequence[int]) -> AttentionLayout:
+        """The :class:`~nonlocalnet.layers.layout.AttentionLayout` of an input of spatial size
+        ``size``: queries on the positions, keys the K bases (``over="positions"``: the
+        positions)."""
+        return AttentionLayout.bases(size, self.num_bases)
 
     def extra_repr(self) -> str:
         return (

@@ -45,7 +45,7 @@ __all__ = ["KINDS", "ROUNDINGS", "AttentionLayout", "spatial_size"]
 
 #: what the keys of a block are: positions (or max-pooled cells) of the query map, one map shared
 #: by every query, or the cells of a pooling pyramid.
-KINDS = ("pairwise", "query_independent", "pyramid")
+KINDS = ("pairwise", "query_independent", "pyramid", "bases")
 #: how max-pooled keys round on odd sizes: ``"ceil"`` keeps the last, partial window; ``"floor"``
 #: drops it.
 ROUNDINGS = ("ceil", "floor")
@@ -99,8 +99,8 @@ def _ravel(coords: Tensor, size: Sequence[int]) -> Tensor:
 class AttentionLayout:
     """Queries and keys of one attention block for given input sizes.
 
-    Build it with :meth:`pairwise`, :meth:`query_independent` or :meth:`pyramid` (the blocks'
-    ``layout`` methods do).
+    Build it with :meth:`pairwise`, :meth:`query_independent`, :meth:`pyramid` or :meth:`bases`
+    (the blocks' ``layout`` methods do).
 
     Attributes:
         kind: one of :data:`KINDS`.
@@ -115,6 +115,7 @@ class AttentionLayout:
         rounding: one of :data:`ROUNDINGS`, how the pooled key grid rounds on sizes that the
             window does not divide: ``"ceil"`` (the last window is partial) or ``"floor"`` (the
             positions past the last full window feed no key).
+        num_bases: for ``"bases"`` (EMA), the K bases its ``attention_map`` rows run over.
     """
 
     kind: str
@@ -124,6 +125,7 @@ class AttentionLayout:
     window: tuple[int, ...] = ()
     bins: tuple[tuple[int, ...], ...] = ()
     rounding: str = "ceil"
+    num_bases: int = 0
 
     # -- constructors ---------------------------------------------------------------------------
 
@@ -194,6 +196,22 @@ class AttentionLayout:
         if not bins:
             raise ValueError("AttentionLayout: a pyramid needs at least one bin")
         return cls("pyramid", size, key_size, (), (1,) * len(size), bins)
+
+    @classmethod
+    def bases(cls, size: Sequence[int], num_bases: int) -> AttentionLayout:
+        """EMA: each query attends to K bases, which are themselves weighted sums of positions.
+
+        ``attention_map(x, queries)`` rows run over the ``num_bases`` bases;
+        ``attention_map(x, queries, over="positions")`` gives each query's weights over the
+        positions through the bases, whose keys are the positions (:meth:`key_cells`: one per
+        position, as for an unpooled pairwise block).
+        """
+        size = _check_size("size", size)
+        if isinstance(num_bases, bool) or not isinstance(num_bases, int) or num_bases < 1:
+            raise ValueError(
+                f"AttentionLayout: num_bases must be a positive int, got {num_bases!r}"
+            )
+        return cls("bases", size, size, (), (1,) * len(size), num_bases=num_bases)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

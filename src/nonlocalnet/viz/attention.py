@@ -293,7 +293,10 @@ def query_attention(
             f"drawn from a map of size {layout.key_size}"
         )
     fold, index = layout.locate(positions)
-    amap = block.attention_map(*xs, queries=index)  # (B', Nq, M)
+    if layout.kind == "bases":  # EMA: each query's weights over the positions, through the bases
+        amap = block.attention_map(*xs, queries=index, over="positions")  # (B, Nq, N)
+    else:
+        amap = block.attention_map(*xs, queries=index)  # (B', Nq, M)
     rows = amap[fold.to(amap.device), torch.arange(len(positions), device=amap.device)]  # (Nq, M)
     by_fold: dict[int, KeyCells] = {}
     for f in fold.tolist():
