@@ -212,6 +212,62 @@ def test_unreadable_images_are_replaced_in_training_and_dropped_in_evaluation(
         test.load(2)
 
 
+def _set_with_one_bad_image(tmp_path: Path, n: int = 10, bad: int = 3) -> Path:
+    """n annotated 10x12 images; image ``bad`` (0-based) is not a PNG."""
+    images, annotations = [], []
+    for k in range(n):
+        name = f"{k}.png"
+        if k == bad:
+            (tmp_path / name).write_bytes(b"not a png")
+        else:
+            Image.fromarray(np.full((H, W, 3), 10 * k, dtype=np.uint8)).save(tmp_path / name)
+        images.append({"id": k + 1, "file_name": name, "height": H, "width": W})
+        annotations.append(
+            {**_ann(k + 1, 1, [2, 3, 4, 5], [[2, 3, 6, 3, 6, 8, 2, 8]]), "image_id": k + 1}
+        )
+    return _write(tmp_path, annotations, images)
+
+
+@pytest.mark.parametrize("mode", ["train", "test"])
+def test_an_unreadable_image_counts_once_over_epochs(tmp_path: Path, mode: str) -> None:
+    """The batches name the unreadable entries (``unreadable_index``), so the engine's
+    SkipTracker(num_entries=len) counts each bad image once however many epochs read it: 1 bad
+    image of 10 stays 10%, under a 15% limit, for 12 epochs."""
+    from nonlocalnet.data.samples import SkipTracker
+
+    ds = COCODetection(tmp_path, _set_with_one_bad_image(tmp_path), mode=mode, seed=0)
+    tracker = SkipTracker(0.15, min_reads=10, num_entries=len(ds))
+    for epoch in range(12):
+        ds.set_epoch(epoch)
+        for start in (0, 5):
+            batch = collate_detection([ds[i] for i in range(start, start + 5)])
+            if start == 0:
+                assert batch["unreadable_index"] == [3]
+                assert batch["unreadable"] == [str(tmp_path / "3.png")]
+            tracker.update(batch)
+    assert (tracker.num_skipped, tracker.num_reads) == (1, 10)
+    assert tracker.anonymous.tolist() == [0.0, 0.0]
+    sample = ds[3]
+    if mode == "train":  # replaced by the next image, which the sample names
+        assert (sample["index"], sample["skipped"], sample["unreadable_index"]) == (4, 1, [3])
+    else:  # dropped from the batch
+        assert sample["image"] is None and sample["unreadable_index"] == [3]
+
+
+def test_malformed_rle_size_and_category_id_are_skipped_not_raised(tmp_path: Path) -> None:
+    """An RLE whose ``size`` is not a list and a ``category_id`` that is not an int (a list,
+    unhashable) are bad annotations, counted as such, not a TypeError."""
+    annotations = [
+        _ann(1, 1, [2, 3, 4, 5], [[2, 3, 6, 3, 6, 8, 2, 8]]),
+        _ann(2, 1, [8, 6, 3, 3], {"size": 10, "counts": "abc"}),
+        _ann(3, [1], [8, 6, 3, 3], [[8, 6, 11, 6, 11, 9, 8, 9]]),
+    ]
+    ds = COCODetection(tmp_path, _write(tmp_path, annotations), mode="test")
+    assert ds.skipped["bad_segmentation"] == 1 and ds.skipped["unknown_category"] == 1
+    assert "category_id [1]" in ds.skipped_examples["unknown_category"][0]
+    assert len(ds[0]["target"]["labels"]) == 1
+
+
 def test_empty_annotation_list(tmp_path: Path) -> None:
     ann = _write(tmp_path, annotations=[])
     with pytest.raises(ValueError, match=r"instances_test.json: no usable images.*no_annotations"):

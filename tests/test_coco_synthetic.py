@@ -131,3 +131,21 @@ def test_reader_and_evaluator_end_to_end(tmp_path: Path) -> None:
     for t in ("bbox", "segm"):
         assert all(v == -1.0 or 0.0 <= v <= 1.0 for v in metrics[t].values())
     assert len(ev.results()["bbox"]) == 4 * 10
+
+
+def test_too_crowded_a_spec_raises_instead_of_drawing_fewer_than_min_objects() -> None:
+    """Three 20-pixel squares cannot lie 2 pixels apart in a 24x24 central region: drawing an
+    image says so instead of returning one object under min_objects=3."""
+    from nonlocalnet.data.synthetic import sample_rng
+    from nonlocalnet.data.synthetic_detection import make_detection_sample
+
+    spec = SyntheticDetectionSpec(
+        height=64, width=64, min_objects=3, max_objects=3, min_size=20, max_size=20
+    )
+    with pytest.raises(ValueError, match=r"only 1 of min_objects=3 .* 24x24 central region"):
+        make_detection_sample(spec, 0, sample_rng(0, "train", 0))
+    fits = SyntheticDetectionSpec(
+        height=64, width=64, min_objects=1, max_objects=1, min_size=16, max_size=20
+    )
+    _, objects, _ = make_detection_sample(fits, 1, sample_rng(0, "train", 0))
+    assert len(objects) == 1 and objects[0]["category_id"] == 2

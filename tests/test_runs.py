@@ -208,6 +208,17 @@ def test_overrides_anywhere_and_resume_takes_no_argument(tmp_path: Path) -> None
     assert args.resume is True and args.overrides == ["train.steps=2000"]
     args = parse(["-v", "train", "--config", "c.yaml", "--resume-from", "x.pt"])
     assert args.verbose and args.resume_from == "x.pt" and not args.resume
+    assert parse(["train", "--config", "c.yaml", "-v"]).verbose
+    assert not parse(["train", "--config", "c.yaml"]).verbose
+
+
+def test_a_diverged_run_is_one_line(tmp_path: Path, capsys: Any) -> None:
+    cfg = _write(tmp_path / "c.yaml", _cfg(optim={"lr": 1e30}, train={"steps": 3, "log_every": 1}))
+    code = main(["train", "--config", str(cfg), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("nonlocalnet train: error: step ")
+    assert err[-1].endswith("loss is nan; stopping")
+    assert "Traceback" not in "\n".join(err)
 
 
 # ----------------------------------------------------------------------------- 5. segmentation data

@@ -17,22 +17,22 @@ from nonlocalnet.data.synthetic import (
     PALETTE,
     SyntheticImageSpec,
     SyntheticVideoSpec,
-    _sample_rng,
-    _split_labels,
     generate_image_dataset,
     generate_video_dataset,
     make_image_sample,
     make_video_sample,
     read_video_metadata,
+    sample_rng,
+    split_labels,
 )
 
 TINY = SyntheticVideoSpec(num_train=8, num_val=4, seed=3)
 
 
 def _metas(spec: SyntheticVideoSpec, n: int) -> list[dict]:
-    labels = _split_labels(spec.seed, "train", n)
+    labels = split_labels(spec.seed, "train", n)
     return [
-        make_video_sample(spec, int(y), _sample_rng(spec.seed, "train", i))[1]
+        make_video_sample(spec, int(y), sample_rng(spec.seed, "train", i))[1]
         for i, y in enumerate(labels)
     ]
 
@@ -74,9 +74,9 @@ def test_same_label_means_same_colour(metas: list[dict]) -> None:
 
 def test_labels_exactly_balanced_per_split() -> None:
     for split in ("train", "val"):
-        labels = _split_labels(0, split, 1000)
+        labels = split_labels(0, split, 1000)
         assert labels.sum() == 500 and len(labels) == 1000
-    assert not np.array_equal(_split_labels(0, "train", 100), _split_labels(0, "val", 100))
+    assert not np.array_equal(split_labels(0, "train", 100), split_labels(0, "val", 100))
 
 
 def _max_tv(counts: dict[int, np.ndarray]) -> float:
@@ -200,8 +200,8 @@ def test_generation_is_deterministic_and_cached(tmp_path: Path, tiny_video_dir: 
     assert other.key() != TINY.key()
     meta_a = read_video_metadata(again)["train"]
     meta_b = [
-        make_video_sample(other, int(y), _sample_rng(4, "train", i))[1]
-        for i, y in enumerate(_split_labels(4, "train", 8))
+        make_video_sample(other, int(y), sample_rng(4, "train", i))[1]
+        for i, y in enumerate(split_labels(4, "train", 8))
     ]
     assert [m["colours"] for m in meta_a] != [m["colours"] for m in meta_b]
 

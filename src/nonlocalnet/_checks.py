@@ -19,6 +19,7 @@ except ImportError:  # older torch
     from torch.fx._symbolic_trace import is_fx_tracing as _fx_tracing
 
 __all__ = [
+    "autocast_dtype",
     "autocast_enabled",
     "check_choice",
     "check_feature_map",
@@ -49,10 +50,12 @@ def autocast_enabled(device_type: str) -> bool:
     return torch.is_autocast_enabled(device_type)
 
 
-def _autocast_mixes(a: torch.dtype, b: torch.dtype, device: torch.device) -> bool:
-    """Whether autocast reconciles dtypes ``a`` and ``b``: it casts every floating tensor but
-    float64 to its own dtype."""
-    return torch.float64 not in (a, b) and autocast_enabled(device.type)
+def autocast_dtype(device_type: str, *dtypes: torch.dtype) -> torch.dtype | None:
+    """The dtype autocast casts floating tensors to on ``device_type``, or None: autocast is
+    off there, or one of ``dtypes`` is float64 (which autocast leaves alone)."""
+    if not autocast_enabled(device_type) or torch.float64 in dtypes:
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def check_choice(
@@ -136,7 +139,11 @@ def check_feature_map(
             f"{owner}: {name} is on {x.device}, the parameters on {device}; move the block "
             f"or the {name} to one device"
         )
-    if dtype is not None and x.dtype != dtype and not _autocast_mixes(x.dtype, dtype, x.device):
+    if (
+        dtype is not None
+        and x.dtype != dtype
+        and autocast_dtype(x.device.type, x.dtype, dtype) is None
+    ):
         raise TypeError(
             f"{owner}: {name} dtype {x.dtype} differs from the parameters' {dtype}; "
             f"call block.to({x.dtype}) or cast the {name} to {dtype}"
@@ -157,6 +164,13 @@ def check_tokens(x: torch.Tensor, name: str, rank: int = 3) -> None:
         raise ValueError(f"{name} has an empty dimension: shape {tuple(x.shape)}")
 
 
+def _describe(queries: object) -> str:
+    if isinstance(queries, torch.Tensor):
+        return f"a {queries.dtype} tensor"
+    text = repr(queries)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def query_index(
     n: int, queries: Sequence[int] | torch.Tensor | None, device: torch.device | None = None
 ) -> torch.Tensor:
@@ -164,7 +178,8 @@ def query_index(
 
     Args:
         n: number of query positions.
-        queries: indices in [0, n), or None for all n.
+        queries: integer indices in [0, n) (a sequence of ints or an integer tensor), or None
+            for all n. Floats and bools are refused, not rounded.
         device: device of the result.
 
     Raises:
@@ -172,19 +187,23 @@ def query_index(
     """
     if queries is None:
         return torch.arange(n, device=device)
-    if isinstance(queries, torch.Tensor) and (
-        queries.is_floating_point() or queries.is_complex() or queries.dtype == torch.bool
-    ):
-        raise ValueError(f"attention_map: queries must be integer indices, got {queries.dtype}")
-    try:
-        idx = torch.as_tensor(queries, dtype=torch.long, device=device).reshape(-1)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(
-            f"attention_map: queries must be a sequence of ints or a long tensor, got "
-            f"{type(queries).__name__}"
-        ) from e
-    if idx.numel() == 0:
+    if isinstance(queries, torch.Tensor):
+        t = queries
+    else:
+        try:
+            t = torch.as_tensor(queries)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(
+                f"attention_map: queries must be a sequence of ints or an integer tensor, got "
+                f"{type(queries).__name__}"
+            ) from e
+    if t.numel() == 0:
         raise ValueError("attention_map: queries is empty")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(
+            f"attention_map: queries must be integer indices, got {_describe(queries)}"
+        )
+    idx = t.to(device=device, dtype=torch.long).reshape(-1)
     if int(idx.min()) < 0 or int(idx.max()) >= n:
         raise ValueError(
             f"attention_map: query indices must lie in [0, {n}), got range "

@@ -56,7 +56,7 @@ from nonlocalnet.data.synthetic import (
 )
 from nonlocalnet.engine.build import build_datasets, build_model
 from nonlocalnet.engine.checkpoint import latest_checkpoint, load_model
-from nonlocalnet.engine.config import Config, config_to_dict, load_config
+from nonlocalnet.engine.config import CONFIG_DIR, Config, config_to_dict, load_config
 from nonlocalnet.engine.train import train
 from nonlocalnet.viz.attention import (
     attention_blocks,
@@ -80,9 +80,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: the configs shipped with the package (``configs/`` of a checkout links here).
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 #: model key in metrics.json -> config file name.
 DEFAULT_CONFIGS = {"c2d": "demo_c2d.yaml", "nl_c2d": "demo_nl_c2d.yaml"}

@@ -45,6 +45,8 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
         prog=f"nonlocalnet {command}", description=module.HELP, allow_abbrev=False
     )
     module.add_arguments(parser)
+    # also after the command: ``nonlocalnet train -v ...`` as ``nonlocalnet -v train ...``
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.set_defaults(_module=module, command=command)
     return parser
 
@@ -77,7 +79,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         return args
     head = top.parse_args([*argv[:at], argv[at]])
     args = _command_parser(argv[at]).parse_intermixed_args(argv[at + 1 :])
-    args.verbose = head.verbose
+    args.verbose = head.verbose or args.verbose
     return args
 
 
@@ -96,8 +98,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"nonlocalnet {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, KeyError, RuntimeError) as err:
-        # Bad input or a stopped run: one clear line (the traceback with --verbose).
+    except (
+        ValueError,
+        TypeError,
+        OSError,
+        KeyError,
+        RuntimeError,
+        ArithmeticError,  # FloatingPointError: a loss that is not finite
+        ImportError,  # an optional dependency (an extra) that is not installed
+    ) as err:
+        # Bad input, a diverged or a stopped run: one clear line (the traceback with --verbose).
         if args.verbose:
             raise
         print(f"nonlocalnet {args.command}: error: {err}", file=sys.stderr)

@@ -6,7 +6,8 @@
      "target": {"boxes": float (N, 4) x1 y1 x2 y2 in pixels, "labels": int64 (N,),
                 "masks": uint8 (N, H, W) (with ``masks=True``), "image_id": int (COCO id),
                 "area": float (N,) (COCO's segment area), "iscrowd": int64 (N,)},
-     "index": int, "path": str, "skipped": int, "unreadable": list[str]}
+     "index": int, "path": str, "skipped": int, "unreadable": list[str],
+     "unreadable_index": list[int]}
 
 Images are not resized or normalised here: torchvision's ``GeneralizedRCNNTransform`` inside
 the model resizes (short side 800, long side at most 1333) and normalises. Training adds a
@@ -23,14 +24,16 @@ training targets, as torchvision's references do (COCOeval treats them as region
 the annotation file); ``keep_crowd=True`` passes them with ``iscrowd`` 1.
 
 Bad input is found when the data set is built, never in the middle of an epoch: an image file
-that does not exist, an annotation of an image that is not listed, an annotation whose category is not in the ``categories`` list or whose label
-is out of range (``num_classes``), a degenerate box (width or height ≤ 0, or nothing left inside
-the image), a malformed segmentation: each is skipped and counted in :attr:`COCODetection.skipped`
-(with examples in :attr:`COCODetection.skipped_examples`), and one log line sums them up. Images
-left without annotations are dropped in training (torchvision's references) and kept for
-evaluation. An image that cannot be decoded, or whose size differs from the annotation file's, is
-replaced by the next one in training (counted in ``"skipped"`` / ``"unreadable"`` of the sample,
-as the video data set does) and dropped from the batch in evaluation.
+that does not exist, an annotation of an image that is not listed, an annotation whose category
+is not in the ``categories`` list (or not an integer) or whose label is out of range
+(``num_classes``), a degenerate box (width or height ≤ 0, or nothing left inside the image), a
+malformed segmentation: each is skipped and counted in :attr:`COCODetection.skipped` (with
+examples in :attr:`COCODetection.skipped_examples`), and one log line sums them up. Images left
+without annotations are dropped in training (torchvision's references) and kept for evaluation.
+An image that cannot be decoded, or whose size differs from the annotation file's, is replaced
+by the next one in training and dropped from the batch in evaluation, by the policy of
+:mod:`nonlocalnet.data.samples` that every data set follows (``"skipped"``, ``"unreadable"``,
+``"unreadable_index"`` of the sample).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from torch.utils.data import Dataset
 from .._checks import check_choice
 from ._seeding import SampleSeeder
 from .image import load_image
+from .samples import read_or_skip, unreadable_lists
 
 __all__ = [
     "SKIP_REASONS",
@@ -143,7 +147,7 @@ def _valid_segmentation(segm: object, height: int, width: int) -> bool:
         )
     if isinstance(segm, dict):  # RLE: {"size": [h, w], "counts": str | list[int]}
         size, counts = segm.get("size"), segm.get("counts")
-        if list(size or ()) != [height, width]:
+        if not isinstance(size, (list, tuple)) or list(size) != [height, width]:
             return False
         if isinstance(counts, list):
             return all(_is_int(c) and c >= 0 for c in counts) and sum(counts) == height * width
@@ -306,7 +310,6 @@ class COCODetection(Dataset):
             self.transform = RandomHorizontalFlip(flip_p)
         self.seeder = SampleSeeder(seed)
         self.max_attempts = max_attempts or min(len(self.records), 100)
-        self.num_unreadable = 0
 
     # -- building ----------------------------------------------------------------------------
 
@@ -360,7 +363,7 @@ class COCODetection(Dataset):
     def _add_annotation(self, rec: COCORecord, ann: dict[str, Any]) -> None:
         where = f"annotation {ann.get('id')} of image {rec.image_id} ({os.path.basename(rec.path)})"
         cat = ann.get("category_id")
-        if cat not in self.category_to_label:
+        if not _is_int(cat) or cat not in self.category_to_label:
             self._skip("unknown_category", f"{where}: category_id {cat!r}")
             return
         label = self.category_to_label[cat]
@@ -458,37 +461,21 @@ class COCODetection(Dataset):
             image_f, target = self.transform(image_f, target, generator=g)
         return image_f, target
 
+    def _read(self, index: int) -> dict[str, Any]:
+        image, target = self.load(index)
+        return {"image": image, "target": target, "index": index, "path": self.records[index].path}
+
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """The sample dict; an unreadable image is skipped (see :mod:`nonlocalnet.data.samples`)."""
         if not 0 <= index < len(self.records):
             raise IndexError(
                 f"index {index} out of range for a data set of {len(self.records)} images"
             )
-        unreadable: list[str] = []
-        for attempt in range(self.max_attempts if self.mode == "train" else 1):
-            i = (index + attempt) % len(self.records)
-            try:
-                image, target = self.load(i)
-            except (OSError, ValueError) as e:
-                log.warning("unreadable image skipped: %s (%s)", self.records[i].path, e)
-                unreadable.append(self.records[i].path)
-                self.num_unreadable += 1
-                continue
-            return {
-                "image": image,
-                "target": target,
-                "index": i,
-                "path": self.records[i].path,
-                "skipped": attempt,
-                "unreadable": unreadable,
-            }
-        if self.mode == "test":
-            path = self.records[index].path
-            return {"image": None, "target": None, "index": index, "path": path, "skipped": 1,
-                    "unreadable": unreadable}  # fmt: skip
-        raise RuntimeError(
-            f"{len(unreadable)} consecutive unreadable images starting at index {index} "
-            f"({unreadable[0]} ... {unreadable[-1]}); check the data"
-        )
+        return read_or_skip(
+            index, len(self.records), self._read, lambda j: self.records[j].path,
+            train=self.mode == "train", input_key="image", max_attempts=self.max_attempts,
+            what="images",
+        )  # fmt: skip
 
     def coco(self) -> Any:
         """The ground truth of the images of this data set as a ``pycocotools.coco.COCO``.
@@ -517,14 +504,16 @@ class COCODetection(Dataset):
 def collate_detection(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Batch detection samples of different sizes: images and targets as lists.
 
-    Samples whose ``"image"`` is None (unreadable images in evaluation) are dropped and their
-    paths listed in ``"unreadable"``, with all other samples' replaced paths.
+    Samples whose ``"image"`` is None (unreadable images in evaluation) are dropped; every
+    sample's replaced or dropped images are listed in ``"unreadable"`` (paths) and
+    ``"unreadable_index"`` (data set indices), as :func:`~nonlocalnet.data.samples.collate_samples`
+    does, so that :class:`~nonlocalnet.data.samples.SkipTracker` counts each entry once.
 
     Returns:
         ``{"image": list[(3, H_i, W_i)], "target": list[dict], "index": int64 (B,),
-        "path": list[str], "skipped": int64 (B,), "unreadable": list[str]}``.
+        "path": list[str], "skipped": int64 (B,), "unreadable": list[str],
+        "unreadable_index": list[int]}``.
     """
-    unreadable = [p for s in samples for p in s.get("unreadable", [])]
     kept = [s for s in samples if s.get("image") is not None]
     return {
         "image": [s["image"] for s in kept],
@@ -532,5 +521,5 @@ def collate_detection(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "index": torch.tensor([int(s["index"]) for s in kept], dtype=torch.int64),
         "path": [s["path"] for s in kept],
         "skipped": torch.tensor([int(s.get("skipped", 0)) for s in kept], dtype=torch.int64),
-        "unreadable": unreadable,
+        **unreadable_lists(samples),
     }

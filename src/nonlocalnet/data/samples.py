@@ -25,7 +25,14 @@ from typing import Any
 import torch
 from torch.utils.data import default_collate
 
-__all__ = ["INPUT_KEYS", "SkipTracker", "check_skip_fraction", "collate_samples", "read_or_skip"]
+__all__ = [
+    "INPUT_KEYS",
+    "SkipTracker",
+    "check_skip_fraction",
+    "collate_samples",
+    "read_or_skip",
+    "unreadable_lists",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +52,7 @@ def read_or_skip(
     input_key: str,
     errors: tuple[type[BaseException], ...] = (OSError, ValueError),
     max_attempts: int = 10,
+    what: str = "samples",
 ) -> dict[str, Any]:
     """``read(index)``, or the policy of the module docstring when it raises one of ``errors``.
 
@@ -57,6 +65,7 @@ def read_or_skip(
         input_key: the sample's input key, set to None in the placeholder.
         errors: what counts as an unreadable entry.
         max_attempts: consecutive unreadable entries tolerated in training.
+        what: the entries' name in the message (``"videos"``, ``"images"``).
 
     Raises:
         RuntimeError: ``max_attempts`` consecutive entries were unreadable.
@@ -78,9 +87,15 @@ def read_or_skip(
         sample.update(skipped=attempt, unreadable=unreadable, unreadable_index=failed)
         return sample
     raise RuntimeError(
-        f"{max_attempts} consecutive unreadable samples from index {index} ({unreadable[0]} ... "
-        f"{unreadable[-1]}); check the data"
+        f"{max_attempts} consecutive unreadable {what} starting at index {index} "
+        f"({unreadable[0]} ... {unreadable[-1]}); check the data"
     )
+
+
+def unreadable_lists(samples: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Every sample's ``"unreadable"`` paths and ``"unreadable_index"`` indices, concatenated:
+    what a batch carries to :class:`SkipTracker` (both keys always present)."""
+    return {k: [x for s in samples for x in s.get(k, [])] for k in _LISTS}
 
 
 def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -93,7 +108,7 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     input of batch size 0 (``shape (0,)``) and empty ``label``/``index``/``path``; callers skip
     such batches.
     """
-    lists = {k: [x for s in samples for x in s.get(k, [])] for k in _LISTS}
+    lists = unreadable_lists(samples)
     kept = [
         {k: v for k, v in s.items() if k not in _LISTS}
         for s in samples

@@ -74,6 +74,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,11 +86,17 @@ __all__ = [
     "PALETTE",
     "SyntheticImageSpec",
     "SyntheticVideoSpec",
+    "disc_mask",
+    "finish_folder",
     "generate_image_dataset",
     "generate_video_dataset",
     "make_image_sample",
     "make_video_sample",
+    "prepare_folder",
     "read_video_metadata",
+    "sample_rng",
+    "spec_key",
+    "split_labels",
     "write_mp4",
 ]
 
@@ -171,7 +178,7 @@ class SyntheticVideoSpec:
 
     def key(self) -> str:
         """Short hash of all parameters: the cache folder name."""
-        return _spec_key("video", self)
+        return spec_key("video", self)
 
 
 @dataclass(frozen=True)
@@ -197,7 +204,7 @@ class SyntheticImageSpec:
 
     def key(self) -> str:
         """Short hash of all parameters: the cache folder name."""
-        return _spec_key("image", self)
+        return spec_key("image", self)
 
 
 def _check_common(num_train: int, num_val: int, num_colours: int, size: int, radius: int) -> None:
@@ -225,7 +232,9 @@ def _check_geometry(size: int, radius: int, margin: int, jitter: int, distractor
         raise ValueError(f"distractor_size must lie in [1, {size}), got {distractor}")
 
 
-def _spec_key(kind: str, spec: Any) -> str:
+def spec_key(kind: str, spec: Any) -> str:
+    """``<kind>-<hash>``: a short hash of a spec dataclass's fields (the cache folder name of
+    every generated set; the video set's also hashes the encoder settings)."""
     fields = {"kind": kind, **dataclasses.asdict(spec)}
     if kind == "video":
         fields["x264"] = _X264_OPTIONS
@@ -233,12 +242,13 @@ def _spec_key(kind: str, spec: Any) -> str:
     return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-def _sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    """One generator per clip: clips are reproducible one by one, in any order."""
+def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """One generator per sample (clip or image): samples are reproducible one by one, in any
+    order."""
     return np.random.default_rng([seed, _SPLIT_IDS[split], index])
 
 
-def _split_labels(seed: int, split: str, n: int) -> np.ndarray:
+def split_labels(seed: int, split: str, n: int) -> np.ndarray:
     """Exactly n/2 of each label, in a seeded random order."""
     labels = np.repeat(np.arange(2), n // 2)  # (n,)
     return np.random.default_rng([seed, _SPLIT_IDS[split], 1 << 20]).permutation(labels)
@@ -260,8 +270,13 @@ def _cue_centre(
     return (size - 1 - y if is_bottom else y), (size - 1 - x if is_right else x)
 
 
-def _disc_mask(size: int, centre: tuple[int, int], radius: int) -> np.ndarray:
-    yy, xx = np.mgrid[:size, :size]  # (S, S) each
+def disc_mask(
+    size: int | tuple[int, int], centre: tuple[float, float], radius: float
+) -> np.ndarray:
+    """Boolean mask ``(H, W)`` of the pixels within ``radius`` of ``centre`` ``(y, x)``; ``size``
+    is ``S`` (a square) or ``(H, W)``."""
+    height, width = (size, size) if isinstance(size, int) else size
+    yy, xx = np.mgrid[:height, :width]  # (H, W) each
     return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
 
 
@@ -310,8 +325,8 @@ def make_video_sample(
     for d in distractors:
         ds = spec.distractor_size
         video[d["start"] : d["stop"], d["y"] : d["y"] + ds, d["x"] : d["x"] + ds] = d["grey"]
-    video[: spec.cue_frames, _disc_mask(s, early, spec.radius)] = PALETTE[c1]
-    video[t - spec.cue_frames :, _disc_mask(s, late, spec.radius)] = PALETTE[c2]
+    video[: spec.cue_frames, disc_mask(s, early, spec.radius)] = PALETTE[c1]
+    video[t - spec.cue_frames :, disc_mask(s, late, spec.radius)] = PALETTE[c2]
     meta = {
         "label": label,
         "colours": [c1, c2],
@@ -344,8 +359,8 @@ def make_image_sample(
     for d in distractors:
         ds = spec.distractor_size
         image[d["y"] : d["y"] + ds, d["x"] : d["x"] + ds] = d["grey"]
-    image[_disc_mask(s, first, spec.radius)] = PALETTE[c1]
-    image[_disc_mask(s, second, spec.radius)] = PALETTE[c2]
+    image[disc_mask(s, first, spec.radius)] = PALETTE[c1]
+    image[disc_mask(s, second, spec.radius)] = PALETTE[c2]
     meta = {
         "label": label,
         "colours": [c1, c2],
@@ -382,7 +397,11 @@ def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: int = 8) ->
         container.mux(stream.encode())
 
 
-def _prepare(root: str | os.PathLike[str], key: str, overwrite: bool) -> tuple[Path, bool]:
+def prepare_folder(
+    root: str | os.PathLike[str], key: str, overwrite: bool
+) -> tuple[Path, bool]:
+    """``(root/key, cached)``: cached when a complete copy is there (its ``metadata.json``,
+    written last) and not ``overwrite``; otherwise the folder is emptied and created."""
     out = Path(root) / key
     if (out / "metadata.json").is_file() and not overwrite:
         log.info("synthetic data cached at %s", out)
@@ -393,8 +412,16 @@ def _prepare(root: str | os.PathLike[str], key: str, overwrite: bool) -> tuple[P
     return out, False
 
 
-def _finish(out: Path, spec: Any, metadata: dict[str, list[dict[str, Any]]]) -> None:
-    (out / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+def finish_folder(
+    out: Path,
+    spec: Any,
+    metadata: dict[str, list[dict[str, Any]]],
+    classes: Sequence[str] | None = CLASSES,
+) -> None:
+    """Write ``classes.txt`` (unless ``classes`` is None), ``spec.json`` and, last, as the
+    completion marker, ``metadata.json``."""
+    if classes is not None:
+        (out / "classes.txt").write_text("\n".join(classes) + "\n")
     (out / "spec.json").write_text(json.dumps(dataclasses.asdict(spec), indent=1) + "\n")
     tmp = out / "metadata.json.tmp"
     tmp.write_text(json.dumps(metadata))
@@ -416,22 +443,22 @@ def generate_video_dataset(
         ``metadata.json`` and ``videos/``.
     """
     spec = spec or SyntheticVideoSpec()
-    out, cached = _prepare(root, spec.key(), overwrite)
+    out, cached = prepare_folder(root, spec.key(), overwrite)
     if cached:
         return out
     metadata: dict[str, list[dict[str, Any]]] = {}
     for split, n in (("train", spec.num_train), ("val", spec.num_val)):
         (out / "videos" / split).mkdir(parents=True)
         lines, metas = [], []
-        for i, label in enumerate(_split_labels(spec.seed, split, n)):
-            frames, meta = make_video_sample(spec, int(label), _sample_rng(spec.seed, split, i))
+        for i, label in enumerate(split_labels(spec.seed, split, n)):
+            frames, meta = make_video_sample(spec, int(label), sample_rng(spec.seed, split, i))
             rel = f"videos/{split}/{i:05d}.mp4"
             write_mp4(out / rel, frames, spec.fps)
             lines.append(f"{rel} {int(label)}")
             metas.append({"path": rel, **meta})
         (out / f"{split}.txt").write_text("\n".join(lines) + "\n")
         metadata[split] = metas
-    _finish(out, spec, metadata)
+    finish_folder(out, spec, metadata)
     log.info("wrote %d + %d synthetic clips to %s", spec.num_train, spec.num_val, out)
     return out
 
@@ -447,7 +474,7 @@ def generate_image_dataset(
     from PIL import Image
 
     spec = spec or SyntheticImageSpec()
-    out, cached = _prepare(root, spec.key(), overwrite)
+    out, cached = prepare_folder(root, spec.key(), overwrite)
     if cached:
         return out
     metadata: dict[str, list[dict[str, Any]]] = {}
@@ -455,13 +482,13 @@ def generate_image_dataset(
         for name in CLASSES:
             (out / split / name).mkdir(parents=True)
         metas = []
-        for i, label in enumerate(_split_labels(spec.seed, split, n)):
-            image, meta = make_image_sample(spec, int(label), _sample_rng(spec.seed, split, i))
+        for i, label in enumerate(split_labels(spec.seed, split, n)):
+            image, meta = make_image_sample(spec, int(label), sample_rng(spec.seed, split, i))
             rel = f"{split}/{CLASSES[int(label)]}/{i:05d}.png"
             Image.fromarray(image).save(out / rel)
             metas.append({"path": rel, **meta})
         metadata[split] = metas
-    _finish(out, spec, metadata)
+    finish_folder(out, spec, metadata)
     return out
 
 

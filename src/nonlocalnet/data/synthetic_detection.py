@@ -31,7 +31,6 @@ is a hash of the parameters and seed, so a second call with the same spec reuses
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -41,7 +40,15 @@ from typing import Any
 
 import numpy as np
 
-from .synthetic import PALETTE, _prepare, _sample_rng, _spec_key, _split_labels
+from .synthetic import (
+    PALETTE,
+    disc_mask,
+    finish_folder,
+    prepare_folder,
+    sample_rng,
+    spec_key,
+    split_labels,
+)
 
 __all__ = [
     "CUE_COLOURS",
@@ -131,18 +138,19 @@ class SyntheticDetectionSpec:
 
     def key(self) -> str:
         """Short hash of all parameters: the cache folder name."""
-        return _spec_key("detection", self)
-
-
-def _disc(height: int, width: int, cy: float, cx: float, r: float) -> np.ndarray:
-    yy, xx = np.mgrid[:height, :width]  # (H, W) each
-    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+        return spec_key("detection", self)
 
 
 def _place(
     rng: np.random.Generator, spec: SyntheticDetectionSpec, n: int
 ) -> list[tuple[int, int, int]]:
-    """Up to n non-overlapping (x, y, size) in the central region (2 pixels apart)."""
+    """Up to n non-overlapping (x, y, size) in the central region (2 pixels apart), drawn at
+    random (100 tries per object); at least ``spec.min_objects`` of them.
+
+    Raises:
+        ValueError: fewer than ``spec.min_objects`` objects found room (a central region too
+            small for that many objects of these sizes).
+    """
     lo = spec.inner
     placed: list[tuple[int, int, int]] = []
     for _ in range(100 * n):
@@ -156,6 +164,14 @@ def _place(
             for px, py, ps in placed
         ):
             placed.append((x, y, s))
+    if len(placed) < spec.min_objects:
+        raise ValueError(
+            f"only {len(placed)} of min_objects={spec.min_objects} non-overlapping objects of "
+            f"size {spec.min_size}..{spec.max_size} found room in the "
+            f"{spec.height - 2 * lo}x{spec.width - 2 * lo} central region of a "
+            f"{spec.height}x{spec.width} image after {100 * n} tries; lower min_objects or "
+            "max_size, or enlarge the image"
+        )
     return placed
 
 
@@ -189,7 +205,7 @@ def make_detection_sample(
     greys = [int(rng.integers(90, 200)) for _ in range(4)]
     for k, (cy, cx) in enumerate(centres):
         colour = CUE_COLOURS[label] if k == cue_corner else (greys[k],) * 3
-        image[_disc(h, w, cy, cx, spec.cue_radius)] = colour
+        image[disc_mask((h, w), (cy, cx), spec.cue_radius)] = colour
 
     grey = int(rng.integers(120, 220))
     n = int(rng.integers(spec.min_objects, spec.max_objects + 1))
@@ -201,7 +217,7 @@ def make_detection_sample(
             bbox, area = [x, y, s, s], s * s
         else:
             r = (s - 1) / 2
-            mask = _disc(h, w, y + r, x + r, r)  # (H, W)
+            mask = disc_mask((h, w), (y + r, x + r), r)  # (H, W)
             image[mask] = grey
             rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
             segmentation = {"size": [h, w], "counts": rle["counts"].decode("ascii")}
@@ -260,7 +276,7 @@ def generate_detection_dataset(
     from PIL import Image
 
     spec = spec or SyntheticDetectionSpec()
-    out, cached = _prepare(root, spec.key(), overwrite)
+    out, cached = prepare_folder(root, spec.key(), overwrite)
     if cached:
         return out
     categories = [{"id": k + 1, "name": name} for k, name in enumerate(DETECTION_CLASSES)]
@@ -269,9 +285,9 @@ def generate_detection_dataset(
         image_dir, ann_file = detection_split_paths(out, split)
         image_dir.mkdir(parents=True)
         images, annotations, metas = [], [], []
-        for i, label in enumerate(_split_labels(spec.seed, split, n)):
+        for i, label in enumerate(split_labels(spec.seed, split, n)):
             image, objects, meta = make_detection_sample(
-                spec, int(label), _sample_rng(spec.seed, split, i)
+                spec, int(label), sample_rng(spec.seed, split, i)
             )
             name = f"{i:05d}.png"
             Image.fromarray(image).save(image_dir / name)
@@ -286,9 +302,6 @@ def generate_detection_dataset(
             json.dumps({"images": images, "annotations": annotations, "categories": categories})
         )
         metadata[split] = metas
-    (out / "spec.json").write_text(json.dumps(dataclasses.asdict(spec), indent=1) + "\n")
-    tmp = out / "metadata.json.tmp"
-    tmp.write_text(json.dumps(metadata))
-    tmp.replace(out / "metadata.json")  # last: marks the folder complete
+    finish_folder(out, spec, metadata, classes=None)  # the classes are the JSON's categories
     log.info("wrote %d + %d synthetic detection images to %s", spec.num_train, spec.num_val, out)
     return out

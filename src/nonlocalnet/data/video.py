@@ -64,7 +64,7 @@ from torch.utils.data import Dataset
 from .._checks import check_choice
 from ._seeding import SampleSeeder
 from .samplers import RandomClipSampler, UniformClipSampler
-from .samples import SkipTracker, check_skip_fraction, collate_samples
+from .samples import SkipTracker, check_skip_fraction, collate_samples, read_or_skip
 from .transforms import KINETICS_MEAN, KINETICS_STD, video_test_transform, video_train_transform
 
 logger = logging.getLogger(__name__)
@@ -773,37 +773,26 @@ class VideoDataset(Dataset):
         )  # (K, N, C, T, S, S)
         return stacked.flatten(0, 1)  # (K * N, C, T, S, S): clip-major, crop-minor
 
+    def _read(self, index: int) -> dict[str, Any]:
+        video = self.load(index)
+        self.num_loaded += 1
+        record = self.records[index]
+        return {"video": video, "label": record.label, "index": index, "path": record.path}
+
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """The sample dict; an unreadable video is skipped (see :mod:`nonlocalnet.data.samples`)."""
         if not 0 <= index < len(self.records):
             raise IndexError(
                 f"index {index} out of range for a dataset of {len(self.records)} videos"
             )
-        unreadable: list[str] = []
-        failed: list[int] = []
-        for attempt in range(self.max_attempts):
-            j = (index + attempt) % len(self.records)
-            record = self.records[j]
-            try:
-                video = self.load(j)
-            except VideoDecodeError as e:
-                logger.warning("unreadable video skipped: %s (%s)", record.path, e)
-                unreadable.append(record.path)
-                self.num_skipped += 1
-                self.unreadable_paths.append(record.path)
-                failed.append(j)
-                if self.mode == "test":
-                    return {"video": None, "index": index, "label": record.label,
-                            "path": record.path, "skipped": 1, "unreadable": unreadable,
-                            "unreadable_index": failed}  # fmt: skip
-                continue
-            self.num_loaded += 1
-            return {"video": video, "label": record.label, "index": j, "path": record.path,
-                    "skipped": attempt, "unreadable": unreadable,
-                    "unreadable_index": failed}  # fmt: skip
-        raise VideoDecodeError(
-            f"{len(unreadable)} consecutive unreadable videos starting at index {index} "
-            f"({unreadable[0]} ... {unreadable[-1]}); check the data"
-        )
+        sample = read_or_skip(
+            index, len(self.records), self._read, lambda j: self.records[j].path,
+            train=self.mode == "train", input_key="video", errors=(VideoDecodeError,),
+            max_attempts=self.max_attempts, what="videos",
+        )  # fmt: skip
+        self.num_skipped += len(sample["unreadable"])
+        self.unreadable_paths += sample["unreadable"]
+        return sample
 
 
 # --- batching and skip accounting -----------------------------------------------------------------

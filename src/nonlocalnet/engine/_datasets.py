@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,44 @@ __all__ = ["collate_fn", "make_dataset"]
 
 
 def _path(config: Config, name: str) -> Path:
+    """A split (list file, CSV, folder) of the config: relative to ``data.root``."""
     path = Path(name)
     if not path.is_absolute() and config.data.root:
         path = Path(config.data.root) / path
     return path
+
+
+def _check_kwargs(
+    given: Iterable[str], engine: Iterable[str], functions: Iterable[Callable[..., Any]]
+) -> None:
+    """Every key of ``data.kwargs`` a keyword of the dataset's constructor that the config does
+    not set already (``functions``: the constructor and the ones it forwards its keywords to;
+    ``engine``: the arguments the engine passes from the config's own keys).
+
+    Raises:
+        TypeError: a key that is not a keyword, or one the config sets, naming the dataset
+            class and the valid keywords.
+    """
+    functions = list(functions)
+    engine = set(engine)
+    names: set[str] = set()
+    for function in functions:
+        for param in inspect.signature(function).parameters.values():
+            if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+                names.add(param.name)
+    valid = sorted(names - engine - {"self", "cls"})
+    where = functions[0].__qualname__
+    for key in given:
+        if key in engine:
+            raise TypeError(
+                f"data.kwargs: {key!r} is set from the config's own keys (data.*, eval.*, "
+                f"train.seed) for {where}; set it there"
+            )
+        if key not in valid:
+            raise TypeError(
+                f"data.kwargs: {key!r} is not a keyword of {where}; expected one of "
+                f"{', '.join(valid)}"
+            )
 
 
 def _synthetic_folder(config: Config) -> Path:
@@ -42,12 +77,10 @@ def _synthetic_folder(config: Config) -> Path:
 
 
 def _video(config: Config, split: str) -> Dataset:
+    """``list`` / ``csv`` / ``folder`` / ``synthetic``: the split relative to ``data.root``."""
     from nonlocalnet.data import VideoDataset
 
     data = config.data
-    extra = dict(data.kwargs)
-    if data.format == "synthetic":
-        extra = {}
     kwargs: dict[str, Any] = dict(
         mode="train" if split == "train" else "test",
         num_frames=data.num_frames,
@@ -63,26 +96,35 @@ def _video(config: Config, split: str) -> Dataset:
         flip_p=0.5 if data.flip else 0.0,
         # Clips and crops from (seed, epoch, index): the engine sets the epoch of each sample.
         seed=config.train.seed,
-        **extra,
     )
     name = data.train_split if split == "train" else data.val_split
-    if data.format == "synthetic":
+    if data.format == "synthetic":  # data.kwargs are the fields of SyntheticVideoSpec
         list_file = _synthetic_folder(config) / f"{'train' if split == 'train' else 'val'}.txt"
         return VideoDataset.from_list_file(list_file, num_classes=data.num_classes, **kwargs)
     if data.format == "list":
-        return VideoDataset.from_list_file(
+        constructor, fixed = VideoDataset.from_list_file, {"list_file", "root", "num_classes"}
+    elif data.format == "csv":
+        if not data.root:
+            raise ValueError("data.root: the Kinetics CSV format needs the video root, got ''")
+        constructor, fixed = VideoDataset.from_kinetics_csv, {"csv_file", "root"}
+    elif data.format == "folder":
+        constructor, fixed = VideoDataset.from_folder, {"root"}
+    else:
+        raise ValueError(
+            f"data.format: {data.format!r} is not a video format; expected one of list, csv, "
+            "folder, synthetic"
+        )
+    _check_kwargs(data.kwargs, {*kwargs, *fixed, "records"}, (constructor, VideoDataset.__init__))
+    kwargs.update(data.kwargs)
+    if data.format == "list":
+        return constructor(
             _path(config, name), root=data.root or None, num_classes=data.num_classes, **kwargs
         )
     if data.format == "csv":
-        if not data.root:
-            raise ValueError("data.root: the Kinetics CSV format needs the video root, got ''")
-        return VideoDataset.from_kinetics_csv(_path(config, name), data.root, **kwargs)
-    if data.format == "folder":
-        return VideoDataset.from_folder(_path(config, name), **kwargs)
-    raise ValueError(
-        f"data.format: {data.format!r} is not a video format; expected one of list, csv, "
-        "folder, synthetic"
-    )
+        # The CSV is relative to data.root and the videos lie under data.root (in per-label
+        # folders or flat: nonlocalnet.data.video.parse_kinetics_csv).
+        return constructor(_path(config, name), data.root, **kwargs)
+    return constructor(_path(config, name), **kwargs)
 
 
 def _image(config: Config, split: str) -> Dataset:
@@ -93,8 +135,7 @@ def _image(config: Config, split: str) -> Dataset:
     if data.format != "folder":
         raise ValueError(f"data.format: {data.format!r} is not an image format; expected folder")
     train = split == "train"
-    return ImageFolderDataset(
-        _path(config, data.train_split if train else data.val_split),
+    kwargs: dict[str, Any] = dict(
         mode="train" if train else "test",
         crop_size=data.train_crop if train else data.test_crop,
         short_side=data.test_short_side,
@@ -102,7 +143,10 @@ def _image(config: Config, split: str) -> Dataset:
         std=tuple(data.std),
         flip_p=0.5 if data.flip else 0.0,
         seed=config.train.seed,
-        **data.kwargs,
+    )
+    _check_kwargs(data.kwargs, {*kwargs, "root"}, (ImageFolderDataset.__init__,))
+    return ImageFolderDataset(
+        _path(config, data.train_split if train else data.val_split), **kwargs, **data.kwargs
     )
 
 
@@ -124,16 +168,23 @@ def _segmentation(config: Config, split: str) -> Dataset:
         std=tuple(data.std),
         flip_p=0.5 if data.flip else 0.0,
         seed=config.train.seed,
-        **data.kwargs,
     )
     if data.format == "cityscapes":
-        return SegmentationDataset.cityscapes(data.root, name, **kwargs)
-    if data.format == "pairs":
-        folder = _path(config, name)
-        return SegmentationDataset.from_folders(folder / "images", folder / "masks", **kwargs)
-    raise ValueError(
-        f"data.format: {data.format!r} is not a segmentation format; expected cityscapes, pairs"
+        constructor, fixed = SegmentationDataset.cityscapes, {"root", "split"}
+    elif data.format == "pairs":
+        constructor, fixed = SegmentationDataset.from_folders, {"image_dir", "mask_dir"}
+    else:
+        raise ValueError(
+            f"data.format: {data.format!r} is not a segmentation format; expected cityscapes, pairs"
+        )
+    _check_kwargs(
+        data.kwargs, {*kwargs, *fixed, "pairs"}, (constructor, SegmentationDataset.__init__)
     )
+    kwargs.update(data.kwargs)
+    if data.format == "cityscapes":
+        return constructor(data.root, name, **kwargs)
+    folder = _path(config, name)
+    return constructor(folder / "images", folder / "masks", **kwargs)
 
 
 def _masks_wanted(config: Config) -> bool:

@@ -3,7 +3,12 @@
 A checkpoint is a ``torch.save`` dict of plain types (tensors, numbers, strings, lists, dicts)::
 
     {"model": state_dict, "optimizer": ..., "scheduler": ..., "scaler": ... | None,
-     "step": int, "rng": {...}, "sampler": {...}, "config": dict}
+     "step": int, "rng": [{...} per rank], "skips": [[...] per rank], "sampler": {...},
+     "pending_eval": bool, "metrics": {"train": {...} | None, "val": {...} | None},
+     "config": dict}
+
+(``rng`` and ``skips`` hold one entry per process, by rank; a checkpoint written before that held
+one ``rng`` dict, read as rank 0's.)
 
 so ``torch.load(path, weights_only=True)`` reads it without unpickling arbitrary objects; every
 load in this module uses ``weights_only=True``.
@@ -34,6 +39,7 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "load_weights",
+    "rank_entry",
     "restore_rng_state",
     "save_checkpoint",
     "unwrap_model",
@@ -177,13 +183,19 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 # ----------------------------------------------------------------------------- RNG state
 
 
-def capture_rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch CPU and CUDA generator states as plain types."""
+def capture_rng_state(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Python, NumPy and torch CPU generator states as plain types, and the CUDA generator's of
+    ``device`` when it is a CUDA device (only that one: querying every GPU would open a
+    context on each)."""
     version, internal, gauss = random.getstate()
+    device = torch.device(device) if device is not None else None
+    cuda = None
+    if device is not None and device.type == "cuda":
+        cuda = torch.cuda.get_rng_state(device)
     state: dict[str, Any] = {
         "python": [version, list(internal), gauss],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": cuda,
     }
     try:
         import numpy as np
@@ -195,18 +207,57 @@ def capture_rng_state() -> dict[str, Any]:
     return state
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
+def restore_rng_state(state: dict[str, Any], device: torch.device | str | None = None) -> None:
+    """Inverse of :func:`capture_rng_state`; the CUDA state goes to ``device`` (a CUDA device).
+
+    A state holding every GPU's generator (a list, as ``torch.cuda.get_rng_state_all`` gives)
+    restores the entry of ``device``'s index.
+    """
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    device = torch.device(device) if device is not None else None
+    cuda = state.get("cuda")
+    if device is not None and device.type == "cuda" and cuda is not None and len(cuda):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if isinstance(cuda, (list, tuple)):
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
     if state.get("numpy") is not None:
         import numpy as np
 
         kind, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+def rank_entry(entries: Any, rank: int, world_size: int, what: str) -> tuple[Any, bool]:
+    """This process's entry of a per-rank list stored in a checkpoint.
+
+    Args:
+        entries: a list by rank, or one entry (a checkpoint of one process: rank 0's).
+        rank: this process's rank.
+        world_size: the number of processes now.
+        what: the entry's name, for the warning.
+
+    Returns:
+        ``(entry, same)``: the entry of ``rank`` (rank 0's where the list is shorter), and
+        whether the checkpoint was written by as many processes as run now (a warning is logged
+        when not).
+    """
+    if not isinstance(entries, list):
+        entries = [entries]
+    same = len(entries) == world_size
+    if not same and rank == 0:
+        logger.warning(
+            "--resume: the checkpoint's %s comes from %d process(es), the run has %d: each "
+            "process continues from %s, so the random streams differ from the interrupted run's",
+            what,
+            len(entries),
+            world_size,
+            "its rank's entry" if len(entries) > world_size else "rank 0's where it has none",
+        )
+    return (entries[rank] if rank < len(entries) else entries[0]), same
 
 
 # ----------------------------------------------------------------------------- models

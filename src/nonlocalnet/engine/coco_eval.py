@@ -40,6 +40,7 @@ __all__ = [
     "STATS",
     "COCOEvaluator",
     "coco_stats",
+    "collect_detections",
     "evaluate_detector",
     "format_metrics",
     "predictions_to_coco",
@@ -361,16 +362,18 @@ class COCOEvaluator:
 
 
 @torch.no_grad()
-def evaluate_detector(
+def collect_detections(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
     evaluator: COCOEvaluator,
     *,
     device: torch.device | str = "cpu",
+    autocast: contextlib.AbstractContextManager[Any] | None = None,
+    on_batch: Callable[[Mapping[str, Any]], None] | None = None,
     progress: Callable[[int], None] | None = None,
-) -> dict[str, Any]:
-    """Run a detector on batches of :func:`~nonlocalnet.data.coco.collate_detection` and
-    evaluate (synchronising across processes first).
+) -> None:
+    """Run a detector on batches of :func:`~nonlocalnet.data.coco.collate_detection`, add its
+    predictions to ``evaluator`` and gather them over processes.
 
     Args:
         model: a torchvision detector (eval mode is set here and restored after).
@@ -378,25 +381,47 @@ def evaluate_detector(
             ``"image_id"``).
         evaluator: collects the predictions.
         device: where the model runs.
+        autocast: the autocast context of the forward passes, if any.
+        on_batch: called with each batch before it runs (the skip accounting).
         progress: called with the number of images done after each batch.
-
-    Returns:
-        :meth:`COCOEvaluator.evaluate`'s metrics.
     """
+    from nonlocalnet.engine.step import detection_batch
+
     was_training = model.training
     model.eval()
     done = 0
     try:
         for batch in batches:
-            images = [im.to(device) for im in batch["image"]]
-            if not images:
+            if on_batch is not None:
+                on_batch(batch)
+            images, targets = detection_batch(dict(batch), device)
+            if not images:  # every image of the batch was unreadable
                 continue
-            outputs = model(images)
-            evaluator.update(outputs, [int(t["image_id"]) for t in batch["target"]])
+            with autocast or contextlib.nullcontext():
+                outputs = model(images)
+            evaluator.update(outputs, [int(t["image_id"]) for t in targets])
             done += len(images)
             if progress is not None:
                 progress(done)
     finally:
         model.train(was_training)
     evaluator.synchronize()
-    return evaluator.evaluate()
+
+
+def evaluate_detector(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    evaluator: COCOEvaluator,
+    *,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int], None] | None = None,
+    log_tables: bool = True,
+) -> dict[str, Any]:
+    """Run a detector on batches and evaluate (:func:`collect_detections`, then
+    :meth:`COCOEvaluator.evaluate`).
+
+    Returns:
+        :meth:`COCOEvaluator.evaluate`'s metrics.
+    """
+    collect_detections(model, batches, evaluator, device=device, progress=progress)
+    return evaluator.evaluate(log_tables=log_tables)

@@ -19,7 +19,13 @@ A file may start from others: ``_base_: kinetics_nl_c2d_r50_32x2.yaml`` (or a li
 order) names files relative to it; the file's own keys are merged over them, section by section
 and key by key (a mapping merges, any other value replaces), and the result is checked as one
 config. Relative paths inside a config (``data.root``, ``train.out_dir``, ``model.init``) are
-taken relative to the current directory, not to the file.
+taken relative to the current directory, not to the file; the splits (``data.train_split``,
+``data.val_split``) relative to ``data.root``.
+
+The configs shipped with the package (:data:`CONFIG_DIR`) are found by their bare name:
+``load_config("kinetics_nl_c2d_r50_32x2")`` (or ``--config kinetics_nl_c2d_r50_32x2.yaml``) reads
+the shipped file unless a file of that name exists where it is asked for
+(:func:`resolve_config_path`).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from typing import Any
 from nonlocalnet._checks import check_choice
 
 __all__ = [
+    "CONFIG_DIR",
     "DATA_FORMATS",
     "RESUMABLE_KEYS",
     "TASKS",
@@ -54,13 +61,20 @@ __all__ = [
     "config_to_dict",
     "is_import_path",
     "load_config",
+    "resolve_config_path",
     "save_config",
+    "shipped_configs",
 ]
+
+#: the configs shipped with the package (``configs/`` of a checkout links here).
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 #: the keys that may differ between a checkpoint's config and the config that resumes it: the
 #: length of the run and how often it logs, evaluates and checkpoints (none changes the weights
-#: of the steps both runs train), where it writes, and the data loader's worker count.
+#: of the steps both runs train), where it writes, and the data loader's worker count. The length
+#: may change under a step or constant schedule only: cosine and poly set each step's lr from
+#: step / train.steps, so another length changes the lr of every step, and resuming refuses it.
 RESUMABLE_KEYS = (
     "train.steps",
     "train.log_every",
@@ -503,16 +517,17 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     """Read a YAML config (or start from the defaults), apply overrides, validate.
 
     Args:
-        path: YAML file; None starts from the defaults.
+        path: YAML file, or the name of a shipped config (:func:`resolve_config_path`); None
+            starts from the defaults.
         overrides: ``key.path=value`` strings applied after the file.
 
     Raises:
-        FileNotFoundError: the file does not exist.
+        FileNotFoundError: the file does not exist (nor a shipped config of that name).
         ValueError, TypeError: unknown key, bad value or bad type, naming the key.
     """
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = resolve_config_path(path)
         data = _read_with_bases(path, ())
     apply_overrides(data, overrides)
     try:
@@ -520,6 +535,34 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     except (ValueError, TypeError) as err:
         where = f"{path}: " if path is not None else ""
         raise type(err)(f"{where}{err}") from None
+
+
+def shipped_configs() -> list[str]:
+    """The names of the configs shipped with the package (without ``.yaml``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """The config file of ``name``: the path itself when it exists, else, for a bare file name
+    (no folder, with or without ``.yaml``), the shipped config of that name in
+    :data:`CONFIG_DIR`.
+
+    Raises:
+        FileNotFoundError: neither exists, naming the shipped configs.
+    """
+    path = Path(name)
+    if path.exists():
+        return path
+    bare = path.name == str(name) and path.name not in ("", ".", "..")
+    if bare:
+        shipped = CONFIG_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+        if shipped.is_file():
+            return shipped
+    known = ", ".join(shipped_configs())
+    raise FileNotFoundError(
+        f"config file {str(name)!r} not found"
+        + (f" (nor a shipped config of that name: {known})" if bare else "")
+    )
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,22 +1,32 @@
-"""Process-group set-up for ``torchrun`` and small collective helpers (no-ops in one process)."""
+"""The process group of a ``torchrun`` job and the few collectives the engine uses (each a no-op
+in one process).
+
+On CUDA the group has two backends, ``cpu:gloo,cuda:nccl``: NCCL carries the tensors on the GPU
+(gradients, evaluation scores, BatchNorm statistics) and Gloo the run's bookkeeping, which lives
+in CPU tensors (the stop request polled every step, the logged losses, the skip counts, RNG
+states); a plain ``nccl`` group accepts CUDA tensors only.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
     "DistInfo",
+    "all_gather_object",
     "all_gather_tensor",
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
     "cleanup_distributed",
     "init_distributed",
+    "process_group_backend",
 ]
 
 logger = logging.getLogger(__name__)
@@ -39,11 +49,36 @@ class DistInfo:
         return self.world_size > 1
 
 
+def process_group_backend(backend: str | None, cuda: bool) -> str:
+    """The backend string of the process group.
+
+    Args:
+        backend: ``gloo``, ``nccl`` or None (nccl where CUDA is used, else gloo). NCCL is given
+            Gloo for CPU tensors: ``cpu:gloo,cuda:nccl``. A ``device:backend`` list passes as it is.
+        cuda: whether this process runs on a CUDA device.
+
+    Raises:
+        ValueError: another backend name.
+    """
+    if backend is None:
+        backend = "nccl" if cuda else "gloo"
+    if ":" in backend:
+        return backend
+    if backend == "nccl":
+        return "cpu:gloo,cuda:nccl"
+    if backend == "gloo":
+        return backend
+    raise ValueError(
+        f"distributed backend: expected 'gloo', 'nccl' or 'device:backend' pairs, got {backend!r}"
+    )
+
+
 def init_distributed(backend: str | None = None) -> DistInfo:
     """Join the process group described by torchrun's env vars when ``WORLD_SIZE > 1``.
 
     Args:
-        backend: ``gloo`` or ``nccl``; default nccl when CUDA is available, else gloo.
+        backend: ``gloo`` or ``nccl`` (see :func:`process_group_backend`); default nccl (with
+            gloo for CPU tensors) when CUDA is available, else gloo.
 
     Returns:
         rank, world size and local rank (0, 1, 0 when not distributed).
@@ -54,9 +89,8 @@ def init_distributed(backend: str | None = None) -> DistInfo:
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        backend = process_group_backend(backend, torch.cuda.is_available())
+        if "nccl" in backend:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, init_method="env://")
         logger.info("joined %s process group: rank %d of %d", backend, rank, world_size)
@@ -114,3 +148,12 @@ def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every process's ``obj`` (picklable), in rank order; ``[obj]`` in one process."""
+    if not _active():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

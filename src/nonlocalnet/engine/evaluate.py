@@ -34,7 +34,6 @@ from nonlocalnet.engine.metrics import ConfusionMatrix, ScoreAccumulator, multiv
 from nonlocalnet.engine.sampling import EvalBatchSampler
 from nonlocalnet.engine.step import (
     autocast_context,
-    detection_batch,
     model_output,
     resolve_device,
     skip_totals,
@@ -111,16 +110,22 @@ def run_evaluation(
     confusion = ConfusionMatrix(config.data.num_classes, config.data.ignore_index)
     skips = SkipTracker(config.data.max_skip_fraction, num_entries=len(dataset))
     paths: dict[int, str] = {}
-    for batch_indices, batch in zip(sampler, loader, strict=True):
+    for number, (batch_indices, batch) in enumerate(zip(sampler, loader, strict=True)):
         skips.update(batch, check=False)
         inputs, target = split_batch(batch, task)
-        if len(target) == 0:  # every video of the batch was unreadable
-            continue
-        inputs, target = inputs.to(device), target.to(device)
         # Samples are identified by their dataset index (unreadable ones are dropped from a batch).
         indices = batch.get("index")
         if not isinstance(indices, torch.Tensor) or len(indices) != len(target):
-            indices = torch.as_tensor(batch_indices)
+            indices = None if len(target) != len(batch_indices) else torch.as_tensor(batch_indices)
+        if task == "segmentation":
+            # The confusion matrix sums over samples: the shard's padded repeats stay out.
+            rows = _rows_without_padding(indices, len(target), batch_indices, sampler, number)
+            inputs, target = inputs[:rows], target[:rows]
+        if len(target) == 0:  # every sample of the batch was unreadable (or padding)
+            continue
+        if indices is None:
+            indices = torch.as_tensor(batch_indices[: len(target)])
+        inputs, target = inputs.to(device), target.to(device)
         if task == "segmentation":
             with autocast:
                 logits = _logits(model(inputs))
@@ -155,6 +160,32 @@ def run_evaluation(
     return out
 
 
+def _rows_without_padding(
+    indices: torch.Tensor | None,
+    rows: int,
+    batch_indices: list[int],
+    sampler: EvalBatchSampler,
+    number: int,
+) -> int:
+    """How many leading rows of batch ``number`` are real samples: the padded repeats are the
+    last indices of a shard, and a batch keeps its order when unreadable samples are dropped
+    (a padded sample that was dropped is no row; with the rows' dataset ``indices`` unknown,
+    every padded sample is taken to be a row)."""
+    real = sampler.real_count(number)
+    pads = batch_indices[real:]
+    if not pads:
+        return rows
+    if rows == len(batch_indices):
+        return real
+    if indices is None:
+        return max(rows - len(pads), 0)
+    keep = rows
+    for pad in reversed(pads):
+        if keep and int(indices[keep - 1]) == pad:
+            keep -= 1
+    return keep
+
+
 def _detection_metrics(
     model: nn.Module,
     dataset: Dataset,
@@ -166,7 +197,7 @@ def _detection_metrics(
     predictions: bool,
 ) -> dict[str, Any]:
     """COCOeval of a detector over ``loader`` (see :func:`run_evaluation`)."""
-    from nonlocalnet.engine.coco_eval import COCOEvaluator
+    from nonlocalnet.engine.coco_eval import COCOEvaluator, collect_detections
 
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
     ground_truth = getattr(base, "coco", None)
@@ -183,15 +214,14 @@ def _detection_metrics(
         label_to_category=getattr(base, "label_to_category", None),
     )
     skips = SkipTracker(config.data.max_skip_fraction, num_entries=len(dataset))
-    for batch in loader:
-        skips.update(batch, check=False)
-        images, targets = detection_batch(batch, device)
-        if not images:  # every image of the batch was unreadable
-            continue
-        with autocast:
-            outputs = model(images)
-        evaluator.update(outputs, [int(t["image_id"]) for t in targets])
-    evaluator.synchronize()
+    collect_detections(
+        model,
+        loader,
+        evaluator,
+        device=device,
+        autocast=autocast,
+        on_batch=lambda batch: skips.update(batch, check=False),
+    )
     skipped, read = skip_totals(skips)
     skips.check_total(skipped, read)
     if len(evaluator) == 0:

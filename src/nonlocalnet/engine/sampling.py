@@ -177,16 +177,30 @@ class EvalBatchSampler(Sampler[list[int]]):
     """Shards ``range(N)`` over processes for evaluation, in order.
 
     The index list is padded (repeating its start) to a multiple of ``world_size`` as
-    DistributedSampler does; process ``r`` takes every ``world_size``-th index from ``r``. Results
-    are gathered by sample index and the padded duplicates dropped.
+    DistributedSampler does; process ``r`` takes every ``world_size``-th index from ``r``. The
+    last :attr:`num_padded` indices of a shard are such repeats (at most one): scores are
+    gathered by sample index, which merges them; sums over samples (a confusion matrix) leave
+    them out (:meth:`real_count`).
+
+    Attributes:
+        indices: this process's dataset indices, in order.
+        num_padded: how many of the last ``indices`` repeat an index of another shard.
     """
 
     def __init__(self, num_samples: int, batch_size: int, *, rank: int = 0, world_size: int = 1):
         indices = list(range(num_samples))
         padded = -len(indices) % world_size
         indices += indices[:padded] if indices else []
-        self.indices = indices[rank::world_size]
+        positions = range(rank, len(indices), world_size)  # positions of the padded list
+        self.indices = [indices[p] for p in positions]
+        self.num_padded = sum(p >= num_samples for p in positions)
         self.batch_size = batch_size
+
+    def real_count(self, batch_number: int) -> int:
+        """How many of the first indices of batch ``batch_number`` are real (not padding)."""
+        start = batch_number * self.batch_size
+        size = min(self.batch_size, len(self.indices) - start)
+        return max(0, min(size, len(self.indices) - self.num_padded - start))
 
     def __iter__(self) -> Iterator[list[int]]:
         for i in range(0, len(self.indices), self.batch_size):

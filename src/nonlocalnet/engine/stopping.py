@@ -4,8 +4,11 @@ Cluster schedulers send SIGTERM some time before they kill a job; a user presses
 way the training loop finishes the step it is in, writes a checkpoint atomically and raises
 :class:`TrainingStopped`; the command line prints one line saying how to continue and exits with
 the conventional code (128 + the signal's number: 130 for SIGINT, 143 for SIGTERM). A second
-signal while stopping exits at once. DataLoader workers ignore both signals (the main process
-shuts them down), so a Ctrl-C delivered to the whole process group does not kill them mid-batch.
+signal while stopping exits at once, except a repeat of the first signal within
+:data:`REPEAT_WINDOW_S` seconds of it, which is the same request arriving twice: under torchrun
+a Ctrl-C in the terminal reaches each worker from the terminal and again from torchrun's agent,
+which forwards it. DataLoader workers ignore both signals (the main process shuts them down), so
+a Ctrl-C delivered to the whole process group does not kill them mid-batch.
 """
 
 from __future__ import annotations
@@ -15,15 +18,25 @@ import os
 import signal
 import sys
 import threading
+import time
 from types import FrameType
 from typing import Any
 
-__all__ = ["STOP_SIGNALS", "StopRequest", "TrainingStopped", "ignore_stop_signals"]
+__all__ = [
+    "REPEAT_WINDOW_S",
+    "STOP_SIGNALS",
+    "StopRequest",
+    "TrainingStopped",
+    "ignore_stop_signals",
+]
 
 logger = logging.getLogger(__name__)
 
 #: the signals that stop a run cleanly.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+#: a repeat of the first signal within this many seconds is the same request, not a second one.
+REPEAT_WINDOW_S = 2.0
 
 
 class TrainingStopped(Exception):  # noqa: N818 (a stop, like StopIteration)
@@ -53,6 +66,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum = 0
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
@@ -68,12 +82,22 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum:
+            if signum == self.signum and time.monotonic() - self._first_at < REPEAT_WINDOW_S:
+                logger.debug(
+                    "%s again within %g s: the same request",
+                    signal.Signals(signum).name,
+                    REPEAT_WINDOW_S,
+                )
+                return
             print(f"\n{signal.Signals(signum).name} again: exiting now", file=sys.stderr)
             os._exit(128 + signum)
         self.signum = signum
+        self._first_at = time.monotonic()
         logger.warning(
-            "%s received: stopping after this step with a checkpoint (send it again to exit now)",
+            "%s received: stopping after this step with a checkpoint (send it again %g s or "
+            "more later to exit now)",
             signal.Signals(signum).name,
+            REPEAT_WINDOW_S,
         )
 
 

@@ -10,8 +10,11 @@ at the end the weights are also exported as ``model.safetensors``.
 
 Exact resume: the data order and each sample's augmentation are functions of (seed, step)
 (:mod:`nonlocalnet.engine.sampling`), and the checkpoint holds the model, optimiser, schedule,
-scaler and every RNG state, so a run killed after a checkpoint and resumed ends with the same
-weights as a run that was never interrupted.
+scaler, the skip counts and every process's RNG states, so a run killed after a checkpoint and
+resumed (with as many processes) ends with the same weights as a run that was never
+interrupted. A run stopped by a signal skips an evaluation due at its last step and says so in
+its checkpoint; the resumed run evaluates first. Resuming at step s removes the checkpoints of
+later steps (a branch the resumed run abandons) and the log records after s.
 
 :func:`train` reads top to bottom: :func:`setup` builds a :class:`Run` (model, optimiser,
 schedule, data), :func:`restore` continues it from a checkpoint, :func:`train_step` runs one
@@ -50,6 +53,7 @@ from nonlocalnet.engine.config import (
 )
 from nonlocalnet.engine.distributed import (
     DistInfo,
+    all_gather_object,
     all_reduce_mean,
     barrier,
     init_distributed,
@@ -90,7 +94,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- BN, log, run folder
 
 
 def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -104,14 +108,16 @@ def precise_bn(
     num_batches: int,
     *,
     autocast: contextlib.AbstractContextManager | None = None,
+    rng_devices: list[torch.device] | None = None,
 ) -> int:
     """Recompute BatchNorm running statistics as the plain average over ``num_batches`` batches.
 
     The model runs in training mode without gradients on each batch (a tensor, or a tuple of
     positional inputs: a detector's ``(images, targets)``); BN momentum is set to None
     (cumulative average) for the pass and restored afterwards. The torch RNG (dropout, a
-    detector's sampling of anchors and proposals) is forked, so the training stream is
-    unchanged. Across processes the statistics are averaged.
+    detector's sampling of anchors and proposals) is forked, the CPU's and ``rng_devices``'
+    (the model's CUDA device), so the training stream is unchanged. Across processes the
+    statistics are averaged.
 
     Returns:
         the number of batches used.
@@ -126,7 +132,7 @@ def precise_bn(
         bn.momentum = None
     model.train()
     used = 0
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=rng_devices or []):
         for inputs in batches:
             with autocast or contextlib.nullcontext():
                 model(*inputs) if isinstance(inputs, tuple) else model(inputs)
@@ -166,7 +172,11 @@ class MetricsLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step)
+            # Events after the resumed step are the killed run's: purged. Those of the step
+            # itself are kept, as its records in metrics.jsonl are (nothing logs them again).
+            self.writer = SummaryWriter(
+                str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None
+            )
         except ImportError:
             logger.debug("tensorboard not installed: no event files")
 
@@ -207,14 +217,26 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
     return tqdm(total=total, initial=initial, disable=disable, desc="train", dynamic_ncols=True)
 
 
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` holds a run of this library: ``config.yaml``, ``metrics.jsonl`` or a
+    ``checkpoint_<step>.pt``."""
+    if not path.is_dir():
+        return False
+    if (path / "config.yaml").is_file() or (path / "metrics.jsonl").is_file():
+        return True
+    return bool(ckpt.list_checkpoints(path))
+
+
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """The run folder policy: a new run never mixes with files of another run.
 
     A new run needs an empty (or absent) folder, unless ``overwrite`` (cleared by
-    :func:`prepare_run_dir`); ``resume`` continues what is there.
+    :func:`prepare_run_dir`), which clears only a folder that holds a run
+    (:func:`is_run_folder`) or nothing; ``resume`` continues what is there.
 
     Raises:
-        FileExistsError: a new run into a non-empty folder without ``overwrite``.
+        FileExistsError: a new run into a non-empty folder without ``overwrite``; ``overwrite``
+            of a folder that holds files but no run.
         ValueError: both ``resume`` and ``overwrite``.
     """
     if resume and overwrite:
@@ -223,17 +245,26 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
         )
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"output folder {str(run_dir)!r} is a file")
-    if run_dir.is_dir() and not resume and not overwrite and any(run_dir.iterdir()):
+    if not run_dir.is_dir() or resume or not any(run_dir.iterdir()):
+        return
+    if not overwrite:
         raise FileExistsError(
             f"output folder {str(run_dir)!r} holds another run; continue it with --resume, "
             f"clear it with --overwrite, or choose another --out"
         )
+    if not is_run_folder(run_dir):
+        raise FileExistsError(
+            f"--overwrite: output folder {str(run_dir)!r} holds files but no run (no "
+            f"config.yaml, metrics.jsonl or checkpoint_<step>.pt): not cleared; choose another --out"
+        )
 
 
-def prepare_run_dir(run_dir: Path, *, overwrite: bool) -> None:
-    """Create the run folder (cleared first with ``overwrite``) and remove the temp files of a
-    write that was killed midway. Called once the run is built, so that a run that fails to
-    start leaves the folder as it was."""
+def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume_step: int | None = None) -> None:
+    """Create the run folder (cleared first with ``overwrite``), remove the temp files of a
+    write that was killed midway and, resuming at ``resume_step``, the checkpoints of later
+    steps (the branch the resumed run abandons, which a later ``--resume`` would otherwise
+    pick). Called once the run is built, so that a run that fails to start leaves the folder as
+    it was."""
     if overwrite and run_dir.is_dir():
         logger.warning("--overwrite: clearing %s", run_dir)
         for child in run_dir.iterdir():
@@ -243,6 +274,17 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool) -> None:
                 child.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.clean_temp_files(run_dir)
+    if resume_step is None:
+        return
+    later = [(s, p) for s, p in ckpt.list_checkpoints(run_dir) if s > resume_step]
+    for _, path in later:
+        path.unlink(missing_ok=True)
+    if later:
+        logger.warning(
+            "resumed at step %d: removed the checkpoints of later steps %s",
+            resume_step,
+            ", ".join(str(s) for s, _ in later),
+        )
 
 
 def _resolve_resume(resume: bool, resume_from: str | Path | None, run_dir: Path) -> Path | None:
@@ -254,9 +296,15 @@ def _resolve_resume(resume: bool, resume_from: str | Path | None, run_dir: Path)
             found = ckpt.latest_checkpoint(path)
             if found is None:
                 raise FileNotFoundError(f"--resume-from: no checkpoint_<step>.pt in {str(path)!r}")
-            return found
-        if not path.is_file():
+            path = found
+        elif not path.is_file():
             raise FileNotFoundError(f"--resume-from: checkpoint {str(path)!r} not found")
+        own = path.resolve().parent
+        if run_dir.is_dir() and any(run_dir.iterdir()) and run_dir.resolve() != own:
+            raise FileExistsError(
+                f"--resume-from: output folder {str(run_dir)!r} holds another run; continue "
+                f"{str(path)!r} into its own folder {str(own)!r} or into an empty --out"
+            )
         return path
     if not resume:
         return None
@@ -290,7 +338,12 @@ class Run:
         autocast: the autocast context of ``train.amp``.
         skips: unreadable-sample accounting of this process.
         start_step: the step the run starts (or resumes) at.
-        loss_parts: detection: the sum over the logging window of each loss of the detector.
+        rng_state: this process's RNG states from the checkpoint, restored last by :func:`train`.
+        stored_sampler: the sampler's position stored in the checkpoint.
+        pending_eval: the checkpoint's run stopped before the evaluation due at its step.
+        stored_metrics: the ``train`` / ``val`` metrics the checkpoint's run had at its step.
+        loss_parts: detection: the sum over the logging window of each loss of the detector
+            (on the device).
     """
 
     config: Config
@@ -311,6 +364,8 @@ class Run:
     start_step: int = 0
     rng_state: dict[str, Any] | None = field(default=None, repr=False)
     stored_sampler: dict[str, Any] = field(default_factory=dict, repr=False)
+    pending_eval: bool = False
+    stored_metrics: dict[str, Any] = field(default_factory=dict, repr=False)
     loss_parts: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
@@ -378,10 +433,15 @@ def setup(config: Config, run_dir: Path, dist_info: DistInfo, *, init: bool = Tr
 
 
 def restore(run: Run, path: Path) -> None:
-    """Load a checkpoint's model, optimiser, schedule and scaler into ``run``.
+    """Load a checkpoint's model, optimiser, schedule, scaler and skip counts into ``run``.
 
-    The RNG states are kept in ``run.rng_state`` and restored by :func:`train` last, after
-    everything that draws from the generators has been built.
+    The RNG states of this process's rank are kept in ``run.rng_state`` and restored by
+    :func:`train` last, after everything that draws from the generators has been built.
+
+    Raises:
+        ValueError: the checkpoint is not a training checkpoint, was trained with another
+            config (beyond :data:`~nonlocalnet.engine.config.RESUMABLE_KEYS`), is beyond
+            ``train.steps``, or ``train.steps`` changed under a cosine or poly schedule.
     """
     # On the CPU: RNG states must stay CPU tensors; load_state_dict moves weights to the device.
     state = ckpt.load_checkpoint(path, map_location="cpu")
@@ -407,6 +467,16 @@ def restore(run: Run, path: Path) -> None:
             f"--resume: checkpoint {str(path)!r} is at step {step}, beyond "
             f"train.steps={run.config.train.steps}; raise train.steps to train on"
         )
+    stored_steps = (stored.get("train") or {}).get("steps") if isinstance(stored, dict) else None
+    schedule = run.config.schedule.name
+    steps_changed = stored_steps is not None and stored_steps != run.config.train.steps
+    if steps_changed and schedule in ("cosine", "poly"):
+        raise ValueError(
+            f"--resume: train.steps was {stored_steps} and is {run.config.train.steps}, but the "
+            f"{schedule} schedule sets each step's lr from step / train.steps, so every step "
+            f"would get another lr than the run was trained with; keep train.steps={stored_steps} "
+            f"or start a new run (a step or constant schedule may change it)"
+        )
     ckpt.check_state_dict(
         run.model,
         state["model"],
@@ -420,9 +490,41 @@ def restore(run: Run, path: Path) -> None:
     if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     run.start_step = step
-    run.rng_state = state.get("rng")
+    rank, world = run.dist_info.rank, run.dist_info.world_size
+    if state.get("rng") is not None:
+        run.rng_state, _ = ckpt.rank_entry(state["rng"], rank, world, "RNG state")
+    if state.get("skips") is not None:
+        _restore_skips(run.skips, state["skips"], rank, world)
     run.stored_sampler = state.get("sampler") or {}
+    run.pending_eval = bool(state.get("pending_eval", False))
+    run.stored_metrics = dict(state.get("metrics") or {})
     logger.info("resumed from %s at step %d", path, run.start_step)
+
+
+def _restore_skips(skips: SkipTracker, stored: list[Any], rank: int, world_size: int) -> None:
+    """This process's skip counts from a checkpoint's per-rank list; written by another number
+    of processes, rank 0 takes the combined counts (entries read: the union; unnamed: the sum)
+    and the others start from zero, so the totals carry over."""
+    current = skips.state()
+    shapes = [tuple(t.shape) for t in current]
+    if not stored or any([tuple(t.shape) for t in entry] != shapes for entry in stored):
+        logger.warning(
+            "--resume: the checkpoint's skip counts are for a dataset of another length; "
+            "counting from zero"
+        )
+        return
+    if len(stored) == world_size:
+        entry = stored[rank]
+    elif rank == 0:
+        entry = [
+            torch.stack([e[0] for e in stored]).amax(0),
+            torch.stack([e[1] for e in stored]).amax(0),
+            torch.stack([e[2] for e in stored]).sum(0),
+        ]
+    else:
+        return
+    for target, value in zip(current, entry, strict=True):
+        target.copy_(value)
 
 
 def init_weights(model: nn.Module, config: Config) -> None:
@@ -467,12 +569,33 @@ def _make_loader(run: Run) -> None:
             )
 
 
-def save(run: Run, step: int) -> Path | None:
+def save(
+    run: Run,
+    step: int,
+    *,
+    pending_eval: bool = False,
+    metrics: dict[str, Any] | None = None,
+) -> Path | None:
     """Write ``checkpoint_<step>.pt`` (main process) and prune the old ones; return its path.
+
+    Every process calls it: the RNG states and skip counts of each are gathered (by rank).
+
+    Args:
+        run: the run.
+        step: the steps done.
+        pending_eval: the evaluation due at ``step`` was skipped (the run is stopping); the
+            resumed run does it first.
+        metrics: ``{"train": the last train record, "val": the validation metrics of this
+            step or None}``: what a run resumed from this checkpoint reports without redoing it.
 
     Raises:
         OSError: no space left on device, naming the last good checkpoint.
     """
+    mine = {
+        "rng": ckpt.capture_rng_state(run.device),
+        "skips": [t.clone() for t in run.skips.state()],
+    }
+    every = all_gather_object(mine)
     if not run.dist_info.is_main:
         return None
     state = {
@@ -481,8 +604,11 @@ def save(run: Run, step: int) -> Path | None:
         "scheduler": run.schedule.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "step": step,
-        "rng": ckpt.capture_rng_state(),
+        "rng": [e["rng"] for e in every],
+        "skips": [e["skips"] for e in every],
         "sampler": run.sampler.state_dict(step),
+        "pending_eval": pending_eval,
+        "metrics": metrics or {"train": None, "val": None},
         "config": config_to_dict(run.config),
     }
     path = run.run_dir / f"checkpoint_{step:08d}.pt"
@@ -528,8 +654,14 @@ def evaluate_run(run: Run, step: int, log: MetricsLog) -> dict[str, Any]:
             inputs: Iterator[Any] = (detection_batch(b, run.device) for b in bn_loader)
         else:
             inputs = (split_batch(b, config.data.task)[0].to(run.device) for b in bn_loader)
-        precise_bn(run.model, inputs, tc.precise_bn_batches, autocast=run.autocast)
-    with torch.random.fork_rng(devices=[]):
+        precise_bn(
+            run.model,
+            inputs,
+            tc.precise_bn_batches,
+            autocast=run.autocast,
+            rng_devices=_rng_devices(run.device),
+        )
+    with torch.random.fork_rng(devices=_rng_devices(run.device)):
         metrics = run_evaluation(
             run.model, run.val_set, config, dist_info=run.dist_info, device=run.device
         )
@@ -540,8 +672,16 @@ def evaluate_run(run: Run, step: int, log: MetricsLog) -> dict[str, Any]:
     return metrics
 
 
-def train_step(run: Run, step: int, batch: dict[str, Any]) -> tuple[torch.Tensor, float | None]:
-    """One iteration on ``batch``: returns the (detached) loss and the gradient norm if clipped.
+def _rng_devices(device: torch.device) -> list[torch.device]:
+    """The accelerators whose generators a forked RNG region saves: the run's CUDA device."""
+    return [device] if device.type == "cuda" else []
+
+
+def train_step(
+    run: Run, step: int, batch: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One iteration on ``batch``: returns the (detached) loss and the gradient norm if clipped,
+    both on the device (read them when logging: one transfer per logging step).
 
     Raises:
         FloatingPointError: the loss is not finite.
@@ -574,9 +714,9 @@ def train_step(run: Run, step: int, batch: dict[str, Any]) -> tuple[torch.Tensor
         loss.backward()
     grad_norm = None
     if config.optim.clip_grad_norm > 0:
-        grad_norm = float(
-            nn.utils.clip_grad_norm_(run.model.parameters(), config.optim.clip_grad_norm)
-        )
+        grad_norm = nn.utils.clip_grad_norm_(
+            run.model.parameters(), config.optim.clip_grad_norm
+        ).detach()
     if run.scaler is not None:
         run.scaler.step(run.optimizer)
         run.scaler.update()
@@ -588,7 +728,7 @@ def train_step(run: Run, step: int, batch: dict[str, Any]) -> tuple[torch.Tensor
 def _detection_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
     """The sum of a detector's losses on ``batch`` (torchvision: ``model(images, targets)``
     returns ``{"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"[,
-    "loss_mask"]}``); each is added to ``run.loss_parts`` for the log."""
+    "loss_mask"]}``); each is added to ``run.loss_parts`` (on the device) for the log."""
     images, targets = detection_batch(batch, run.device)
     run.skips.update(batch, check=False)
     with run.autocast:
@@ -599,8 +739,8 @@ def _detection_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
             f"{type(losses).__name__}"
         )
     for name, value in losses.items():
-        part = value.detach().double().cpu()
-        run.loss_parts[name] = run.loss_parts.get(name, torch.zeros((), dtype=torch.float64)) + part
+        part = value.detach().double()
+        run.loss_parts[name] = run.loss_parts[name] + part if name in run.loss_parts else part
     return torch.stack([v.float() for v in losses.values()]).sum()
 
 
@@ -611,21 +751,30 @@ def log_window(
     mean_loss: torch.Tensor,
     window_steps: int,
     elapsed: float,
-    grad_norm: float | None,
+    grad_norm: torch.Tensor | float | None,
 ) -> dict[str, Any]:
     """Write the ``train`` record of the last logging window; fail on too many unreadable reads.
+
+    The window's mean loss and (detection) the mean of each of the detector's losses are
+    averaged over processes in one collective and read from the device at once.
 
     Raises:
         RuntimeError: more than ``data.max_skip_fraction`` of the reads were unreadable.
     """
     tc = run.config.train
-    loss = mean_loss.view(1).clone()
-    all_reduce_mean(loss)
+    names = sorted(run.loss_parts)  # detection: each loss of the detector
+    values = torch.stack(
+        [mean_loss.reshape(()).double()]
+        + [(run.loss_parts[n] / max(window_steps, 1)).reshape(()).double() for n in names]
+    )  # (1 + parts,)
+    all_reduce_mean(values)
+    loss, *parts = values.cpu().tolist()
+    run.loss_parts.clear()
     skipped, reads = skip_totals(run.skips)
     record: dict[str, Any] = {
         "step": done,
         "split": "train",
-        "loss": float(loss[0]),
+        "loss": loss,
         "lr": run.schedule.get_last_lr()[0],
         "samples_per_s": window_steps
         * tc.batch_size
@@ -634,12 +783,8 @@ def log_window(
         "skipped": skipped,
     }
     if grad_norm is not None:
-        record["grad_norm"] = grad_norm
-    for name, total in sorted(run.loss_parts.items()):  # detection: each loss, window mean
-        part = (total / max(window_steps, 1)).view(1).clone()
-        all_reduce_mean(part)
-        record[name] = float(part[0])
-    run.loss_parts.clear()
+        record["grad_norm"] = float(grad_norm)
+    record.update(zip(names, parts, strict=True))
     log.write(record)
     run.skips.check_total(skipped, reads)
     return record
@@ -700,11 +845,12 @@ def train(
             (from step 0 if it has none). Only :data:`~nonlocalnet.engine.config.RESUMABLE_KEYS`
             may differ from the checkpoint's config.
         resume_from: continue from this checkpoint (or this folder's latest), writing into the
-            run folder.
+            run folder, which must be the checkpoint's own folder or empty (or absent).
         out_dir: run folder (default ``config.train.out_dir``, relative to the current
             directory): ``config.yaml``, checkpoints, ``metrics.jsonl``, ``model.safetensors``.
-            A new run refuses a folder holding files unless ``overwrite``.
-        overwrite: clear the run folder first.
+            A new run refuses a folder holding files unless ``overwrite``. Resuming at step s
+            removes its checkpoints of later steps.
+        overwrite: clear the run folder first (only a folder holding a run, or nothing).
         export_safetensors: override ``config.train.export_safetensors``.
 
     Returns:
@@ -715,39 +861,61 @@ def train(
     Raises:
         TrainingStopped: SIGINT/SIGTERM arrived; the run stopped after the step it was in, with
             a checkpoint.
-        FileExistsError: a new run into a folder holding another run.
+        FileExistsError: a new run into a folder holding another run; ``resume_from`` into a
+            folder holding another run; ``overwrite`` of a folder that holds no run.
+        FloatingPointError: the loss is not finite.
     """
     dist_info = init_distributed()
     run_dir = Path(out_dir if out_dir is not None else config.train.out_dir)
     check_run_dir(run_dir, resume=resume or resume_from is not None, overwrite=overwrite)
-    tc = config.train
-    total = tc.steps
     resume_path = _resolve_resume(resume, resume_from, run_dir)
     run = setup(config, run_dir, dist_info, init=resume_path is None)
     if resume_path is not None:
         restore(run, resume_path)
     if dist_info.is_main:
-        prepare_run_dir(run_dir, overwrite=overwrite)
+        prepare_run_dir(
+            run_dir,
+            overwrite=overwrite,
+            resume_step=run.start_step if resume_path is not None else None,
+        )
         save_config(config, run_dir / "config.yaml")
     barrier()
     log = MetricsLog(run_dir if dist_info.is_main else None, run.start_step)
+    try:
+        return _train_loop(run, log, export_safetensors)
+    finally:
+        log.close()
+
+
+def _train_loop(run: Run, log: MetricsLog, export_safetensors: bool | None) -> dict[str, Any]:
+    """The steps of :func:`train` from ``run.start_step``, the final evaluation and export."""
+    tc, dist_info, run_dir = run.config.train, run.dist_info, run.run_dir
+    total = tc.steps
     _make_loader(run)
     _summary(run)
     if run.rng_state is not None:
-        ckpt.restore_rng_state(run.rng_state)  # last: building the run drew from the generators
+        # last: building the run drew from the generators
+        ckpt.restore_rng_state(run.rng_state, run.device)
 
     run.model.train()
-    window_loss, window_steps = torch.zeros((), dtype=torch.float64), 0
-    last: dict[str, Any] = {"step": run.start_step}
+    window_loss = torch.zeros((), dtype=torch.float64, device=run.device)
+    window_steps = 0
+    last: dict[str, Any] = dict(run.stored_metrics.get("train") or {"step": run.start_step})
     val_metrics: dict[str, Any] | None = None
     can_evaluate = tc.eval_every >= 0 and run.val_set is not None
     t0 = time.perf_counter()
     bar = _progress(total, run.start_step, tc.progress and dist_info.is_main)
     try:
         with StopRequest() as stop, _logging_above(bar):
+            if run.pending_eval and can_evaluate:
+                # The evaluation the stopped run left for this step, before training on: precise
+                # BN changes the statistics the next steps start from.
+                logger.info("evaluating step %d, skipped when the run stopped", run.start_step)
+                val_metrics = evaluate_run(run, run.start_step, log)
+                t0 = time.perf_counter()
             for step, batch in zip(range(run.start_step, total), run.loader, strict=False):
                 loss, grad_norm = train_step(run, step, batch)
-                window_loss += loss.double().cpu()
+                window_loss += loss.double()
                 window_steps += 1
                 done = step + 1
                 bar.update(1)
@@ -762,16 +930,30 @@ def train(
                     window_steps = 0
                     t0 = time.perf_counter()
                 # Evaluate before checkpointing: precise BN changes the running statistics, and
-                # a run resumed from this checkpoint must continue from the same state.
-                at_eval = tc.eval_every > 0 and done % tc.eval_every == 0
-                if (done == total and can_evaluate) or at_eval:
-                    val_metrics = evaluate_run(run, done, log)
-                    t0 = time.perf_counter()
+                # a run resumed from this checkpoint must continue from the same state. A run
+                # asked to stop skips the evaluation (the scheduler's grace period is for the
+                # checkpoint) and its checkpoint says so: the resumed run evaluates first.
                 signum = _stop_requested(run, stop)
+                due = can_evaluate and (
+                    done == total or (tc.eval_every > 0 and done % tc.eval_every == 0)
+                )
+                pending = due and bool(signum)
+                step_val = None
+                if pending:
+                    logger.warning(
+                        "stopping: the evaluation of step %d is left to the resumed run", done
+                    )
+                elif due:
+                    val_metrics = step_val = evaluate_run(run, done, log)
+                    t0 = time.perf_counter()
+                    signum = _stop_requested(run, stop)
                 if done % tc.checkpoint_every == 0 or done == total or signum:
-                    path = save(run, done)
-                if signum and done < total:
-                    log.close()
+                    train_record = last if last.get("split") == "train" else None
+                    path = save(
+                        run, done, pending_eval=pending,
+                        metrics={"train": train_record, "val": step_val},
+                    )  # fmt: skip
+                if signum and (done < total or pending):
                     raise TrainingStopped(done, signum, path)
     finally:
         bar.close()
@@ -787,7 +969,10 @@ def train(
     if isinstance(dropped, dict) and dropped:  # detection: annotations/images left out when built
         result["data_skipped"] = {str(k): int(v) for k, v in sorted(dropped.items())}
     if can_evaluate:
-        if val_metrics is None:  # resumed from the final checkpoint: nothing was trained
+        if val_metrics is None and run.start_step == total and run.stored_metrics.get("val"):
+            # resumed from the final checkpoint: its evaluation is stored (and logged) already
+            val_metrics = dict(run.stored_metrics["val"])
+        elif val_metrics is None:  # resumed from a final checkpoint that has no evaluation
             val_metrics = evaluate_run(run, total, log)
         result.update({f"val_{k}": v for k, v in val_metrics.items()})
     export = tc.export_safetensors if export_safetensors is None else export_safetensors
@@ -795,7 +980,6 @@ def train(
         ckpt.export_safetensors(run.model, run_dir / "model.safetensors")
     if dist_info.is_main:
         (run_dir / "final_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    log.close()
     barrier()
     return result
 
