@@ -341,7 +341,15 @@ def test_dataset_train_sample(videos: Path, tmp_path: Path) -> None:
     lst = write_list(tmp_path / "l.txt", f"{videos / 'a.mp4'} 3\n{videos / 'b.mp4'} 1\n")
     ds = VideoDataset.from_list_file(lst, num_frames=4, stride=2, seed=7, **SMALL)
     sample = ds[0]
-    assert set(sample) == {"video", "label", "index", "path", "skipped", "unreadable", "unreadable_index"}
+    assert set(sample) == {
+        "video",
+        "label",
+        "index",
+        "path",
+        "skipped",
+        "unreadable",
+        "unreadable_index",
+    }
     assert sample["video"].shape == (3, 4, 40, 40) and sample["video"].dtype == torch.float32
     assert (sample["label"], sample["index"], sample["skipped"]) == (3, 0, 0)
     ids = _ids_from_normalised(sample["video"])

@@ -28,7 +28,9 @@ CONFIG = {
         "num_classes": 3,
         "num_frames": 2,
         "train_crop": 6,
-        "kwargs": {"num_samples": 7},  # odd: the 2-process evaluation pads one sample and must drop it
+        "kwargs": {
+            "num_samples": 7
+        },  # odd: the 2-process evaluation pads one sample and must drop it
         "num_workers": 0,
     },
     "optim": {"lr": 0.2, "weight_decay": 1.0e-3},

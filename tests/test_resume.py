@@ -149,4 +149,6 @@ def test_resume_without_checkpoint_starts_from_scratch_and_bad_path_errors(
     out = train(config_from_dict(cfg), out_dir=tmp_path / "run", resume=True)
     assert out["step"] == 2
     with pytest.raises(FileNotFoundError, match=r"nope\.pt"):
-        train(config_from_dict(cfg), out_dir=tmp_path / "run", resume_from=str(tmp_path / "nope.pt"))
+        train(
+            config_from_dict(cfg), out_dir=tmp_path / "run", resume_from=str(tmp_path / "nope.pt")
+        )

@@ -397,9 +397,7 @@ def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: int = 8) ->
         container.mux(stream.encode())
 
 
-def prepare_folder(
-    root: str | os.PathLike[str], key: str, overwrite: bool
-) -> tuple[Path, bool]:
+def prepare_folder(root: str | os.PathLike[str], key: str, overwrite: bool) -> tuple[Path, bool]:
     """``(root/key, cached)``: cached when a complete copy is there (its ``metadata.json``,
     written last) and not ``overwrite``; otherwise the folder is emptied and created."""
     out = Path(root) / key
