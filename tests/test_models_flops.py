@@ -127,3 +127,19 @@ def test_count_macs_agrees_with_count_flops_and_counts_fused_attention():
 def test_flops_module_counts_only():
     assert not hasattr(flops, "add_arguments") and not hasattr(flops, "run")
     assert set(flops.__all__) == {"FlopReport", "count_flops", "count_macs"}
+
+
+def test_the_deep_stem_in_the_cost_and_the_stage_features() -> None:
+    """ResNetV1c (mmseg's deep stem: 3→32→32→64 3×3 convs, the first strided): its stem is
+    counted as the stem, and its stages keep the output strides 4..32."""
+    from nonlocalnet.models import create_model
+
+    deep = count_flops(create_model("resnet50", deep_stem=True), (1, 3, 224, 224), device="cpu")
+    plain = count_flops(create_model("resnet50"), (1, 3, 224, 224), device="cpu")
+    # 3·32·9 + 32·32·9 + 32·64·9 convs and three BNs (2·(32 + 32 + 64)) against 3·64·49 + 2·64
+    assert deep.stages["stem"][0] == 864 + 9216 + 18432 + 256 and plain.stages["stem"][0] == 9536
+    assert deep.params - plain.params == deep.stages["stem"][0] - plain.stages["stem"][0]
+    # stem convs at 112×112: (864 + 9216 + 18432)·112², against the 7×7 conv's 9408·112²
+    assert deep.stages["stem"][1] - plain.stages["stem"][1] == (28512 - 9408) * 112 * 112
+    features = create_model("resnet50", deep_stem=True, features_only=True)
+    assert features.feature_info.reduction() == [4, 8, 16, 32]

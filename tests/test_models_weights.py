@@ -317,3 +317,26 @@ def test_the_error_classes() -> None:
     from nonlocalnet.convert import ConversionError
 
     assert issubclass(WeightsError, ValueError) and issubclass(ConversionError, WeightsError)
+
+
+@pytest.mark.parametrize("out_indices", [(2, 3), (1, 2, 3, 4)])
+def test_stage_features_of_a_pretrained_network(r18, out_indices) -> None:
+    """The checkpoint loads into the whole network before ``features_only`` keeps its first
+    stages: a file with layer4 and fc loads into ``out_indices=(2, 3)`` too."""
+    net, path = r18
+    features = create_model(
+        "resnet18", features_only=True, out_indices=out_indices, weights=str(path)
+    ).eval()
+    x = torch.randn(1, 3, 64, 64)
+    got = features(x)
+    stages = [net.layer1, net.layer2, net.layer3, net.layer4]
+    with torch.no_grad():
+        y = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        want = []
+        for i, stage in enumerate(stages, start=1):
+            y = stage(y)
+            if i in out_indices:
+                want.append(y)
+    assert len(got) == len(want)
+    assert all(torch.allclose(g, w, atol=1e-5, rtol=1e-4) for g, w in zip(got, want, strict=True))
+    assert features.load_report is not None

@@ -113,3 +113,21 @@ def test_ema_weights_over_positions_by_hand() -> None:
     assert torch.allclose(w.sum(-1), torch.ones(2, 2, dtype=torch.float64), atol=1e-5)
     layout = block.layout((5, 6))
     assert layout.kind == "bases" and layout.num_bases == 4 and layout.num_keys == 30
+
+
+@pytest.mark.parametrize("name", ["dnl", "dnl_dot", "cca", "ema", "effattn"])
+def test_successor_blocks_refuse_another_dtype_or_device(name: str) -> None:
+    from nonlocalnet.layers.registry import create_block
+
+    block = create_block(name, 16).eval()
+    cls = type(block).__name__
+    with pytest.raises(
+        TypeError, match=rf"^{cls}: input dtype torch\.float64 differs from the parameters' "
+    ):
+        block(torch.randn(1, 16, 6, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match=rf"^{cls}: input is on meta, the parameters on cpu"):
+        block(torch.empty(1, 16, 6, 6, device="meta"))
+    # under a bfloat16 autocast the float32 block takes a bfloat16 map, as autocast casts it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(torch.randn(1, 16, 6, 6, dtype=torch.bfloat16))
+    assert out.shape == (1, 16, 6, 6) and torch.isfinite(out.float()).all()

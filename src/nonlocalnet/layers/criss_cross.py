@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from nonlocalnet._checks import check_choice, check_feature_map, query_index
 from nonlocalnet.functional import DISPATCH_IMPLS, softmax_aggregate
-from nonlocalnet.layers._dims import CONV, check_dims, check_positive_int
+from nonlocalnet.layers._dims import CONV, check_dims, check_positive_int, parameter_placement
 from nonlocalnet.layers.layout import AttentionLayout
 
 __all__ = [
@@ -326,8 +326,14 @@ class CrissCrossAttention(nn.Module):
             self.gamma.scale.fill_(0.0 if self.zero_init else 1.0)
 
     def _check(self, x: Tensor) -> None:
+        dtype, device = parameter_placement(self)
         check_feature_map(
-            x, spatial_dims=self.dims, channels=self.channels, owner=type(self).__name__
+            x,
+            spatial_dims=self.dims,
+            channels=self.channels,
+            owner=type(self).__name__,
+            dtype=dtype,
+            device=device,
         )
 
     def attend(self, x: Tensor) -> Tensor:

@@ -54,7 +54,13 @@ from nonlocalnet.functional import (
     pairwise_weights,
     softmax_aggregate,
 )
-from nonlocalnet.layers._dims import BATCH_NORM, CONV, check_dims, check_positive_int
+from nonlocalnet.layers._dims import (
+    BATCH_NORM,
+    CONV,
+    check_dims,
+    check_positive_int,
+    parameter_placement,
+)
 from nonlocalnet.layers.global_context import attention_pool
 from nonlocalnet.layers.layout import AttentionLayout
 
@@ -204,8 +210,14 @@ class DisentangledNonLocalNd(nn.Module):
                     self.conv_out.bias.zero_()
 
     def _check(self, x: Tensor) -> None:
+        dtype, device = parameter_placement(self)
         check_feature_map(
-            x, spatial_dims=self.dims, channels=self.channels, owner=type(self).__name__
+            x,
+            spatial_dims=self.dims,
+            channels=self.channels,
+            owner=type(self).__name__,
+            dtype=dtype,
+            device=device,
         )
 
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

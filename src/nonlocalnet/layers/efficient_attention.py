@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from nonlocalnet._checks import check_choice, check_feature_map, check_tokens, query_index
 from nonlocalnet.functional import DISPATCH_IMPLS
-from nonlocalnet.layers._dims import CONV, check_dims, check_positive_int
+from nonlocalnet.layers._dims import CONV, check_dims, check_positive_int, parameter_placement
 from nonlocalnet.layers.layout import AttentionLayout
 
 __all__ = [
@@ -247,8 +247,14 @@ class EfficientAttention(nn.Module):
             nn.init.zeros_(self.reprojection.bias)
 
     def _check(self, x: Tensor) -> None:
+        dtype, device = parameter_placement(self)
         check_feature_map(
-            x, spatial_dims=self.dims, channels=self.channels, owner=type(self).__name__
+            x,
+            spatial_dims=self.dims,
+            channels=self.channels,
+            owner=type(self).__name__,
+            dtype=dtype,
+            device=device,
         )
 
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

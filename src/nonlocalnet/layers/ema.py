@@ -53,7 +53,13 @@ from torch import Tensor, nn
 
 from nonlocalnet._checks import check_choice, check_feature_map, query_index
 from nonlocalnet.functional import DISPATCH_IMPLS
-from nonlocalnet.layers._dims import BATCH_NORM, CONV, check_dims, check_positive_int
+from nonlocalnet.layers._dims import (
+    BATCH_NORM,
+    CONV,
+    check_dims,
+    check_positive_int,
+    parameter_placement,
+)
 from nonlocalnet.layers.layout import AttentionLayout
 
 __all__ = ["EMAU", "em_attention", "l2_normalise"]
@@ -204,8 +210,14 @@ class EMAU(nn.Module):
             )
 
     def _check(self, x: Tensor) -> None:
+        dtype, device = parameter_placement(self)
         check_feature_map(
-            x, spatial_dims=self.dims, channels=self.channels, owner=type(self).__name__
+            x,
+            spatial_dims=self.dims,
+            channels=self.channels,
+            owner=type(self).__name__,
+            dtype=dtype,
+            device=device,
         )
 
     def em(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

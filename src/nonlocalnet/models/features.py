@@ -63,7 +63,8 @@ def _last(v: int | Sequence[int]) -> int:
 
 def stage_reductions(model: ResNet) -> list[int]:
     """Spatial reduction (output stride) of ``layer1``..``layer4`` of a ResNet."""
-    stride = _last(model.conv1.stride) * _last(getattr(model.maxpool, "stride", 1))
+    first = model.stem[0] if getattr(model, "deep_stem", False) else model.conv1  # strided conv
+    stride = _last(first.stride) * _last(getattr(model.maxpool, "stride", 1))
     out = []
     for stage in model.stages():
         stride *= _last(getattr(stage[0], "stride", 1))

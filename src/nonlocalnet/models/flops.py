@@ -108,7 +108,7 @@ def _params(module: nn.Module) -> int:
 
 
 _PARTS = {
-    "stem": ("conv1", "bn1"),
+    "stem": ("conv1", "bn1", "stem"),  # "stem": the deep stem (ResNetV1c)
     "res2": ("layer1",),
     "res3": ("layer2",),
     "res4": ("layer3",),

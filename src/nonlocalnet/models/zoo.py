@@ -231,8 +231,17 @@ class ModelInfo:
         value = _keywords(self.builder)[2].get("default_input")
         return None if value is None else tuple(value)
 
-    def build(self, **overrides: Any) -> nn.Module:
-        """Build the model with ``overrides`` (see :func:`create_model`)."""
+    def build(
+        self, weights: Callable[[nn.Module], Any] | None = None, **overrides: Any
+    ) -> nn.Module:
+        """Build the model with ``overrides`` (see :func:`create_model`).
+
+        Args:
+            weights: called with the whole network before ``features_only`` cuts it (a
+                pretrained start loads into the network its checkpoint was saved from); what
+                it returns becomes ``model.load_report``.
+            **overrides: see :func:`create_model`.
+        """
         features_only = overrides.pop("features_only", False)
         out_indices = overrides.pop("out_indices", None)
         if not isinstance(features_only, bool):
@@ -240,7 +249,10 @@ class ModelInfo:
         if out_indices is not None and not features_only:
             raise ValueError(f"{self.name}: out_indices goes with features_only=True")
         model = self._build(**overrides)
+        report = weights(model) if weights is not None else None
         if not features_only:
+            if report is not None:
+                model.load_report = report
             return model
         if not isinstance(model, ResNet):
             raise TypeError(
@@ -249,6 +261,8 @@ class ModelInfo:
             )
         features = ResNetFeatures(model, (1, 2, 3, 4) if out_indices is None else out_indices)
         features.model_name = self.name
+        if report is not None:
+            features.load_report = report
         return features
 
     def _build(self, **overrides: Any) -> nn.Module:
@@ -385,10 +399,12 @@ def create_model(
         ValueError: unknown model name, or weights that do not fit it (the keys are named).
         TypeError: unknown override (the message lists the valid ones).
     """
-    model = model_info(name).build(**overrides)
-    if weights is not None:
-        model.load_report = load_pretrained(model, weights, source=weights_source)
-    return model
+    if weights is None:
+        return model_info(name).build(**overrides)
+    # Loaded before ``features_only`` keeps the first stages: the checkpoint is the whole network's.
+    return model_info(name).build(
+        weights=lambda model: load_pretrained(model, weights, source=weights_source), **overrides
+    )
 
 
 def model_info(name: str) -> ModelInfo:
