@@ -208,3 +208,26 @@ def test_query_indices_must_be_integers(queries: Any) -> None:
         query_index(4, queries)
     assert query_index(4, [3, 1]).tolist() == [3, 1]
     assert query_index(4, torch.tensor([2], dtype=torch.int32)).tolist() == [2]
+
+
+def test_train_threads_hold_for_the_run_and_are_restored(tmp_path: Path, monkeypatch: Any) -> None:
+    import importlib
+
+    train_module = importlib.import_module("nonlocalnet.engine.train")
+    seen: list[int] = []
+    real = train_module.train_step
+
+    def recording(run: Any, step: int, batch: Any) -> Any:
+        seen.append(torch.get_num_threads())
+        return real(run, step, batch)
+
+    monkeypatch.setattr(train_module, "train_step", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train(config_from_dict(_cfg(train={"steps": 2, "threads": 1})), out_dir=tmp_path / "a")
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match=r"train\.threads: expected an integer >= 0, got -1"):
+        config_from_dict(_cfg(train={"threads": -1}))

@@ -627,7 +627,7 @@ def run_detection_demo(
             "schedule": base.schedule.name,
             "milestones": base.schedule.milestones,
             "seed": base.train.seed,
-            "threads": torch.get_num_threads(),
+            "threads": base.train.threads or torch.get_num_threads(),
         },
         "metric": "COCO box AP at IoU 0.50:0.95 (percent), pycocotools, held-out images",
         "targets": DETECTION_TARGETS,

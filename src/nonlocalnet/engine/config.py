@@ -84,6 +84,7 @@ RESUMABLE_KEYS = (
     "train.progress",
     "train.out_dir",
     "train.export_safetensors",
+    "train.threads",
     "data.num_workers",
     # where a new run starts from: a resumed run continues from its checkpoint
     "model.init",
@@ -248,6 +249,9 @@ class TrainConfig:
     out_dir: str = "runs/default"
     export_safetensors: bool = True
     progress: bool = True
+    # torch's intra-op CPU threads during the run (0: as they are). The thread count sets the
+    # order of float sums, so two counts give runs that differ after enough steps.
+    threads: int = 0
 
 
 @dataclass
@@ -301,6 +305,7 @@ class Config:
             "train.seed": self.train.seed,
             "train.keep_checkpoints": self.train.keep_checkpoints,
             "train.precise_bn_batches": self.train.precise_bn_batches,
+            "train.threads": self.train.threads,
             "schedule.warmup_steps": self.schedule.warmup_steps,
             "data.num_workers": self.data.num_workers,
             "eval.max_samples": self.eval.max_samples,

@@ -869,22 +869,37 @@ def train(
     run_dir = Path(out_dir if out_dir is not None else config.train.out_dir)
     check_run_dir(run_dir, resume=resume or resume_from is not None, overwrite=overwrite)
     resume_path = _resolve_resume(resume, resume_from, run_dir)
-    run = setup(config, run_dir, dist_info, init=resume_path is None)
-    if resume_path is not None:
-        restore(run, resume_path)
-    if dist_info.is_main:
-        prepare_run_dir(
-            run_dir,
-            overwrite=overwrite,
-            resume_step=run.start_step if resume_path is not None else None,
-        )
-        save_config(config, run_dir / "config.yaml")
-    barrier()
-    log = MetricsLog(run_dir if dist_info.is_main else None, run.start_step)
+    with _cpu_threads(config.train.threads):
+        run = setup(config, run_dir, dist_info, init=resume_path is None)
+        if resume_path is not None:
+            restore(run, resume_path)
+        if dist_info.is_main:
+            prepare_run_dir(
+                run_dir,
+                overwrite=overwrite,
+                resume_step=run.start_step if resume_path is not None else None,
+            )
+            save_config(config, run_dir / "config.yaml")
+        barrier()
+        log = MetricsLog(run_dir if dist_info.is_main else None, run.start_step)
+        try:
+            return _train_loop(run, log, export_safetensors)
+        finally:
+            log.close()
+
+
+@contextlib.contextmanager
+def _cpu_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op CPU threads set to ``threads`` for the run (0: left as they are), and
+    restored after it."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     try:
-        return _train_loop(run, log, export_safetensors)
+        yield
     finally:
-        log.close()
+        if threads:
+            torch.set_num_threads(previous)
 
 
 def _train_loop(run: Run, log: MetricsLog, export_safetensors: bool | None) -> dict[str, Any]:
