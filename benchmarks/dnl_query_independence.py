@@ -18,7 +18,8 @@ block (embedded Gaussian), under the same budget, and runs
 before training (the freshly initialised networks) and after. Expected: the unary term's
 attention distance is 0 (query-independent by construction), the whitened pairwise term's
 large (whitening removes the query-independent part: its logits have zero mean over the
-queries for every key), the NL map's in between, and the combined ω between its two terms.
+queries for every key), the NL map's small (GCNet's observation), and the combined ω between
+its two terms. Measured (benchmarks/RESULTS.md): pairwise 0.288, unary 0, ω 0.028, NL 8.8e-6.
 
 Task: the library's long-range benchmark (:mod:`nonlocalnet.data.synthetic`, the video version:
 two coloured cues far apart in space and time, label "same colour"), drawn in memory with
