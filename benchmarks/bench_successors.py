@@ -29,9 +29,9 @@ that their logits have unit variance on unit-variance inputs), so no branch is z
 
 Before the rows of a block, its fast and reference paths are run on the same weights and input
 and compared (output, input gradient and parameter gradients, relative L2 error ≤
-:data:`TOLERANCE` in float32) on a map of at most :data:`CHECK_MAX_N` positions (the benchmark
-size halved until it fits); a block that fails the check is not timed, and the script exits
-with status 1.
+:data:`TOLERANCE` in float64; the float32 difference is reported) on a map of at most
+:data:`CHECK_MAX_N` positions (the benchmark size halved until it fits); a block that fails the
+check is not timed, and the script exits with status 1.
 
 Columns:
 
@@ -98,8 +98,10 @@ DEFAULT_JSON = HERE / "data" / "bench_successors.json"
 FULL = (512, ((64, 128), (128, 256)))
 QUICK = (32, ((8, 16),))
 IMPLS = ("fast", "reference")
-#: relative L2 error allowed between the fast and the reference path in float32.
-TOLERANCE = 1e-4
+#: relative L2 error allowed between the fast and the reference path, in float64 (the paths
+#: compute one function; in float32 rounding alone reaches 3e-4 for EMA's three EM steps at
+#: N = 8192, so the float32 difference is reported beside the check, not judged).
+TOLERANCE = 1e-10
 #: largest map (positions) of the agreement check.
 CHECK_MAX_N = 8192
 #: criss-cross recurrence, EMA bases and steps.
@@ -195,31 +197,37 @@ def check_size(size: Sequence[int], max_n: int = CHECK_MAX_N) -> tuple[int, int]
 def check_agreement(name: str, channels: int, size: Sequence[int]) -> dict[str, Any]:
     """Relative L2 error of [output, input grad, parameter grads], fast vs reference.
 
-    Both paths get the same weights, buffers and input, in training mode, float32.
+    Both paths get the same weights, buffers and input, in training mode: in float64 (judged
+    against :data:`TOLERANCE`) and in float32 (``rel_err_float32``, reported).
     """
-    fast = build(name, channels, "fast")
-    ref = build(name, channels, "reference")
-    ref.load_state_dict(fast.state_dict())
 
-    def run(block: nn.Module) -> Tensor:
+    def run(block: nn.Module, dtype: torch.dtype) -> Tensor:
         x, grad = _inputs(channels, size)
-        for p in block.parameters():
-            p.grad = None
+        x = x.detach().to(dtype).requires_grad_(True)
         out = block(x)
-        out.backward(grad)
+        out.backward(grad.to(dtype))
         parts = [out.detach(), x.grad] + [p.grad for p in block.parameters() if p.grad is not None]
         return torch.cat([t.reshape(-1) for t in parts])  # (total,)
 
     t0 = time.perf_counter()
-    got, want = run(fast), run(ref)
-    err = float((got - want).norm() / want.norm())
+    errors, norm = {}, 0.0
+    for dtype in (torch.float64, torch.float32):
+        fast = build(name, channels, "fast")
+        ref = build(name, channels, "reference")
+        ref.load_state_dict(fast.state_dict())
+        fast, ref = fast.to(dtype), ref.to(dtype)
+        got, want = run(fast, dtype), run(ref, dtype)
+        errors[dtype] = float((got - want).norm() / want.norm())
+        norm = norm or float(want.norm())
+    err = errors[torch.float64]
     return {
         "block": name,
         "C": channels,
         "size": list(size),
         "rel_err": err,
+        "rel_err_float32": errors[torch.float32],
         "ok": err <= TOLERANCE,
-        "branch_norm": float(want.norm()),
+        "branch_norm": norm,
         "seconds": time.perf_counter() - t0,
     }
 
@@ -508,15 +516,17 @@ def format_table(result: dict[str, Any]) -> str:
     """Markdown tables: the agreement checks, then the rows."""
     cfg = result["config"]
     out = [
-        f"### Agreement, fast vs reference (output + all gradients, float32, tol {cfg['tolerance']:g})",
+        "### Agreement, fast vs reference (output + all gradients; float64 judged, tol "
+        f"{cfg['tolerance']:g}; float32 reported)",
         "",
-        "| block | map | rel. L2 error | ok |",
-        "|---|---|---|---|",
+        "| block | map | rel. L2 error float64 | float32 | ok |",
+        "|---|---|---|---|---|",
     ]
     for c in result["checks"]:
+        f32 = c.get("rel_err_float32")
         out.append(
             f"| {BLOCKS[c['block']][0]} | {c['size'][0]}×{c['size'][1]} | {c['rel_err']:.2e} "
-            f"| {'yes' if c['ok'] else 'NO'} |"
+            f"| {'—' if f32 is None else f'{f32:.2e}'} | {'yes' if c['ok'] else 'NO'} |"
         )
     out += [
         "",
