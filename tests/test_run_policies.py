@@ -19,21 +19,12 @@ from nonlocalnet.engine.config import CONFIG_DIR, resolve_config_path
 from nonlocalnet.engine.distributed import process_group_backend
 from nonlocalnet.engine.sampling import EvalBatchSampler
 from nonlocalnet.engine.stopping import REPEAT_WINDOW_S, StopRequest
+from test_runs import _cfg as runs_cfg
 
 
 def _cfg(**sections: dict[str, Any]) -> dict[str, Any]:
-    base: dict[str, dict[str, Any]] = {
-        "model": {"name": "toy:toy_video", "kwargs": {"width": 4, "norm": True}},
-        "data": {"task": "video", "format": "toy:datasets", "num_classes": 3, "num_frames": 2,
-                 "train_crop": 6, "kwargs": {"num_samples": 8}, "num_workers": 0},
-        "optim": {"lr": 0.05},
-        "train": {"steps": 6, "batch_size": 2, "log_every": 2, "checkpoint_every": 2,
-                  "eval_every": -1, "progress": False, "keep_checkpoints": 5},
-        "eval": {"num_clips": 1, "num_crops": 1},
-    }  # fmt: skip
-    for name, values in sections.items():
-        base[name] = {**base.get(name, {}), **values}
-    return base
+    """tests/test_runs.py's toy run, with a checkpoint every 2 steps."""
+    return runs_cfg(**{**sections, "train": {"checkpoint_every": 2, **sections.get("train", {})}})
 
 
 def test_overwrite_clears_only_a_folder_holding_a_run(tmp_path: Path) -> None:

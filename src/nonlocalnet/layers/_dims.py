@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nonlocalnet._checks import autocast_enabled, check_choice
+from nonlocalnet._checks import autocast_enabled, check_choice, check_feature_map
 
 __all__ = [
     "ADAPTIVE_AVG_POOL",
@@ -77,6 +77,20 @@ def parameter_placement(module: nn.Module) -> tuple[torch.dtype | None, torch.de
             if found[0] is not None:
                 return found
     return None, None
+
+
+def check_block_input(block: nn.Module, x: torch.Tensor) -> None:
+    """The input check of a block with ``dims`` and ``channels``: a ``(B, C, *S)`` map of its
+    channels, on its parameters' device and in their dtype (autocast aside)."""
+    dtype, device = parameter_placement(block)
+    check_feature_map(
+        x,
+        spatial_dims=block.dims,
+        channels=block.channels,
+        owner=type(block).__name__,
+        dtype=dtype,
+        device=device,
+    )
 
 
 def check_batch_norm_values(block: nn.Module, x: torch.Tensor, owner: str) -> None:

@@ -47,9 +47,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from nonlocalnet._checks import check_choice, check_feature_map, query_index
+from nonlocalnet._checks import check_choice, query_index
 from nonlocalnet.functional import DISPATCH_IMPLS, softmax_aggregate
-from nonlocalnet.layers._dims import CONV, check_dims, check_positive_int, parameter_placement
+from nonlocalnet.layers._dims import CONV, check_block_input, check_dims, check_positive_int
 from nonlocalnet.layers.layout import AttentionLayout
 
 __all__ = [
@@ -326,15 +326,7 @@ class CrissCrossAttention(nn.Module):
             self.gamma.scale.fill_(0.0 if self.zero_init else 1.0)
 
     def _check(self, x: Tensor) -> None:
-        dtype, device = parameter_placement(self)
-        check_feature_map(
-            x,
-            spatial_dims=self.dims,
-            channels=self.channels,
-            owner=type(self).__name__,
-            dtype=dtype,
-            device=device,
-        )
+        check_block_input(self, x)
 
     def attend(self, x: Tensor) -> Tensor:
         """One criss-cross aggregation y = CCA(x), before γ: ``(B, C, *S)``."""

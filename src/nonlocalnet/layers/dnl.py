@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from nonlocalnet._checks import check_choice, check_feature_map, query_index
+from nonlocalnet._checks import check_choice, query_index
 from nonlocalnet.functional import (
     DISPATCH_IMPLS,
     dot_product_aggregate,
@@ -57,9 +57,9 @@ from nonlocalnet.functional import (
 from nonlocalnet.layers._dims import (
     BATCH_NORM,
     CONV,
+    check_block_input,
     check_dims,
     check_positive_int,
-    parameter_placement,
 )
 from nonlocalnet.layers.global_context import attention_pool
 from nonlocalnet.layers.layout import AttentionLayout
@@ -210,15 +210,7 @@ class DisentangledNonLocalNd(nn.Module):
                     self.conv_out.bias.zero_()
 
     def _check(self, x: Tensor) -> None:
-        dtype, device = parameter_placement(self)
-        check_feature_map(
-            x,
-            spatial_dims=self.dims,
-            channels=self.channels,
-            owner=type(self).__name__,
-            dtype=dtype,
-            device=device,
-        )
+        check_block_input(self, x)
 
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Whitened queries and keys, values and unary logits.

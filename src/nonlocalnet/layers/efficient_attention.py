@@ -39,9 +39,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from nonlocalnet._checks import check_choice, check_feature_map, check_tokens, query_index
+from nonlocalnet._checks import check_choice, check_tokens, query_index
 from nonlocalnet.functional import DISPATCH_IMPLS
-from nonlocalnet.layers._dims import CONV, check_dims, check_positive_int, parameter_placement
+from nonlocalnet.layers._dims import CONV, check_block_input, check_dims, check_positive_int
 from nonlocalnet.layers.layout import AttentionLayout
 
 __all__ = [
@@ -247,15 +247,7 @@ class EfficientAttention(nn.Module):
             nn.init.zeros_(self.reprojection.bias)
 
     def _check(self, x: Tensor) -> None:
-        dtype, device = parameter_placement(self)
-        check_feature_map(
-            x,
-            spatial_dims=self.dims,
-            channels=self.channels,
-            owner=type(self).__name__,
-            dtype=dtype,
-            device=device,
-        )
+        check_block_input(self, x)
 
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Query ``(B, N, C_k)``, key ``(B, N, C_k)`` and value ``(B, N, C_v)`` tokens."""

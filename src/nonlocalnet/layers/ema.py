@@ -51,14 +51,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nonlocalnet._checks import check_choice, check_feature_map, query_index
+from nonlocalnet._checks import check_choice, query_index
 from nonlocalnet.functional import DISPATCH_IMPLS
 from nonlocalnet.layers._dims import (
     BATCH_NORM,
     CONV,
+    check_block_input,
     check_dims,
     check_positive_int,
-    parameter_placement,
 )
 from nonlocalnet.layers.layout import AttentionLayout
 
@@ -210,15 +210,7 @@ class EMAU(nn.Module):
             )
 
     def _check(self, x: Tensor) -> None:
-        dtype, device = parameter_placement(self)
-        check_feature_map(
-            x,
-            spatial_dims=self.dims,
-            channels=self.channels,
-            owner=type(self).__name__,
-            dtype=dtype,
-            device=device,
-        )
+        check_block_input(self, x)
 
     def em(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """EM on conv1(x) from the kept bases (no buffer update).

@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nonlocalnet._checks import autocast_enabled, check_choice, check_feature_map, query_index
+from nonlocalnet._checks import autocast_enabled, check_choice, query_index
 from nonlocalnet.functional import DISPATCH_IMPLS, softmax_aggregate
-from nonlocalnet.layers._dims import CONV, check_dims, check_positive_int, parameter_placement
+from nonlocalnet.layers._dims import CONV, check_block_input, check_dims, check_positive_int
 from nonlocalnet.layers.layout import AttentionLayout
 
 __all__ = [
@@ -68,19 +68,6 @@ def _reduced_channels(owner: str, channels: int, ratio: float) -> int:
             f"{owner}: channels * ratio must be >= 1, got {channels} * {ratio} = {channels * ratio}"
         )
     return planes
-
-
-def _check_input(block: nn.Module, x: Tensor) -> None:
-    """The input check of SNL, GC and SE: shape, channels, and the parameters' dtype/device."""
-    dtype, device = parameter_placement(block)
-    check_feature_map(
-        x,
-        spatial_dims=block.dims,
-        channels=block.channels,
-        owner=type(block).__name__,
-        dtype=dtype,
-        device=device,
-    )
 
 
 def _unit_dims(c: Tensor, dims: int) -> Tensor:
@@ -309,7 +296,7 @@ class SimplifiedNonLocal(nn.Module):
             nn.init.zeros_(self.conv_value.bias)
 
     def _check(self, x: Tensor) -> None:
-        _check_input(self, x)
+        check_block_input(self, x)
 
     def context(self, x: Tensor) -> Tensor:
         """c = Σ_j softmax_j(W_k x_j) x_j: ``(B, C, 1, ...)`` (one 1 per spatial dim)."""
@@ -514,7 +501,7 @@ class GlobalContext(nn.Module):
                 nn.init.zeros_(t[-1].bias)
 
     def _check(self, x: Tensor) -> None:
-        _check_input(self, x)
+        check_block_input(self, x)
 
     def context(self, x: Tensor) -> Tensor:
         """The pooled context c: ``(B, C, 1, ...)`` (one 1 per spatial dim)."""
@@ -641,7 +628,7 @@ class SqueezeExcite(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """z = x ⊙ sigmoid(fc2(ReLU(fc1(mean x)))), same shape as ``x``."""
-        _check_input(self, x)
+        check_block_input(self, x)
         m = x.flatten(2).mean(-1)  # (B, C)
         # fc1 and fc2 as matrix products on the (B, C) vector (the 1×1 convolutions' weights)
         h = F.relu(F.linear(m, self.fc1.weight.flatten(1), self.fc1.bias))  # (B, C·r)
