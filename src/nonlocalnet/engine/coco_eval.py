@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from nonlocalnet._checks import check_choice
+from nonlocalnet.engine.step import detection_batch
 
 __all__ = [
     "BACKENDS",
@@ -385,8 +386,6 @@ def collect_detections(
         on_batch: called with each batch before it runs (the skip accounting).
         progress: called with the number of images done after each batch.
     """
-    from nonlocalnet.engine.step import detection_batch
-
     was_training = model.training
     model.eval()
     done = 0
